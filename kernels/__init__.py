@@ -1,0 +1,19 @@
+"""Triton implementations of the cvsparse operators, as ``torch.ops.cvsparse_triton.<name>``.
+
+Importing this package registers ``prox_sgd_``, ``mixed_partial_dot``, ``threshold_``,
+``gated_weight`` (differentiable) and ``gated_weight_backward``, with the normalized signatures
+of ``cvsparse.ops.reference`` and fake implementations for ``torch.compile``.  Select them with
+``cvsparse.ops.set_backend("triton")``.  They run on CUDA tensors, or on CPU tensors in Triton's
+interpreter when ``TRITON_INTERPRET=1`` is set before triton is first imported (slow; tests).
+"""
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except Exception as exc:  # ImportError, or a broken install failing while it initializes
+    raise ImportError(
+        f"cvsparse.kernels needs the 'triton' package (pip install 'cvsparse[triton]'): "
+        f"{type(exc).__name__}: {exc}"
+    ) from exc
+
+from . import gated_weight, mixed_partial_dot, prox_sgd, threshold  # noqa: E402, F401

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _checks as checks
-from . import _library
+from . import _library, reference
 from ._backend import available_backends, get_backend, resolve, set_backend
 from .schemas import STE_CODES
 
@@ -133,8 +133,80 @@ def gated_weight(
     output channel / neuron).  Backward: ``∂w = g·h(m)``, ``∂m = Σ g·sgn(w)·s'(m)`` for
     ``update="proposed"`` (``w`` instead of ``sgn(w)`` for ``"bnn"``), ``s'`` given by ``ste``
     (``linear``: 1, ``leaky_relu``: 1 or ``slope``, ``softplus``: sigmoid(m)).
+
+    Args:
+        weight: floating tensor, e.g. a Conv2d weight ``(out, in, kh, kw)``.
+        aux: the gate parameters ``m``, same dtype and device, shaped like ``weight`` or
+            ``(weight.shape[0],)``.  Non-contiguous inputs are made contiguous (differentiably).
+        ste: ``"linear"``, ``"leaky_relu"`` or ``"softplus"``; slope: LeakyReLU slope ≥ 0;
+        update: ``"proposed"`` or ``"bnn"``.
+
+    Returns:
+        A tensor shaped like ``weight`` (same dtype): ``weight`` with gated-off entries zeroed.
     """
-    raise NotImplementedError("gated_weight is implemented with AutoPrune (issue 4)")
+    for name, value in (("weight", weight), ("aux", aux)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+    if weight.dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"weight has dtype {weight.dtype}; supported: float32, float64, "
+                        "float16, bfloat16")
+    if aux.dtype != weight.dtype:
+        raise TypeError(f"aux has dtype {aux.dtype} but weight has {weight.dtype}")
+    if aux.device != weight.device:
+        raise ValueError(f"aux is on {aux.device} but weight is on {weight.device}")
+    neuron_shape = tuple(weight.shape[:1])
+    if aux.shape != weight.shape and tuple(aux.shape) != neuron_shape:
+        raise ValueError(f"aux must have weight's shape {tuple(weight.shape)} (one gate per "
+                         f"weight) or {neuron_shape} (one per output unit), got "
+                         f"{tuple(aux.shape)}")
+    if not isinstance(ste, str) or ste not in STE_CODES:
+        raise ValueError(f"ste must be one of {', '.join(STE_CODES)}, got {ste!r}")
+    slope = checks.nonnegative_scalar("slope", slope)
+    if not isinstance(update, str) or update not in ("proposed", "bnn"):
+        raise ValueError(f"update must be 'proposed' or 'bnn', got {update!r}")
+    impl = _gated_weight_impl(get_backend(), weight.device)
+    if impl == "reference":
+        kernel = _ReferenceGatedWeight.apply  # the plain reference function has no aux gradient
+    elif impl == "triton":
+        kernel = torch.ops.cvsparse_triton.gated_weight
+    else:
+        kernel = torch.ops.cvsparse.gated_weight
+    return kernel(weight.contiguous(), aux.contiguous(), STE_CODES[ste], slope,
+                  update == "proposed")
+
+
+@torch.compiler.assume_constant_result
+def _gated_weight_impl(backend: str, device: torch.device) -> str:
+    """Which implementation :func:`resolve` picks for ``gated_weight`` on ``device``:
+    ``"reference"``, ``"triton"`` or ``"compiled"`` (``torch.ops.cvsparse``).
+
+    torch.compile takes the answer as a constant instead of tracing resolve's dispatcher query
+    (which Dynamo cannot trace); ``backend`` (the current :func:`get_backend`) is an argument so
+    that compiled callers are re-traced when the backend changes.
+    """
+    kernel = resolve("gated_weight", device)
+    if kernel is reference.gated_weight:
+        return "reference"
+    return "compiled" if kernel is torch.ops.cvsparse.gated_weight else "triton"
+
+
+class _ReferenceGatedWeight(torch.autograd.Function):
+    """:func:`reference.gated_weight` with :func:`reference.gated_weight_backward` as its
+    gradient (what ``torch.ops.cvsparse.gated_weight`` gets from ``_library.py``)."""
+
+    @staticmethod
+    def forward(ctx, weight, aux, ste, slope, sign_rule):
+        ctx.save_for_backward(weight, aux)
+        ctx.ste, ctx.slope, ctx.sign_rule = ste, slope, sign_rule
+        return reference.gated_weight(weight, aux, ste, slope, sign_rule)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, aux = ctx.saved_tensors
+        grad_weight, grad_aux = reference.gated_weight_backward(
+            grad, weight, aux, ctx.ste, ctx.slope, ctx.sign_rule
+        )
+        return grad_weight, grad_aux, None, None, None
 
 
 def _device(params: list[Tensor]) -> torch.device:

@@ -1,0 +1,114 @@
+"""The ``cvsparse`` command.
+
+    cvsparse train --model lenet300 --dataset mnist --method cvgrad --out runs/lenet300
+    cvsparse train --resume runs/lenet300
+    cvsparse summary runs/lenet300
+
+Settings come from the built-in defaults, then ``--config FILE.yaml``, then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cvsparse.config import ESTIMATORS, METHODS, RunConfig, load_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvsparse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="compress a model (writes report, metrics, plots)")
+    train.add_argument("--config", type=Path, help="YAML recipe (see configs/)")
+    train.add_argument("--model", help="lenet300, lenet5, vgg16, resnet20/32/56/110, densenet40")
+    train.add_argument("--dataset", help="mnist, cifar10, cifar100")
+    train.add_argument("--method", choices=METHODS)
+    train.add_argument("--data-root", help="folder with <dataset>.npz or torchvision layouts "
+                       "(default: $CVSPARSE_DATA, ../shared/data, torchvision's root)")
+    train.add_argument("--download", action="store_true", default=None,
+                       help="let torchvision download the dataset if it is not found")
+    train.add_argument("--epochs", type=int, help="inner epochs per outer iteration")
+    train.add_argument("--outer", type=int, help="outer iterations (cvgrad)")
+    train.add_argument("--estimator", choices=ESTIMATORS)
+    train.add_argument("--per-layer-lambda", action="store_true", default=None,
+                       help="learn one (λ1, λ2) per regularized tensor")
+    train.add_argument("--lambda1", type=float, help="initial λ1")
+    train.add_argument("--lambda2", type=float, help="initial λ2")
+    train.add_argument("--hyper-lr", type=float, help="λ optimizer step size")
+    train.add_argument("--online-every", type=int, help="hyper step every k training steps")
+    train.add_argument("--lr", type=float, help="weight learning rate")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--max-steps-per-epoch", type=int, help="cap steps (smoke runs)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--out", type=Path, help="output folder")
+    train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    train.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    summary = sub.add_parser("summary", help="print the summary table of a finished run")
+    summary.add_argument("run_dir", type=Path)
+    return parser
+
+
+_FLAGS = {  # flag attribute → config path
+    "model": "model", "method": "method", "seed": "seed", "device": "device",
+    "threads": "threads", "dataset": "data.dataset", "data_root": "data.root",
+    "download": "data.download", "batch_size": "data.batch_size", "epochs": "optim.epochs",
+    "lr": "optim.lr", "max_steps_per_epoch": "optim.max_steps_per_epoch",
+    "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
+    "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",
+    "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",
+    "online_every": "cvgrad.online_every",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then ``--config``, then explicit flags."""
+    config = load_yaml(args.config) if args.config else RunConfig()
+    for flag, path in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        *parents, leaf = path.split(".")
+        target = config
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "summary":
+        from cvsparse.train.outputs import summary_table
+
+        report_path = args.run_dir / "report.json"
+        if not report_path.is_file():
+            print(f"error: no report.json in {args.run_dir}", file=sys.stderr)
+            return 2
+        print(summary_table(json.loads(report_path.read_text())))
+        return 0
+
+    from cvsparse.train import Trainer
+
+    try:
+        if args.resume is not None:
+            trainer = Trainer(RunConfig(), args.resume, resume=True, progress=not args.quiet)
+        else:
+            if args.out is None:
+                print("error: --out DIR is required (or --resume DIR)", file=sys.stderr)
+                return 2
+            trainer = Trainer(config_from_args(args), args.out, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    trainer.run()
+    print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The one configuration tree of a run: dataclasses, loaded from YAML, overridden by CLI flags.
+
+The resolved tree is stored in every report and checkpoint (``to_dict``).  ``validate`` rejects a
+bad configuration before any data is loaded or any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("cvgrad", "autoprune")
+ESTIMATORS = ("identity", "diagonal", "neumann", "cg")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split and batched."""
+
+    dataset: str = "mnist"
+    root: str | None = None          # None: $CVSPARSE_DATA, ../shared/data, torchvision root
+    download: bool = False           # let torchvision download when nothing is found locally
+    val_size: int | None = None      # images carved from the training set; None = per-dataset default
+    split_seed: int = 0
+    batch_size: int = 64
+    val_batch_size: int = 1000
+    augment: bool = True             # pad-4 crop + flip on CIFAR training batches only
+
+
+@dataclass
+class OptimConfig:
+    """Weight optimizer (ProxSGD) and its schedule within one outer iteration."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    epochs: int = 4                  # inner epochs per outer iteration
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
+    gamma: float = 0.1
+    max_steps_per_epoch: int | None = None   # cap for smoke runs; None = full epochs
+
+
+@dataclass
+class CVGradConfig:
+    """Cross-validation-gradient compression (SPEC §1–5)."""
+
+    outer: int = 3                   # outer iterations T
+    lambda1: float = 1e-4            # initial guesses; learned from here on
+    lambda2: float = 1e-4
+    per_layer: bool = False          # one (λ1, λ2) per regularized tensor instead of one global pair
+    learn_lambda2: bool = True
+    estimator: str = "identity"
+    estimator_opts: dict[str, Any] = field(default_factory=dict)
+    hyper_lr: float = 0.5            # step size of the λ optimizer
+    hyper_method: str = "adam"       # "adam" | "sgd"
+    log_space: bool = True           # optimize log λ (keeps λ > 0)
+    hyper_clip: float | None = 1.0
+    hyper_batches: int | None = None  # validation batches per hyper pass; None = the whole split
+    online_every: int = 0            # > 0: also a hyper step every k training steps (T1–T2 style)
+    threshold: float = 1e-4          # τ of kernel 3
+    threshold_start_epoch: int = 1   # global epoch from which thresholding runs
+    reinit: bool = False             # strict form: restart W from its init every outer iteration
+
+
+@dataclass
+class AutoPruneConfig:
+    """AutoPrune (SPEC §6)."""
+
+    granularity: str = "weight"
+    ste: str = "leaky_relu"
+    update: str = "proposed"
+    aux_lr: float = 0.1
+    aux_l1: float = 1e-4
+    weight_l2: float = 5e-4
+    target_compression: float | None = None
+    target_flops: float | None = None
+    finetune_epochs: int = 2
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    model: str = "lenet300"
+    method: str = "cvgrad"
+    seed: int = 0
+    device: str = "auto"             # "auto" picks cuda when available
+    threads: int | None = None       # torch.set_num_threads; None leaves torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cvgrad: CVGradConfig = field(default_factory=CVGradConfig)
+    autoprune: AutoPruneConfig = field(default_factory=AutoPruneConfig)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run."""
+        if self.method == "cvgrad":
+            return self.cvgrad.outer * self.optim.epochs
+        return self.optim.epochs + self.autoprune.finetune_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """``base`` (defaults if None) updated by a nested dict; unknown keys raise ``ValueError``."""
+    config = base if base is not None else RunConfig()
+    _update(config, values, "")
+    return config
+
+
+def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """A config read from a YAML file of the same nesting as :class:`RunConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return from_dict(values, base)
+
+
+def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {prefix}{key!r}; known: {', '.join(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {prefix}{key} must be a mapping")
+            _update(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, value)
+
+
+def validate(config: RunConfig, *, n_train: int | None = None) -> None:
+    """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size)."""
+    from cvsparse.data import DATASETS
+    from cvsparse.models import MODELS
+
+    def fail(message: str) -> None:
+        raise ValueError(f"bad config: {message}")
+
+    if config.model not in MODELS:
+        fail(f"unknown model {config.model!r}; choose one of {', '.join(sorted(MODELS))}")
+    if config.method not in METHODS:
+        fail(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.data.dataset not in DATASETS:
+        fail(f"unknown dataset {config.data.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if config.optim.epochs < 1:
+        fail(f"optim.epochs must be >= 1, got {config.optim.epochs}")
+    if config.optim.lr <= 0 or config.optim.momentum < 0:
+        fail("optim.lr must be > 0 and optim.momentum >= 0")
+    if config.data.batch_size < 1 or config.data.val_batch_size < 1:
+        fail("batch sizes must be >= 1")
+    cv = config.cvgrad
+    if cv.outer < 1:
+        fail(f"cvgrad.outer must be >= 1, got {cv.outer}")
+    for name in ("lambda1", "lambda2", "threshold", "hyper_lr"):
+        value = getattr(cv, name)
+        if not value >= 0:
+            fail(f"cvgrad.{name} must be >= 0, got {value}")
+    if cv.log_space and (cv.lambda1 <= 0 or (cv.learn_lambda2 and cv.lambda2 <= 0)):
+        fail("cvgrad.log_space needs initial lambda1/lambda2 > 0")
+    if cv.estimator not in ESTIMATORS:
+        fail(f"unknown estimator {cv.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if cv.hyper_method not in ("adam", "sgd"):
+        fail(f"cvgrad.hyper_method must be 'adam' or 'sgd', got {cv.hyper_method!r}")
+    if cv.online_every < 0:
+        fail("cvgrad.online_every must be >= 0")
+    val = config.data.val_size
+    if val is not None and val < 1:
+        fail(f"data.val_size must be >= 1, got {val}")
+    if n_train is not None and val is not None and val >= n_train:
+        fail(f"validation split of {val} images is not smaller than the training set "
+             f"({n_train} images)")

@@ -1,0 +1,66 @@
+"""The interface between the training loop and a compression method.
+
+The loop (``cvsparse.train.loop``) owns data order, epochs, evaluation, checkpoints and reports;
+a method owns everything that makes the model sparse: its optimizers, regularization strengths
+and any extra passes.  A new method is one new module implementing :class:`CompressionMethod`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cvsparse.config import RunConfig
+from cvsparse.data import BatchLoader
+
+
+@dataclass
+class RunData:
+    """The batches a method may draw on besides the training batch it is handed.
+
+    ``val`` iterates the held-out validation split (no augmentation); ``train_for_hvp`` yields
+    training batches for curvature estimates; ``hyper_generator`` drives their order.
+    """
+
+    val: BatchLoader
+    train_for_hvp: BatchLoader
+    hyper_generator: torch.Generator
+
+
+class CompressionMethod(ABC):
+    """One compression method driven by :class:`cvsparse.train.Trainer`."""
+
+    name: str = ""
+
+    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
+        self.config = config
+        self.model = model
+        self.data = data
+
+    @abstractmethod
+    def set_epoch(self, epoch: int) -> float:
+        """Prepare global epoch ``epoch`` (0-based); returns the weight learning rate used."""
+
+    @abstractmethod
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimization step on a training batch; returns ``(loss, logits)`` (detached)."""
+
+    @abstractmethod
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Work after global epoch ``epoch`` (e.g. a hyper pass); returns values to log."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the method exactly."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def report(self) -> dict[str, Any]:
+        """Method-specific entries of ``report.json``."""
+        return {}

@@ -1,0 +1,183 @@
+"""Cross-validation-gradient compression (SPEC §1–5, Algorithm 1).
+
+Weights are trained by :class:`cvsparse.optim.ProxSGD` on ``CE + λ1‖W‖₁ + λ2/2‖W‖²`` with λ
+fixed; after every ``optim.epochs`` epochs (one outer iteration) a pass over the validation split
+moves λ along the implicit-function hypergradient of the validation loss.  ``online_every = k``
+adds a hyper step every k training steps.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvsparse.config import RunConfig
+from cvsparse.hyper import LambdaOptimizer, hypergradient
+from cvsparse.optim import ProxSGD
+from cvsparse.params import other_parameters, regularized_parameters
+
+from .base import CompressionMethod, RunData
+
+
+class CVGradMethod(CompressionMethod):
+    """Learned-λ elastic-net compression."""
+
+    name = "cvgrad"
+
+    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
+        super().__init__(config, model, data)
+        cv = config.cvgrad
+        named = regularized_parameters(model)
+        self.names = [n for n, _ in named]
+        self.weights = [p for _, p in named]
+        size = len(self.weights) if cv.per_layer else 1
+        self.lambdas = LambdaOptimizer(
+            torch.full((size,), cv.lambda1, dtype=torch.float64),
+            torch.full((size,), cv.lambda2, dtype=torch.float64),
+            cv.hyper_lr,
+            method=cv.hyper_method,
+            log_space=cv.log_space,
+            clip=cv.hyper_clip,
+        )
+        self.optimizer = ProxSGD(
+            [
+                {"params": self.weights},
+                {"params": [p for _, p in other_parameters(model)],
+                 "lambda1": 0.0, "lambda2": 0.0},
+            ],
+            lr=config.optim.lr,
+            momentum=config.optim.momentum,
+        )
+        self._push_lambdas()
+        self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
+        self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
+        self.steps = 0
+        self._online_val: Iterator | None = None
+
+    # ---- the loop's hooks -----------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> float:
+        cv, opt = self.config.cvgrad, self.config.optim
+        inner = epoch % opt.epochs
+        if inner == 0 and epoch > 0 and cv.reinit:
+            self.model.load_state_dict(self.initial_state)
+            self.optimizer.state.clear()
+        drops = sum(inner >= int(f * opt.epochs) for f in opt.milestones)
+        lr = opt.lr * opt.gamma**drops
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.param_groups[0]["threshold"] = (
+            cv.threshold if epoch >= cv.threshold_start_epoch else None
+        )
+        self._online_val = None
+        return lr
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        self.optimizer.step()
+        self.steps += 1
+        k = self.config.cvgrad.online_every
+        if k and self.steps % k == 0:
+            self._hyper_step(self._next_online_val_batch())
+            self.model.train()
+        return loss.detach(), logits.detach()
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        cv = self.config.cvgrad
+        if (epoch + 1) % self.config.optim.epochs == 0:
+            batches = self.data.val
+            for i, batch in enumerate(batches):
+                if cv.hyper_batches is not None and i >= cv.hyper_batches:
+                    break
+                self._hyper_step(batch)
+            self.model.train()
+            self.history.append(self._lambda_record(outer=(epoch + 1) // self.config.optim.epochs))
+        return {
+            "lambda1": float(self.lambdas.lambda1.mean()),
+            "lambda2": float(self.lambdas.lambda2.mean()),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lambdas": self.lambdas.state_dict(),
+            "history": self.history,
+            "steps": self.steps,
+            "initial_state": self.initial_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lambdas.load_state_dict(state["lambdas"])
+        self.history = state["history"]
+        self.steps = state["steps"]
+        self.initial_state = state["initial_state"]
+        self._push_lambdas()
+
+    def report(self) -> dict[str, Any]:
+        return {"lambda_history": self.history, "regularized_tensors": self.names}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _hyper_step(self, val_batch: tuple[Tensor, Tensor]) -> None:
+        """One λ update from a validation batch (model in eval mode: BN uses running stats)."""
+        cv = self.config.cvgrad
+        device = self.weights[0].device
+        xv, yv = (t.to(device) for t in val_batch)
+        self.model.eval()
+
+        def val_loss() -> Tensor:
+            return F.cross_entropy(self.model(xv), yv)
+
+        def train_loss() -> Tensor:
+            xt, yt = (t.to(device) for t in self._train_batch())
+            return F.cross_entropy(self.model(xt), yt)
+
+        lam1, lam2 = self._lambda_args()
+        d1, d2 = hypergradient(self.weights, lam1, lam2, train_loss, val_loss,
+                               estimator=cv.estimator, **cv.estimator_opts)
+        d1 = torch.as_tensor(d1, dtype=torch.float64).reshape(-1).cpu()
+        d2 = torch.as_tensor(d2, dtype=torch.float64).reshape(-1).cpu()
+        if not cv.learn_lambda2:
+            d2 = torch.zeros_like(d2)
+        self.lambdas.step(d1, d2)
+        self._push_lambdas()
+
+    def _lambda_args(self) -> tuple[float | Tensor, float | Tensor]:
+        if self.config.cvgrad.per_layer:
+            return self.lambdas.lambda1.clone(), self.lambdas.lambda2.clone()
+        return float(self.lambdas.lambda1), float(self.lambdas.lambda2)
+
+    def _push_lambdas(self) -> None:
+        group = self.optimizer.param_groups[0]
+        lam1, lam2 = self._lambda_args()
+        group["lambda1"], group["lambda2"] = lam1, lam2
+
+    def _train_batch(self) -> tuple[Tensor, Tensor]:
+        """A training batch for curvature estimates, drawn with the hyper generator."""
+        loader = self.data.train_for_hvp
+        return next(iter(loader))
+
+    def _next_online_val_batch(self) -> tuple[Tensor, Tensor]:
+        if self._online_val is None:
+            self._online_val = iter(self.data.val)
+        try:
+            return next(self._online_val)
+        except StopIteration:
+            self._online_val = iter(self.data.val)
+            return next(self._online_val)
+
+    def _lambda_record(self, outer: int) -> dict[str, Any]:
+        return {
+            "outer": outer,
+            "lambda1": self.lambdas.lambda1.tolist(),
+            "lambda2": self.lambdas.lambda2.tolist(),
+        }

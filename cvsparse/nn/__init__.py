@@ -1,0 +1,12 @@
+"""Drop-in layers: AutoPrune's gated Conv2d / Linear (SPEC §6) and model conversion.
+
+    from cvsparse.nn import GatedConv2d, convert, strip, aux_parameters
+"""
+
+from .convert import aux_parameters, convert, gated_layers, strip
+from .gated import GATED_LAYERS, GatedConv2d, GatedLinear
+
+__all__ = [
+    "GatedConv2d", "GatedLinear", "GATED_LAYERS",
+    "convert", "strip", "gated_layers", "aux_parameters",
+]

@@ -1,0 +1,216 @@
+"""The training loop shared by every compression method (Algorithm 1's outer shell).
+
+Per epoch: train on the training split (tqdm bar), let the method finish the epoch (e.g. a
+hyper pass), evaluate on validation and test, append a ``metrics.csv`` row and write
+``checkpoint.pt`` atomically.  At the end: ``report.json``, ``plots/*.png`` and a summary table.
+``Trainer(..., resume=True)`` continues a run from its checkpoint bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cvsparse import metrics
+from cvsparse.config import RunConfig, validate
+from cvsparse.data import BatchLoader, default_val_size, load_dataset, split_indices
+from cvsparse.methods import METHOD_CLASSES
+from cvsparse.methods.base import RunData
+from cvsparse.models import build_model
+
+from . import checkpoint, outputs
+
+
+class Trainer:
+    """Runs ``config`` and writes its outputs into ``out_dir``."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, *, resume: bool = False,
+                 progress: bool = True) -> None:
+        validate(config)
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        state = checkpoint.load(self.out_dir / checkpoint.CHECKPOINT_NAME) if resume else None
+        if state is not None:
+            self.config = config = state["config_obj"]
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = _device(config.device)
+        _seed_everything(config.seed)
+
+        self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download)
+        n_train = len(self.dataset.y_train)
+        val_size = config.data.val_size or default_val_size(config.data.dataset)
+        config.data.val_size = val_size
+        validate(config, n_train=n_train)
+        if state is not None:
+            self.train_idx, self.val_idx = state["split"]
+        else:
+            self.train_idx, self.val_idx = split_indices(n_train, val_size, config.data.split_seed)
+
+        self.model = build_model(config.model, num_classes=self.dataset.num_classes,
+                                 in_channels=self.dataset.x_train.shape[1]).to(self.device)
+        self.input_shape = tuple(self.dataset.x_train.shape[1:])
+        self.generator = torch.Generator().manual_seed(config.seed)
+        hyper_generator = torch.Generator().manual_seed(config.seed + 1)
+        ds, dc = self.dataset, config.data
+        norm = {"mean": ds.mean, "std": ds.std}
+        augment = dc.augment and ds.name.startswith("cifar")
+        self.train_loader = BatchLoader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
+                                        shuffle=True, augment=augment, generator=self.generator,
+                                        **norm)
+        run_data = RunData(
+            val=BatchLoader(ds.x_train, ds.y_train, self.val_idx, dc.val_batch_size,
+                            shuffle=False, augment=False, generator=None, **norm),
+            train_for_hvp=BatchLoader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
+                                      shuffle=True, augment=False, generator=hyper_generator,
+                                      **norm),
+            hyper_generator=hyper_generator,
+        )
+        self.val_loader = run_data.val
+        self.test_loader = BatchLoader(ds.x_test, ds.y_test, torch.arange(len(ds.y_test)),
+                                       dc.val_batch_size, shuffle=False, augment=False,
+                                       generator=None, **norm)
+        self.method = METHOD_CLASSES[config.method](config, self.model, run_data)
+        self.rows: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.wall_time = 0.0
+        if state is not None:
+            self._restore(state, hyper_generator)
+
+    # ---- public -------------------------------------------------------------------------------
+
+    def run(self, max_epochs: int | None = None) -> dict[str, Any]:
+        """Train to the end of the schedule (or to global epoch ``max_epochs``, leaving a
+        checkpoint to resume from); returns the report, also written to report.json."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        total = self.config.total_epochs
+        if max_epochs is not None:
+            total = min(total, max_epochs)
+        while self.epoch < total:
+            start = time.perf_counter()
+            row = self._run_epoch(self.epoch)
+            self.wall_time += time.perf_counter() - start
+            row["wall_time_s"] = round(self.wall_time, 3)
+            self.rows.append(row)
+            self.epoch += 1
+            outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
+            checkpoint.save_atomic(self._state(), self.out_dir / checkpoint.CHECKPOINT_NAME)
+        report = self.report()
+        outputs.write_json(report, self.out_dir / "report.json")
+        outputs.write_plots(self.rows, report, self.out_dir / "plots")
+        if self.progress:
+            print(outputs.summary_table(report))
+        return report
+
+    def report(self) -> dict[str, Any]:
+        """The SPEC §7 report of the model as it is now."""
+        layers = metrics.layer_table(self.model, self.input_shape)
+        totals = metrics.summarize(layers)
+        last = self.rows[-1] if self.rows else {}
+        return {
+            "test_acc": last.get("test_acc"),
+            "val_acc": last.get("val_acc"),
+            **totals,
+            **self.method.report(),
+            "layers": layers,
+            "epochs": self.rows and self.rows[-1]["epoch"] + 1,
+            "config": self.config.to_dict(),
+            "wall_time_s": self.wall_time,
+        }
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        lr = self.method.set_epoch(epoch)
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        cap = self.config.optim.max_steps_per_epoch
+        n_steps = len(self.train_loader) if cap is None else min(cap, len(self.train_loader))
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.config.total_epochs}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(self.train_loader):
+            if step >= n_steps:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss, logits = self.method.train_step(x, y)
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        extra = self.method.end_epoch(epoch)
+        val = metrics.evaluate(self.model, self.val_loader, self.device)
+        test = metrics.evaluate(self.model, self.test_loader, self.device)
+        totals = metrics.summarize(metrics.layer_table(self.model, self.input_shape))
+        row = {
+            "epoch": epoch, "lr": lr,
+            "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"],
+            "test_loss": test["loss"], "test_acc": test["acc"],
+            "params_nonzero": totals["params_nonzero"],
+            "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
+            **extra,
+        }
+        if self.progress:
+            tqdm.write(f"epoch {epoch + 1}: train acc {row['train_acc']:.4f}  val acc "
+                       f"{row['val_acc']:.4f}  test acc {row['test_acc']:.4f}  compression "
+                       f"{row['compression_rate']:.1f}x  " +
+                       "  ".join(f"{k} {v:.3g}" for k, v in extra.items()))
+        return row
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "generator": self.generator.get_state(),
+            "hyper_generator": self.method.data.hyper_generator.get_state(),
+            "rng": checkpoint.rng_state(),
+            "split": (self.train_idx, self.val_idx),
+            "rows": self.rows,
+            "wall_time_s": self.wall_time,
+            "config": self.config.to_dict(),
+            "config_obj": self.config,
+        }
+
+    def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.generator.set_state(state["generator"])
+        hyper_generator.set_state(state["hyper_generator"])
+        checkpoint.set_rng_state(state["rng"])
+        self.rows = state["rows"]
+        self.epoch = state["epoch"]
+        self.wall_time = state["wall_time_s"]
+
+
+class CVTrainer(Trainer):
+    """:class:`Trainer` for the cross-validation-gradient method (``method="cvgrad"``)."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, **kwargs: Any) -> None:
+        if config.method != "cvgrad":
+            raise ValueError(f"CVTrainer runs method 'cvgrad', got {config.method!r}")
+        super().__init__(config, out_dir, **kwargs)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

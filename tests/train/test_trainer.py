@@ -1,0 +1,118 @@
+"""End-to-end checks of the training loop, checkpoints, outputs and the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from cvsparse.cli import main
+from cvsparse.config import RunConfig, from_dict
+from cvsparse.train import CVTrainer, Trainer
+
+
+def tiny_config(**overrides) -> RunConfig:
+    """LeNet-300-100 on MNIST, a few steps per epoch: seconds on a CPU."""
+    values = {
+        "model": "lenet300", "threads": 1,
+        "data": {"dataset": "mnist", "batch_size": 64, "val_size": 2000, "val_batch_size": 500},
+        "optim": {"epochs": 2, "lr": 0.05, "max_steps_per_epoch": 15},
+        "cvgrad": {"outer": 2, "lambda1": 1e-4, "lambda2": 1e-4, "hyper_batches": 2,
+                   "threshold_start_epoch": 1},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        (values.setdefault(section, {}) if section else values)[leaf] = value
+    return from_dict(values)
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    config = tiny_config(**{"cvgrad.online_every": 7})
+    full = Trainer(config, tmp_path / "full", progress=False)
+    full.run()
+
+    first = Trainer(tiny_config(**{"cvgrad.online_every": 7}), tmp_path / "cut", progress=False)
+    first.run(max_epochs=3)  # stops after epoch 3 of 4, mid outer iteration 2
+    del first
+    resumed = Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False)
+    assert resumed.epoch == 3
+    resumed.run()
+
+    for (name, a), (_, b) in zip(full.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert torch.equal(full.method.lambdas.lambda1, resumed.method.lambdas.lambda1)
+    assert torch.equal(full.method.lambdas.lambda2, resumed.method.lambdas.lambda2)
+    full_rows = list(csv.DictReader(open(tmp_path / "full" / "metrics.csv")))
+    cut_rows = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
+    for a, b in zip(full_rows, cut_rows, strict=True):
+        assert a["test_acc"] == b["test_acc"] and a["lambda1"] == b["lambda1"]
+
+
+def test_run_writes_report_metrics_plots_and_learns_lambda(tmp_path):
+    report = CVTrainer(tiny_config(), tmp_path, progress=False).run()
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    for key in ("test_acc", "val_acc", "params_total", "params_nonzero", "compression_rate",
+                "pruned_pct", "flops_dense", "flops_effective", "lambda_history", "layers",
+                "config", "wall_time_s"):
+        assert key in on_disk, key
+    assert on_disk["params_total"] == 784 * 300 + 300 * 100 + 100 * 10
+    assert on_disk["compression_rate"] == pytest.approx(
+        on_disk["params_total"] / on_disk["params_nonzero"])
+    assert [h["outer"] for h in report["lambda_history"]] == [0, 1, 2]
+    assert report["lambda_history"][-1]["lambda1"] != report["lambda_history"][0]["lambda1"]
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) == 4 and float(rows[-1]["test_acc"]) > 0.5  # far above chance (0.1)
+    for name in ("accuracy.png", "sparsity.png", "lambda.png", "layers.png"):
+        png = tmp_path / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert on_disk["config"]["model"] == "lenet300"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "resnet9000"}, "unknown model"),
+        ({"cvgrad.lambda1": -1e-3}, "lambda1"),
+        ({"optim.epochs": 0}, "epochs"),
+        ({"data.val_size": 60000}, "validation split"),
+        ({"cvgrad.estimator": "newton"}, "estimator"),
+    ],
+)
+def test_bad_config_fails_before_training(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_config(**overrides), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_yaml_key_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_cli_train_then_resume_finished_run(tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--model", "lenet300", "--dataset", "mnist", "--method", "cvgrad",
+            "--epochs", "1", "--outer", "1", "--max-steps-per-epoch", "5", "--quiet",
+            "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    first = json.loads((out / "report.json").read_text())
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["params_nonzero"] == first["params_nonzero"]
+    assert again["test_acc"] == first["test_acc"]
+    assert main(["summary", str(out)]) == 0
+    assert "compression" in capsys.readouterr().out
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CVSPARSE_DATA", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--dataset", "cifar100", "--data-root", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "cifar100" in err and str(tmp_path / "empty") in err
