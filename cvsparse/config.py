@@ -24,7 +24,7 @@ class DataConfig:
     dataset: str = "mnist"
     root: str | None = None          # None: $CVSPARSE_DATA, ../shared/data, torchvision root
     download: bool = False           # let torchvision download when nothing is found locally
-    val_size: int | None = None      # images carved from the training set; None = per-dataset default
+    val_size: int | None = None      # images held out of training; None = per-dataset default
     split_seed: int = 0
     batch_size: int = 64
     val_batch_size: int = 1000
@@ -50,7 +50,7 @@ class CVGradConfig:
     outer: int = 3                   # outer iterations T
     lambda1: float = 1e-4            # initial guesses; learned from here on
     lambda2: float = 1e-4
-    per_layer: bool = False          # one (λ1, λ2) per regularized tensor instead of one global pair
+    per_layer: bool = False          # one (λ1, λ2) per regularized tensor, not one global pair
     learn_lambda2: bool = True
     estimator: str = "identity"
     estimator_opts: dict[str, Any] = field(default_factory=dict)

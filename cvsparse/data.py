@@ -463,8 +463,10 @@ class BatchLoader:
             raise ValueError(f"mean and std must have {c} entries (one per channel)")
         if any(not s > 0 for s in std):
             raise ValueError(f"std entries must be positive, got {tuple(std)}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError("generator must be a torch.Generator or None")
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+        ):
+            raise ValueError("generator must be a CPU torch.Generator or None")
         self.images = images_u8
         self.labels = labels
         self.indices = indices.to(torch.int64, copy=True)

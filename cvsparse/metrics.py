@@ -39,7 +39,6 @@ _ZERO_PRESERVING = (
     nn.GELU,
     nn.SiLU,
     nn.Tanh,
-    nn.Hardtanh,
     nn.Identity,
     nn.Dropout,
     nn.Dropout1d,

@@ -122,7 +122,11 @@ class ProxSGD(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore groups (λ included), momentum buffers and masks (kept as bool)."""
+        """Restore groups (λ included), momentum buffers and masks (kept as bool).
+
+        Tensor λ come back as the saved copies: re-assign live λ tensors (e.g. a
+        :class:`~cvsparse.hyper.LambdaOptimizer`'s) to the groups afterwards.
+        """
         for index, group in enumerate(state_dict["param_groups"]):
             _check_group(group, index)
         super().load_state_dict(state_dict)

@@ -5,6 +5,8 @@ Importing this package registers ``prox_sgd_``, ``mixed_partial_dot``, ``thresho
 of ``cvsparse.ops.reference`` and fake implementations for ``torch.compile``.  Select them with
 ``cvsparse.ops.set_backend("triton")``.  They run on CUDA tensors, or on CPU tensors in Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set before triton is first imported (slow; tests).
+Importing raises ``ImportError`` (which ``cvsparse.ops`` reports as "backend 'triton' is
+unavailable") when triton is missing, or when neither a GPU nor the interpreter is available.
 """
 
 try:
@@ -15,5 +17,16 @@ except Exception as exc:  # ImportError, or a broken install failing while it in
         f"cvsparse.kernels needs the 'triton' package (pip install 'cvsparse[triton]'): "
         f"{type(exc).__name__}: {exc}"
     ) from exc
+
+import torch  # noqa: E402
+
+from . import _launch  # noqa: E402
+
+if not (_launch.INTERPRETED or torch.cuda.is_available()):
+    raise ImportError(
+        "cvsparse.kernels needs a CUDA GPU, or Triton's interpreter for CPU tensors; this process "
+        "has no GPU and TRITON_INTERPRET is not set (set TRITON_INTERPRET=1 before triton is "
+        "imported)"
+    )
 
 from . import gated_weight, mixed_partial_dot, prox_sgd, threshold  # noqa: E402, F401

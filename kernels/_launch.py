@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cvsparse.ops.schemas import SCHEMAS
+
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 """True when the kernels were defined for Triton's interpreter (decided at import time)."""
 
@@ -36,6 +38,12 @@ TL_DTYPES: dict[torch.dtype, tl.dtype] = {
     torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16,
 }
+
+
+def schema(op: str) -> str:
+    """The schema of ``cvsparse::op`` without its name, for ``torch.library.custom_op``: the
+    Triton operators take exactly the normalized arguments of the other backends."""
+    return SCHEMAS[op].removeprefix(op)
 
 
 def block_size() -> int:

@@ -118,7 +118,8 @@ def _opmath(*tensors: Tensor) -> tl.dtype:
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
 
 
-@torch.library.custom_op("cvsparse_triton::gated_weight", mutates_args=())
+@torch.library.custom_op("cvsparse_triton::gated_weight", mutates_args=(),
+                         schema=_launch.schema("gated_weight"))
 def gated_weight(weight: Tensor, aux: Tensor, ste: int, slope: float, sign_rule: bool) -> Tensor:
     """``weight · 1[aux > 0]``, contiguous, in ``weight``'s dtype (``ste``, ``slope`` and
     ``sign_rule`` only shape the backward)."""
@@ -142,7 +143,8 @@ def _(weight, aux, ste, slope, sign_rule):
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
-@torch.library.custom_op("cvsparse_triton::gated_weight_backward", mutates_args=())
+@torch.library.custom_op("cvsparse_triton::gated_weight_backward", mutates_args=(),
+                         schema=_launch.schema("gated_weight_backward"))
 def gated_weight_backward(grad: Tensor, weight: Tensor, aux: Tensor, ste: int, slope: float,
                           sign_rule: bool) -> tuple[Tensor, Tensor]:
     """``(grad·h(aux), [Σ over each output row of] grad·(sgn(w) or w) · s'(aux))`` in the

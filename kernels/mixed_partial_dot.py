@@ -43,7 +43,7 @@ def _sum_partials_kernel(table_ptr, n_blocks, partial_ptr, out_ptr,
                          OUT: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
     tensor = tl.program_id(0)
     row = table_ptr + n_blocks + tensor * 5
-    count = tl.load(row) // BLOCK
+    count = (tl.load(row) + BLOCK - 1) // BLOCK
     first = tl.load(row + 1)
     acc_sign = tl.zeros([RBLOCK], dtype=tl.float64)
     acc_w = tl.zeros([RBLOCK], dtype=tl.float64)
@@ -56,7 +56,8 @@ def _sum_partials_kernel(table_ptr, n_blocks, partial_ptr, out_ptr,
     tl.store(out_ptr + 2 * tensor + 1, tl.sum(acc_w).to(OUT))
 
 
-@torch.library.custom_op("cvsparse_triton::mixed_partial_dot", mutates_args=())
+@torch.library.custom_op("cvsparse_triton::mixed_partial_dot", mutates_args=(),
+                         schema=_launch.schema("mixed_partial_dot"))
 def mixed_partial_dot(params: list[Tensor], vectors: list[Tensor],
                       precond: list[Tensor]) -> Tensor:
     """Row l = ``[Σ c·v·sign(w), Σ c·v·w]`` over ``params[l]`` (normalized arguments of

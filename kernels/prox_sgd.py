@@ -52,7 +52,8 @@ def _prox_sgd_kernel(table_ptr, n_blocks, lambda1_ptr, lambda2_ptr, counts_ptr,
     tl.atomic_add(counts_ptr + tensor, nonzero.to(tl.int64))
 
 
-@torch.library.custom_op("cvsparse_triton::prox_sgd_", mutates_args=("params", "momentum_bufs"))
+@torch.library.custom_op("cvsparse_triton::prox_sgd_", mutates_args=("params", "momentum_bufs"),
+                         schema=_launch.schema("prox_sgd_"))
 def prox_sgd_(
     params: list[Tensor],
     grads: list[Tensor],

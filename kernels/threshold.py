@@ -38,7 +38,8 @@ def _threshold_kernel(table_ptr, n_blocks, counts_ptr, tau: tl.float64,
 
 
 @torch.library.custom_op("cvsparse_triton::threshold_",
-                         mutates_args=("params", "momentum_bufs", "masks"))
+                         mutates_args=("params", "momentum_bufs", "masks"),
+                         schema=_launch.schema("threshold_"))
 def threshold_(params: list[Tensor], momentum_bufs: list[Tensor], masks: list[Tensor],
                tau: float) -> Tensor:
     """Prune ``|w| < tau`` in place (normalized arguments of

@@ -60,8 +60,8 @@ def test_normalized_cifar_has_zero_mean_unit_std(cifar10):
     s = torch.zeros(3, dtype=torch.float64)
     s2 = torch.zeros(3, dtype=torch.float64)
     for x, _ in loader:
-        s += x.sum(dim=(0, 2, 3), dtype=torch.float64)
-        s2 += x.square().sum(dim=(0, 2, 3), dtype=torch.float64)
+        s += x.sum(dim=(0, 2, 3)).double()
+        s2 += x.square().sum(dim=(0, 2, 3)).double()
     n = 50000 * 32 * 32
     assert torch.allclose(s / n, torch.zeros(3, dtype=torch.float64), atol=1e-4)
     assert torch.allclose(s2 / n, torch.ones(3, dtype=torch.float64), atol=1e-4)

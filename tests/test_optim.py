@@ -91,7 +91,8 @@ def test_lambda1_gives_exact_zeros_of_the_soft_threshold_oracle():
     ours, ref = _model(), _model()
     lambda1, lambda2 = [0.1, 0.2], [1e-3, 0.0]
     opt = ProxSGD([{"params": _weights_and_biases(ours)[0]}], lr=0.1, momentum=0.9,
-                  lambda1=torch.tensor(lambda1, dtype=F64), lambda2=torch.tensor(lambda2, dtype=F64))
+                  lambda1=torch.tensor(lambda1, dtype=F64),
+                  lambda2=torch.tensor(lambda2, dtype=F64))
     ref_w = _weights_and_biases(ref)[0]
     bufs = [torch.zeros_like(p) for p in ref_w]
     for batch in _batches(20):

@@ -23,12 +23,15 @@ class RunData:
     """The batches a method may draw on besides the training batch it is handed.
 
     ``val`` iterates the held-out validation split (no augmentation); ``train_for_hvp`` yields
-    training batches for curvature estimates; ``hyper_generator`` drives their order.
+    training batches for curvature estimates; ``hyper_generator`` drives their order;
+    ``second_half`` iterates the training images a method reserved with
+    :meth:`CompressionMethod.split_training` (None when it reserved none).
     """
 
     val: BatchLoader
     train_for_hvp: BatchLoader
     hyper_generator: torch.Generator
+    second_half: BatchLoader | None = None
 
 
 class CompressionMethod(ABC):
@@ -64,3 +67,21 @@ class CompressionMethod(ABC):
     def report(self) -> dict[str, Any]:
         """Method-specific entries of ``report.json``."""
         return {}
+
+    @staticmethod
+    def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Indices the loop trains weights on, and indices reserved for the method's own use
+        (served as ``RunData.second_half``).  Default: all for the weights, none reserved."""
+        return train_idx, None
+
+    def measured_model(self) -> nn.Module:
+        """The model as it would be exported, on which sparsity and FLOPs are reported."""
+        return self.model
+
+
+def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],
+               gamma: float) -> float:
+    """Learning rate at ``epoch`` of a phase of ``epochs`` epochs: ``base`` times ``gamma`` for
+    every milestone (a fraction of ``epochs``) already passed."""
+    drops = sum(0 < int(f * epochs) <= epoch for f in milestones)
+    return base * gamma**drops

@@ -21,7 +21,7 @@ from cvsparse.hyper import LambdaOptimizer, hypergradient
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData
+from .base import CompressionMethod, RunData, stepped_lr
 
 
 class CVGradMethod(CompressionMethod):
@@ -67,8 +67,7 @@ class CVGradMethod(CompressionMethod):
         if inner == 0 and epoch > 0 and cv.reinit:
             self.model.load_state_dict(self.initial_state)
             self.optimizer.state.clear()
-        drops = sum(inner >= int(f * opt.epochs) for f in opt.milestones)
-        lr = opt.lr * opt.gamma**drops
+        lr = stepped_lr(opt.lr, inner, opt.epochs, opt.milestones, opt.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.param_groups[0]["threshold"] = (

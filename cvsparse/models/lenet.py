@@ -1,5 +1,6 @@
 """LeNet-300-100 and LeNet-5 for 28×28 MNIST digits (the Caffe models used by the pruning
-literature, e.g. Han et al. 2015: 266,610 and 431,080 parameters)."""
+literature, e.g. Han et al. 2015: 266,610 and 431,080 parameters).  Caffe initialized them with
+"xavier" (uniform, fan-in); here they get He init like the CIFAR models."""
 
 from __future__ import annotations
 

@@ -62,7 +62,9 @@ class Trainer:
         ds, dc = self.dataset, config.data
         norm = {"mean": ds.mean, "std": ds.std}
         augment = dc.augment and ds.name.startswith("cifar")
-        self.train_loader = BatchLoader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
+        method_class = METHOD_CLASSES[config.method]
+        weight_idx, reserved_idx = method_class.split_training(self.train_idx)
+        self.train_loader = BatchLoader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,
                                         shuffle=True, augment=augment, generator=self.generator,
                                         **norm)
         run_data = RunData(
@@ -72,12 +74,15 @@ class Trainer:
                                       shuffle=True, augment=False, generator=hyper_generator,
                                       **norm),
             hyper_generator=hyper_generator,
+            second_half=None if reserved_idx is None else BatchLoader(
+                ds.x_train, ds.y_train, reserved_idx, dc.batch_size, shuffle=True,
+                augment=augment, generator=hyper_generator, **norm),
         )
         self.val_loader = run_data.val
         self.test_loader = BatchLoader(ds.x_test, ds.y_test, torch.arange(len(ds.y_test)),
                                        dc.val_batch_size, shuffle=False, augment=False,
                                        generator=None, **norm)
-        self.method = METHOD_CLASSES[config.method](config, self.model, run_data)
+        self.method = method_class(config, self.model, run_data)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
         self.wall_time = 0.0
@@ -111,8 +116,9 @@ class Trainer:
 
     def report(self) -> dict[str, Any]:
         """The SPEC §7 report of the model as it is now."""
-        layers = metrics.layer_table(self.model, self.input_shape)
-        totals = metrics.summarize(layers)
+        measured = self.method.measured_model()
+        layers = metrics.layer_table(measured, self.input_shape)
+        totals = metrics.summarize(layers, measured)
         last = self.rows[-1] if self.rows else {}
         return {
             "test_acc": last.get("test_acc"),
@@ -149,7 +155,8 @@ class Trainer:
         extra = self.method.end_epoch(epoch)
         val = metrics.evaluate(self.model, self.val_loader, self.device)
         test = metrics.evaluate(self.model, self.test_loader, self.device)
-        totals = metrics.summarize(metrics.layer_table(self.model, self.input_shape))
+        totals = metrics.summarize(
+            metrics.layer_table(self.method.measured_model(), self.input_shape))
         row = {
             "epoch": epoch, "lr": lr,
             "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cvsparse.hyper import LambdaOptimizer
+from cvsparse.optim import ProxSGD
 
 F64 = torch.float64
 
@@ -23,7 +24,7 @@ def test_sgd_step_is_lambda_minus_lr_times_gradient():
 def test_global_lambda_accepts_scalar_hypergradients():
     opt = LambdaOptimizer(0.5, 0.25, lr=0.5, method="sgd")
     assert opt.lambda1.shape == (1,)
-    opt.step(0.2, torch.tensor(-0.1))
+    opt.step(0.2, torch.tensor(-0.1, dtype=F64))
     assert opt.lambda1.tolist() == [0.5 - 0.5 * 0.2] and opt.lambda2.tolist() == [0.25 + 0.05]
 
 
@@ -54,8 +55,8 @@ def test_adam_matches_torch_adam(log_space):
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(2, 3, generator=gen, dtype=F64) for _ in range(6)]
     start = [[0.5, 1.0, 2.0], [0.7, 0.9, 1.5]]
-    opt = LambdaOptimizer(torch.tensor(start[0], dtype=F64), torch.tensor(start[1], dtype=F64), lr=0.05,
-                          method="adam", log_space=log_space)
+    lambda1, lambda2 = torch.tensor(start, dtype=F64)
+    opt = LambdaOptimizer(lambda1, lambda2, lr=0.05, method="adam", log_space=log_space)
     expected = _torch_adam_trajectory(start, grads, 0.05, log_space)
     for g, want in zip(grads, expected, strict=True):
         opt.step(g[0], g[1])
@@ -149,3 +150,15 @@ def test_hypergradient_shape_must_match_lambda():
         opt.step(torch.ones(2), torch.ones(3))
     with pytest.raises(ValueError, match="d_lambda1"):
         opt.step(1.0, torch.ones(3))
+
+
+def test_live_lambda_view_drives_prox_sgd():
+    """The trainer may hand ``lambda1`` to ProxSGD once: λ steps apply to the next update."""
+    lam = LambdaOptimizer(1.0, 0.0, lr=0.5, method="sgd")
+    w = torch.nn.Parameter(torch.tensor([5.0, -5.0], dtype=F64))
+    opt = ProxSGD([w], lr=0.1, momentum=0.0, lambda1=lam.lambda1, lambda2=lam.lambda2)
+    w.grad = torch.zeros_like(w)
+    opt.step()  # shrink by lr·λ1 = 0.1
+    lam.step(1.0, 0.0)  # λ1 = 1 − 0.5·1 = 0.5
+    opt.step()  # shrink by 0.05
+    torch.testing.assert_close(w.detach(), torch.tensor([4.85, -4.85], dtype=F64))

@@ -15,7 +15,7 @@ import torch
 
 from cvsparse.ops import reference
 from cvsparse.ops._backend import triton_ops
-from cvsparse.ops.schemas import STE_CODES
+from cvsparse.ops.schemas import SCHEMAS, STE_CODES
 
 ops = triton_ops()  # imports cvsparse.kernels, which registers torch.ops.cvsparse_triton
 _launch = importlib.import_module("cvsparse.kernels._launch")
@@ -65,6 +65,11 @@ def _assert_lists_close(got, want, dtype):
 
 
 # ---- registration: schema, fakes, autograd registration, AOT dispatch -------------------------
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_schema_is_the_normalized_signature(name):
+    assert str(getattr(ops, name).default._schema) == f"cvsparse_triton::{SCHEMAS[name]}"
+
 
 @pytest.mark.parametrize("bufs,masks", [(True, True), (False, False)])
 def test_opcheck_prox_sgd(bufs, masks):
@@ -270,6 +275,9 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 # ---- the kernels compile for a GPU (the interpreter accepts more than the compiler) ------------
 
 _COMPILE_SCRIPT = textwrap.dedent("""
+    import torch
+    torch.cuda.is_available = lambda: True  # compiling needs no GPU, but importing the kernels does
+
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -319,3 +327,37 @@ def test_kernels_compile_for_gpu():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "compiled 7" in run.stdout
+
+
+_UNAVAILABLE_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    if sys.argv[1] == "no-triton":
+        sys.modules["triton"] = None  # `import triton` now raises ImportError
+    else:  # "no-device": no GPU and no interpreter
+        torch.cuda.is_available = lambda: False
+    import cvsparse.ops
+    try:
+        import cvsparse.kernels
+    except ImportError as exc:
+        print("ImportError:", exc)
+    try:
+        cvsparse.ops.set_backend("triton")
+    except RuntimeError as exc:
+        print("RuntimeError:", exc)
+    print("backends:", cvsparse.ops.available_backends())
+""")
+
+
+@pytest.mark.parametrize("case,reason", [("no-triton", "needs the 'triton' package"),
+                                         ("no-device", "TRITON_INTERPRET is not set")])
+def test_backend_unavailable_with_a_clear_error(case, reason):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _UNAVAILABLE_SCRIPT, case], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("ImportError: cvsparse.kernels needs") and reason in lines[0]
+    assert lines[1].startswith("RuntimeError: backend 'triton' is unavailable")
+    assert reason in lines[1]
+    assert "triton" not in lines[2]

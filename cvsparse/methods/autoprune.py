@@ -1,0 +1,141 @@
+"""AutoPrune (SPEC §6): gates ``h(m) = 1[m > 0]`` on weights or whole units, learned by
+straight-through gradients on auxiliary parameters ``m``.
+
+The training split is halved: weights take a step on a batch of the first half, then the
+auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``weight_l2``),
+``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m`` reaches exactly 0 and the
+unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  Once the
+compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
+training data; fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvsparse import metrics
+from cvsparse.config import RunConfig
+from cvsparse.nn import aux_parameters, convert, strip
+from cvsparse.optim import ProxSGD
+from cvsparse.params import other_parameters, regularized_parameters
+
+from .base import CompressionMethod, RunData, stepped_lr
+
+
+class AutoPruneMethod(CompressionMethod):
+    """Auxiliary-parameter pruning of every Conv2d / Linear layer."""
+
+    name = "autoprune"
+
+    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
+        super().__init__(config, model, data)
+        ap = config.autoprune
+        if data.second_half is None:
+            raise ValueError("autoprune needs the second half of the training split")
+        convert(model, granularity=ap.granularity, ste=ap.ste, update=ap.update)
+        aux = [p for _, p in aux_parameters(model)]
+        aux_ids = {id(p) for p in aux}
+        weights = [p for _, p in regularized_parameters(model)]
+        others = [p for _, p in other_parameters(model) if id(p) not in aux_ids]
+        self.weight_opt = ProxSGD(
+            [{"params": weights, "lambda2": ap.weight_l2},
+             {"params": others, "lambda2": 0.0}],
+            lr=config.optim.lr, momentum=config.optim.momentum,
+        )
+        self.aux_opt = ProxSGD(aux, lr=ap.aux_lr, momentum=config.optim.momentum,
+                               lambda1=ap.aux_l1)
+        self.frozen_at: int | None = None   # epoch at which the gates froze
+        self.history: list[dict[str, float]] = []
+        self._second: Iterator | None = None
+        self._epoch = 0
+
+    @staticmethod
+    def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        half = len(train_idx) // 2
+        return train_idx[:half], train_idx[half:]
+
+    def set_epoch(self, epoch: int) -> float:
+        opt = self.config.optim
+        self._epoch = epoch
+        if epoch < opt.epochs:
+            lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
+        else:  # fine-tuning continues at the last rate of the schedule
+            lr = stepped_lr(opt.lr, opt.epochs, opt.epochs, opt.milestones, opt.gamma)
+        if epoch >= opt.epochs and self.frozen_at is None:
+            self.frozen_at = epoch
+        for group in self.weight_opt.param_groups:
+            group["lr"] = lr
+        self._second = None
+        return lr
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss, logits = self._step(self.weight_opt, x, y)
+        xb, yb = (t.to(x.device) for t in self._second_batch())
+        if self.frozen_at is None:
+            self._step(self.aux_opt, xb, yb)
+        else:  # fine-tuning: the second half trains the weights too
+            self._step(self.weight_opt, xb, yb)
+        return loss, logits
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        ap = self.config.autoprune
+        totals = metrics.summarize(metrics.layer_table(self.measured_model(),
+                                                       self._input_shape()))
+        reached = (
+            (ap.target_compression is not None
+             and totals["compression_rate"] >= ap.target_compression)
+            or (ap.target_flops is not None
+                and totals["flops_effective"] <= ap.target_flops * totals["flops_dense"])
+        )
+        if reached and self.frozen_at is None:
+            self.frozen_at = epoch + 1
+        gates = torch.cat([(p.detach() > 0).flatten() for _, p in aux_parameters(self.model)])
+        record = {"epoch": epoch, "gates_open": float(gates.float().mean()),
+                  "frozen": float(self.frozen_at is not None)}
+        self.history.append(record)
+        return {"gates_open": record["gates_open"], "frozen": record["frozen"]}
+
+    def measured_model(self) -> nn.Module:
+        return strip(copy.deepcopy(self.model))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight_opt": self.weight_opt.state_dict(), "aux_opt": self.aux_opt.state_dict(),
+                "frozen_at": self.frozen_at, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weight_opt.load_state_dict(state["weight_opt"])
+        self.aux_opt.load_state_dict(state["aux_opt"])
+        self.frozen_at = state["frozen_at"]
+        self.history = state["history"]
+
+    def report(self) -> dict[str, Any]:
+        return {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _step(self, optimizer: ProxSGD, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        self.model.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), logits.detach()
+
+    def _second_batch(self) -> tuple[Tensor, Tensor]:
+        loader = self.data.second_half
+        if self._second is None:
+            self._second = iter(loader)
+        try:
+            return next(self._second)
+        except StopIteration:
+            self._second = iter(loader)
+            return next(self._second)
+
+    def _input_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.val.images.shape[1:])
