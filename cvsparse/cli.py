@@ -39,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--lambda2", type=float, help="initial λ2")
     train.add_argument("--hyper-lr", type=float, help="λ optimizer step size")
     train.add_argument("--online-every", type=int, help="hyper step every k training steps")
+    train.add_argument("--granularity", choices=("weight", "neuron"),
+                       help="autoprune: one gate per weight or per output channel/neuron")
+    train.add_argument("--ste", choices=("linear", "leaky_relu", "softplus"),
+                       help="autoprune: straight-through estimator of the gate")
+    train.add_argument("--update", choices=("proposed", "bnn"), help="autoprune: gate update rule")
+    train.add_argument("--aux-lr", type=float, help="autoprune: learning rate of the gates")
+    train.add_argument("--aux-l1", type=float, help="autoprune: L1 strength on the gates")
+    train.add_argument("--target-compression", type=float,
+                       help="autoprune: freeze gates and fine-tune once this rate is reached")
+    train.add_argument("--target-flops", type=float,
+                       help="autoprune: ... once effective/dense FLOPs falls to this fraction")
+    train.add_argument("--finetune-epochs", type=int, help="autoprune: fine-tune epochs")
     train.add_argument("--lr", type=float, help="weight learning rate")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps (smoke runs)")
@@ -61,7 +73,10 @@ _FLAGS = {  # flag attribute → config path
     "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
     "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",
     "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",
-    "online_every": "cvgrad.online_every",
+    "online_every": "cvgrad.online_every", "granularity": "autoprune.granularity",
+    "ste": "autoprune.ste", "update": "autoprune.update", "aux_lr": "autoprune.aux_lr",
+    "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
+    "target_flops": "autoprune.target_flops", "finetune_epochs": "autoprune.finetune_epochs",
 }
 
 

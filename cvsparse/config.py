@@ -172,6 +172,23 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail(f"cvgrad.hyper_method must be 'adam' or 'sgd', got {cv.hyper_method!r}")
     if cv.online_every < 0:
         fail("cvgrad.online_every must be >= 0")
+    ap = config.autoprune
+    if ap.granularity not in ("weight", "neuron"):
+        fail(f"autoprune.granularity must be 'weight' or 'neuron', got {ap.granularity!r}")
+    if ap.ste not in ("linear", "leaky_relu", "softplus"):
+        fail(f"autoprune.ste must be linear, leaky_relu or softplus, got {ap.ste!r}")
+    if ap.update not in ("proposed", "bnn"):
+        fail(f"autoprune.update must be 'proposed' or 'bnn', got {ap.update!r}")
+    for name in ("aux_lr", "aux_l1", "weight_l2"):
+        if not getattr(ap, name) >= 0:
+            fail(f"autoprune.{name} must be >= 0, got {getattr(ap, name)}")
+    if ap.target_compression is not None and not ap.target_compression >= 1:
+        fail(f"autoprune.target_compression must be >= 1, got {ap.target_compression}")
+    if ap.target_flops is not None and not 0 < ap.target_flops <= 1:
+        fail(f"autoprune.target_flops is a fraction of dense FLOPs in (0, 1], "
+             f"got {ap.target_flops}")
+    if ap.finetune_epochs < 0:
+        fail(f"autoprune.finetune_epochs must be >= 0, got {ap.finetune_epochs}")
     val = config.data.val_size
     if val is not None and val < 1:
         fail(f"data.val_size must be >= 1, got {val}")

@@ -1,0 +1,57 @@
+"""AutoPrune through the shared loop: disjoint halves, neuron pruning in the report, freezing."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from cvsparse.config import from_dict
+from cvsparse.methods import AutoPruneMethod
+from cvsparse.nn import gated_layers
+from cvsparse.train import Trainer
+
+
+def autoprune_config(**autoprune):
+    return from_dict({
+        "model": "lenet300", "method": "autoprune", "threads": 1,
+        "data": {"dataset": "mnist", "batch_size": 64, "val_size": 2000, "val_batch_size": 1000},
+        "optim": {"epochs": 2, "lr": 0.05, "max_steps_per_epoch": 25},
+        "autoprune": {"finetune_epochs": 1, **autoprune},
+    })
+
+
+def test_training_halves_are_disjoint_and_cover_the_split():
+    idx = torch.randperm(1001)
+    first, second = AutoPruneMethod.split_training(idx)
+    assert len(set(first.tolist()) & set(second.tolist())) == 0
+    assert sorted(first.tolist() + second.tolist()) == sorted(idx.tolist())
+    assert abs(len(first) - len(second)) <= 1
+
+
+def test_neuron_run_reports_removed_units(tmp_path):
+    trainer = Trainer(autoprune_config(granularity="neuron", aux_l1=0.05, aux_lr=0.1),
+                      tmp_path, progress=False)
+    report = trainer.run()
+    gates = {f"{name}.weight": layer.aux.detach() > 0
+             for name, layer in gated_layers(trainer.model)}
+    rows = {row["name"]: row for row in json.loads((tmp_path / "report.json").read_text())
+            ["layers"]}
+    assert sum(int((~g).sum()) for g in gates.values()) > 0, "no unit was switched off"
+    for name, gate in gates.items():
+        row = rows[name]
+        assert row["units_zero"] >= int((~gate).sum())
+        fan_in = row["params"] // row["units_total"]
+        assert row["nonzero"] <= int(gate.sum()) * fan_in
+    assert report["params_nonzero"] < report["params_total"]
+
+
+def test_target_compression_freezes_gates(tmp_path):
+    trainer = Trainer(autoprune_config(aux_l1=0.02, target_compression=1.0001), tmp_path,
+                      progress=False)
+    trainer.run(max_epochs=1)
+    frozen = [layer.aux.detach().clone() for _, layer in gated_layers(trainer.model)]
+    assert trainer.method.frozen_at == 1
+    trainer.run()
+    for before, (_, layer) in zip(frozen, gated_layers(trainer.model), strict=True):
+        assert torch.equal(before > 0, layer.aux.detach() > 0)
