@@ -78,12 +78,17 @@ _FLAGS = {  # flag attribute → config path
     "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
     "target_flops": "autoprune.target_flops", "finetune_epochs": "autoprune.finetune_epochs",
 }
+_MAGNITUDE_FLAGS = {"target_compression": "magnitude.target_compression",
+                    "finetune_epochs": "magnitude.finetune_epochs"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then ``--config``, then explicit flags."""
     config = load_yaml(args.config) if args.config else RunConfig()
-    for flag, path in _FLAGS.items():
+    flags = dict(_FLAGS)
+    if (args.method or config.method) == "magnitude":
+        flags.update(_MAGNITUDE_FLAGS)
+    for flag, path in flags.items():
         value = getattr(args, flag)
         if value is None:
             continue

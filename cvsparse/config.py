@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-METHODS = ("cvgrad", "autoprune")
+METHODS = ("cvgrad", "autoprune", "magnitude")
 ESTIMATORS = ("identity", "diagonal", "neumann", "cg")
 
 
@@ -81,6 +81,15 @@ class AutoPruneConfig:
 
 
 @dataclass
+class MagnitudeConfig:
+    """Baseline: global magnitude pruning (``torch.nn.utils.prune``) after dense training."""
+
+    target_compression: float = 10.0
+    weight_l2: float = 5e-4
+    finetune_epochs: int = 2
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
@@ -93,12 +102,15 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     cvgrad: CVGradConfig = field(default_factory=CVGradConfig)
     autoprune: AutoPruneConfig = field(default_factory=AutoPruneConfig)
+    magnitude: MagnitudeConfig = field(default_factory=MagnitudeConfig)
 
     @property
     def total_epochs(self) -> int:
         """Epochs of the whole run."""
         if self.method == "cvgrad":
             return self.cvgrad.outer * self.optim.epochs
+        if self.method == "magnitude":
+            return self.optim.epochs + self.magnitude.finetune_epochs
         return self.optim.epochs + self.autoprune.finetune_epochs
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,6 +201,9 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
              f"got {ap.target_flops}")
     if ap.finetune_epochs < 0:
         fail(f"autoprune.finetune_epochs must be >= 0, got {ap.finetune_epochs}")
+    mg = config.magnitude
+    if not mg.target_compression >= 1 or mg.finetune_epochs < 0 or not mg.weight_l2 >= 0:
+        fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")
     val = config.data.val_size
     if val is not None and val < 1:
         fail(f"data.val_size must be >= 1, got {val}")

@@ -110,7 +110,7 @@ def gated_weight_backward(
     coef = torch.sign(_opmath(weight)) if sign_rule else _opmath(weight)
     grad_gate = g * coef
     if aux.shape != weight.shape:  # one gate per output unit: reduce all but dim 0
-        grad_gate = grad_gate.reshape(weight.shape[0], -1).sum(dim=1)
+        grad_gate = grad_gate.flatten(1).sum(dim=1)
     m = _opmath(aux)
     if ste == STE_CODES["linear"]:
         ds = torch.ones_like(m)
