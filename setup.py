@@ -23,7 +23,7 @@ def _extensions():
         torch.cuda.is_available() and CUDA_HOME is not None
     )
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx_flags = ["-O3", "-fopenmp"]
     extra = {"cxx": cxx_flags}
     kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=True)
     if with_cuda:

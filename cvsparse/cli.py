@@ -125,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer.run()
+    try:
+        trainer.run()
+    except ValueError as exc:  # e.g. a diverging run (NaN gradients): nothing was updated
+        print(f"error: {exc}\nthe last good epoch is in {trainer.out_dir}/checkpoint.pt",
+              file=sys.stderr)
+        return 1
     print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
     return 0
 

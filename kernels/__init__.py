@@ -10,7 +10,7 @@ unavailable") when triton is missing, or when neither a GPU nor the interpreter 
 """
 
 try:
-    import triton  # noqa: F401
+    import triton
     import triton.language  # noqa: F401
 except Exception as exc:  # ImportError, or a broken install failing while it initializes
     raise ImportError(
@@ -20,9 +20,9 @@ except Exception as exc:  # ImportError, or a broken install failing while it in
 
 import torch  # noqa: E402
 
-from . import _launch  # noqa: E402
-
-if not (_launch.INTERPRETED or torch.cuda.is_available()):
+# Checked before any submodule is imported, so a failed import leaves nothing half-initialized
+# (the interpreter is chosen per kernel when its module is imported).
+if not (triton.knobs.runtime.interpret or torch.cuda.is_available()):
     raise ImportError(
         "cvsparse.kernels needs a CUDA GPU, or Triton's interpreter for CPU tensors; this process "
         "has no GPU and TRITON_INTERPRET is not set (set TRITON_INTERPRET=1 before triton is "

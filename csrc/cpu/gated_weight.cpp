@@ -217,18 +217,17 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& weight, const at:
       const Vec h = math.gate(mv);
       const int64_t base = r * cols;
       double row_sum = 0;
-      Vec partial = Vec(opmath_t(0));
-      for (int64_t j = 0; j < cols; j += W) {
-        const int64_t n = std::min(W, cols - j);
-        const Vec gv = Io::load(g + base + j, n);
-        Io::store(gw + base + j, gv * h, n);
-        partial = partial + gv * math.coef(Io::load(w + base + j, n));  // padded lanes add 0
-        if ((j / W + 1) % (kFlushEvery / W) == 0) {
-          row_sum += Io::sum_lanes(partial);
-          partial = Vec(opmath_t(0));
+      for (int64_t block = 0; block < cols; block += kFlushEvery) {
+        const int64_t block_end = std::min(cols, block + kFlushEvery);
+        Vec partial = Vec(opmath_t(0));
+        for (int64_t j = block; j < block_end; j += W) {
+          const int64_t n = std::min(W, block_end - j);
+          const Vec gv = Io::load(g + base + j, n);
+          Io::store(gw + base + j, gv * h, n);
+          partial = partial + gv * math.coef(Io::load(w + base + j, n));  // padded lanes: +0
         }
+        row_sum += Io::sum_lanes(partial);
       }
-      row_sum += Io::sum_lanes(partial);
       Io::store(gm + r, Vec(static_cast<opmath_t>(row_sum)) * math.ste_grad(mv), 1);
     }
   });

@@ -31,8 +31,17 @@ void prox_segment(scalar_t* __restrict w, const scalar_t* __restrict g, scalar_t
   for (int64_t block = 0; block < len; block += kBlock) {
     const int64_t stop = std::min(len, block + kBlock);
     OVec nz(opmath_t(0));
-    for (int64_t i = block; i < stop; i += kStep) {
-      const int64_t n = std::min(kStep, stop - i);
+    const auto ahead = [&](int64_t j) {
+      prefetch_for_write(w + j);
+      prefetch(g + j);
+      if constexpr (kBufs) {
+        prefetch_for_write(v + j);
+      }
+      if constexpr (kMasks) {
+        prefetch(mask + j);
+      }
+    };
+    for_each_step<scalar_t, kStep>(block, stop, ahead, [&](int64_t i, int64_t n) {
       OVec wv[kParts], gv[kParts], vv[kParts], keep[kParts];
       L::load(w + i, wv, n);
       L::load(g + i, gv, n);
@@ -59,14 +68,14 @@ void prox_segment(scalar_t* __restrict w, const scalar_t* __restrict g, scalar_t
         wv[p] = out;
         vv[p] = m;
       }
-      L::store_rounded(w + i, wv, n);
+      L::template store<true>(w + i, wv, n);
       if constexpr (kBufs) {
         L::store(v + i, vv, n);
       }
       for (int p = 0; p < kParts; ++p) {
         nz = nz + wv[p].ne(zero);
       }
-    }
+    });
     count += lane_count(nz);
   }
   *nonzero = count;

@@ -51,8 +51,8 @@ def check_gating(
 
 
 class _Gated:
-    """The gating shared by :class:`GatedConv2d` and :class:`GatedLinear` (a mixin placed
-    before the ``nn`` layer class)."""
+    """The gating shared by :class:`GatedConv2d` and :class:`GatedLinear`: a mixin placed before
+    the ``nn`` layer class; subclasses set ``dense_class`` and define ``layer_args``."""
 
     weight: nn.Parameter
     aux: nn.Parameter
@@ -75,8 +75,8 @@ class _Gated:
 
     def reset_parameters(self) -> None:
         """Re-initialize ``weight`` and ``bias`` as the ``nn`` layer does, and ``aux``."""
-        super().reset_parameters()  # type: ignore[misc]
-        if "aux" in self._parameters:  # type: ignore[attr-defined]  (absent during __init__)
+        super().reset_parameters()
+        if "aux" in self._parameters:  # absent while the nn layer's __init__ runs
             self.reset_aux()
 
     def reset_aux(self) -> None:
@@ -124,7 +124,7 @@ class _Gated:
         gating = f"granularity={self.granularity}, ste={self.ste}, update={self.update}"
         if self.ste == "leaky_relu":
             gating += f", slope={self.slope}"
-        return f"{super().extra_repr()}, {gating}"  # type: ignore[misc]
+        return f"{super().extra_repr()}, {gating}"
 
 
 class GatedConv2d(_Gated, nn.Conv2d):

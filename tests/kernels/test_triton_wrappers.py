@@ -31,8 +31,13 @@ SHAPES = [(6, 4), (0,), (3, 2, 3, 3), (37,)]
 GATED_SHAPES = {"weight": ((5, 3, 2, 2), (5, 3, 2, 2)), "neuron": ((5, 3, 2, 2), (5,))}
 
 
-def _randn(shapes, dtype, scale=1.0):
-    return [(scale * torch.randn(s, dtype=torch.float64)).to(dtype).to(DEVICE) for s in shapes]
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _randn(shapes, dtype):
+    return [torch.randn(s, dtype=torch.float64).to(dtype).to(DEVICE) for s in shapes]
 
 
 def _masks(shapes, keep=0.7):

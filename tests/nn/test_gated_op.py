@@ -194,3 +194,26 @@ M = torch.zeros(4, 3)
 def test_bad_arguments_are_named(weight, aux, kwargs, error, name):
     with pytest.raises(error, match=name):
         ops.gated_weight(weight, aux, **kwargs)
+
+
+def test_compiled_callers_follow_backend_changes(monkeypatch):
+    calls = []
+    original = reference.gated_weight
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(reference, "gated_weight", counting)
+    _, weight, aux = make_inputs((4, 3), "weight")
+    compiled = torch.compile(lambda w, m: ops.gated_weight(w, m) * 2, fullgraph=True,
+                             backend="eager")
+    try:
+        ops.set_backend("cpp")
+        torch.testing.assert_close(compiled(weight, aux), original(weight, aux, 0, 0.0, True) * 2)
+        assert not calls
+        ops.set_backend("reference")
+        torch.testing.assert_close(compiled(weight, aux), original(weight, aux, 0, 0.0, True) * 2)
+        assert calls  # re-traced through the reference implementation
+    finally:
+        ops.set_backend("auto")
