@@ -1,10 +1,10 @@
 """Shared pieces of the benchmark suite (run with ``pytest bench``).
 
 * Collects ``bench_*.py`` files (the project's pytest config only collects ``test_*.py``).
-* :class:`Paired` (fixture ``paired``) times baseline operations *between* the rounds of a pytest-benchmark run, so
-  an operator and its baselines are sampled interleaved, under the same load.  Ratios of their
-  medians are what the suite asserts: on a machine shared with other jobs, timings of separate
-  benchmarks drift too much to compare.
+* :class:`Paired` (fixture ``paired``) times baseline operations *between* the rounds of a
+  pytest-benchmark run, so an operator and its baselines are sampled interleaved, under the same
+  load.  Ratios of their medians are what the suite asserts: on a machine shared with other
+  jobs, timings of separate benchmarks drift too much to compare.
 """
 
 from __future__ import annotations

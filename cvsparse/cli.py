@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     summary = sub.add_parser("summary", help="print the summary table of a finished run")
     summary.add_argument("run_dir", type=Path)
+    compare = sub.add_parser("compare", help="markdown table of error vs compression of runs")
+    compare.add_argument("run_dirs", type=Path, nargs="+")
     return parser
 
 
@@ -102,14 +104,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "summary":
-        from cvsparse.train.outputs import summary_table
+    if args.command in ("summary", "compare"):
+        from cvsparse.train.outputs import comparison_table, summary_table
 
-        report_path = args.run_dir / "report.json"
-        if not report_path.is_file():
-            print(f"error: no report.json in {args.run_dir}", file=sys.stderr)
+        dirs = [args.run_dir] if args.command == "summary" else args.run_dirs
+        missing = [d for d in dirs if not (d / "report.json").is_file()]
+        if missing:
+            print(f"error: no report.json in {', '.join(map(str, missing))}", file=sys.stderr)
             return 2
-        print(summary_table(json.loads(report_path.read_text())))
+        reports = {str(d): json.loads((d / "report.json").read_text()) for d in dirs}
+        if args.command == "summary":
+            print(summary_table(reports[str(args.run_dir)]))
+        else:
+            print(comparison_table(reports))
         return 0
 
     from cvsparse.train import Trainer

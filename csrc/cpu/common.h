@@ -1,11 +1,12 @@
 // Shared machinery of the multi-tensor CPU kernels (prox_sgd_, mixed_partial_dot, threshold_).
 //
-// A list operator sees its n tensors as one flattened element index space.  Plan cuts that
-// space into at most kMaxTasks tasks of (nearly) equal size, each task into segments that stay
-// inside one tensor, and runs the tasks with at::parallel_for.  So one huge tensor and many
-// small ones both spread over every core, and each segment owns one slot of a per-segment
-// partial result (counts, sums): no atomics, no contention, and — because the cut depends only
-// on the tensor sizes, not on the thread count — deterministic reductions.
+// A list operator cuts every tensor of its list into segments of kChunk elements (Plan), groups
+// consecutive segments into at most kMaxTasks tasks of nearly equal element counts, and runs the
+// tasks with one at::parallel_for, threads taking the next task as they finish one: one huge
+// tensor and many small ones both spread over every core, in a single parallel region per call.  Each segment owns one slot of a per-segment
+// partial result (counts, sums) — no atomics, no contention — and the slots are reduced in a
+// fixed order.  Segment cuts depend only on each tensor's own size, so results are bitwise
+// reproducible whatever the thread count and the rest of the list.
 //
 // Lanes<scalar_t> moves data between memory in scalar_t and at::vec registers in the operator's
 // math type (float for float32 / float16 / bfloat16, double for float64).
@@ -38,6 +39,7 @@
 #include <c10/util/quint8.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
@@ -128,12 +130,17 @@ class Plan {
   int64_t num_segments() const { return static_cast<int64_t>(segments_.size()); }
   const Segment& segment(int64_t s) const { return segments_[s]; }
 
-  // Calls f(segment_index, segment) for every segment, tasks in parallel.
+  // Calls f(segment_index, segment) for every segment.  Threads take tasks from a shared
+  // counter (one relaxed fetch_add per task) rather than a fixed share, so a thread that the OS
+  // delays — on a machine running other jobs — does not hold up the others.
   template <typename F>
   void run(const F& f) const {
     const int64_t tasks = static_cast<int64_t>(task_first_.size()) - 1;
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
+    std::atomic<int64_t> next{0};
+    const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < tasks;
+           k = next.fetch_add(1, std::memory_order_relaxed)) {
         for (int64_t s = task_first_[k]; s < task_first_[k + 1]; ++s) {
           f(s, segments_[s]);
         }
@@ -275,7 +282,8 @@ struct Lanes {
       const IVec bytes = k > 0 ? widen(m + group * IVec::size(), k) : IVec(0);
       const IVec bits = bytes != IVec(0);
       if constexpr (kDouble) {
-        auto wide = at::vec::convert<int64_t, 2, int32_t, 1>(at::vec::VectorizedN<int32_t, 1>(bits));
+        const at::vec::VectorizedN<int32_t, 1> narrow(bits);
+        const auto wide = at::vec::convert<int64_t, 2, int32_t, 1>(narrow);
         out[2 * group] = at::vec::cast<double>(wide[0]);
         out[2 * group + 1] = at::vec::cast<double>(wide[1]);
       } else {

@@ -131,7 +131,8 @@ namespace {
 // CompositeExplicitAutograd kernel, which serves exactly that case.
 at::Tensor mixed_partial_dot_no_tensors(at::TensorList params, at::TensorList, at::TensorList) {
   TORCH_CHECK(params.empty(), "cvsparse::mixed_partial_dot has no kernel for ",
-              params[0].device());
+              params[0].device(), " in this build (the CPU kernels need AVX2 on x86-64, the ",
+              "CUDA kernels a CUDA build)");
   return at::zeros({0, 2}, at::TensorOptions().dtype(at::kFloat));
 }
 

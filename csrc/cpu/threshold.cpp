@@ -138,7 +138,9 @@ namespace {
 // A call whose lists are all empty has no tensor to dispatch on; the dispatcher then runs the
 // CompositeExplicitAutograd kernel, which serves exactly that case.
 at::Tensor threshold_no_tensors(at::TensorList params, at::TensorList, at::TensorList, double) {
-  TORCH_CHECK(params.empty(), "cvsparse::threshold_ has no kernel for ", params[0].device());
+  TORCH_CHECK(params.empty(), "cvsparse::threshold_ has no kernel for ", params[0].device(),
+              " in this build (the CPU kernels need AVX2 on x86-64, the CUDA kernels a CUDA "
+              "build)");
   return at::zeros({0}, at::TensorOptions().dtype(at::kLong));
 }
 

@@ -164,30 +164,11 @@ def gated_weight(
     slope = checks.nonnegative_scalar("slope", slope)
     if not isinstance(update, str) or update not in ("proposed", "bnn"):
         raise ValueError(f"update must be 'proposed' or 'bnn', got {update!r}")
-    impl = _gated_weight_impl(get_backend(), weight.device)
-    if impl == "reference":
+    kernel = resolve("gated_weight", weight.device)
+    if kernel is reference.gated_weight:
         kernel = _ReferenceGatedWeight.apply  # the plain reference function has no aux gradient
-    elif impl == "triton":
-        kernel = torch.ops.cvsparse_triton.gated_weight
-    else:
-        kernel = torch.ops.cvsparse.gated_weight
     return kernel(weight.contiguous(), aux.contiguous(), STE_CODES[ste], slope,
                   update == "proposed")
-
-
-@torch.compiler.assume_constant_result
-def _gated_weight_impl(backend: str, device: torch.device) -> str:
-    """Which implementation :func:`resolve` picks for ``gated_weight`` on ``device``:
-    ``"reference"``, ``"triton"`` or ``"compiled"`` (``torch.ops.cvsparse``).
-
-    torch.compile takes the answer as a constant instead of tracing resolve's dispatcher query
-    (which Dynamo cannot trace); ``backend`` (the current :func:`get_backend`) is an argument so
-    that compiled callers are re-traced when the backend changes.
-    """
-    kernel = resolve("gated_weight", device)
-    if kernel is reference.gated_weight:
-        return "reference"
-    return "compiled" if kernel is torch.ops.cvsparse.gated_weight else "triton"
 
 
 class _ReferenceGatedWeight(torch.autograd.Function):

@@ -39,8 +39,12 @@ def compiled_library_loaded() -> bool:
     return LOAD_ERROR is None
 
 
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """True when ``cvsparse::op`` has a kernel registered for ``dispatch_key`` (e.g. "CUDA")."""
+    """True when ``cvsparse::op`` has a kernel registered for ``dispatch_key`` (e.g. "CUDA").
+
+    A constant for torch.compile (Dynamo cannot trace the dispatcher query), so backend choice
+    inside compiled code costs nothing."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"cvsparse::{op}", dispatch_key)
 
 

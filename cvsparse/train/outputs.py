@@ -61,6 +61,23 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(reports: dict[str, dict[str, Any]]) -> str:
+    """A markdown table, one row per run: model, method, test error, compression, FLOPs."""
+    lines = [
+        "| run | model | method | epochs | test error (%) | compression | pruned (%) "
+        "| FLOPs kept (%) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in reports.items():
+        flops = 100 * r["flops_effective"] / r["flops_dense"] if r["flops_dense"] else 100.0
+        lines.append(
+            f"| {name} | {r['config']['model']} | {r['config']['method']} | {r['epochs']} "
+            f"| {100 * (1 - r['test_acc']):.2f} | {r['compression_rate']:.1f}x "
+            f"| {r['pruned_pct']:.2f} | {flops:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def _ratio(dense: float, effective: float) -> str:
     return f"{dense / effective:.1f}x" if effective else "all"
 

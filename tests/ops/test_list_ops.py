@@ -367,3 +367,22 @@ def test_bad_input_is_rejected_and_changes_nothing(backend, build, error, text):
         call()
     assert text in str(info.value)
     _assert_same(watched, before)
+
+
+def test_cpp_mixed_partial_dot_is_bitwise_reproducible():
+    # The C++ kernel sums fixed-size chunks of each tensor in a fixed order: the result depends
+    # neither on the thread count nor on the other tensors of the list.
+    shapes = [(3 * BIG + 5,), (7,), (BIG // 3,)]
+    params, vectors = _randn(shapes, torch.float32, "cpu"), _randn(shapes, torch.float32, "cpu")
+    ops.set_backend("cpp")
+    threads = torch.get_num_threads()
+    try:
+        out = ops.mixed_partial_dot(params, vectors)
+        torch.set_num_threads(1)
+        assert torch.equal(ops.mixed_partial_dot(params, vectors), out)
+        torch.set_num_threads(threads)
+        for i in range(len(shapes)):
+            assert torch.equal(ops.mixed_partial_dot(params[i:i + 1], vectors[i:i + 1])[0], out[i])
+    finally:
+        torch.set_num_threads(threads)
+        ops.set_backend("auto")

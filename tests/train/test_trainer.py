@@ -106,6 +106,11 @@ def test_cli_train_then_resume_finished_run(tmp_path, capsys):
     assert again["test_acc"] == first["test_acc"]
     assert main(["summary", str(out)]) == 0
     assert "compression" in capsys.readouterr().out
+    assert main(["compare", str(out)]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"| {100 * (1 - again['test_acc']):.2f} |" in row
+    assert f"| {again['compression_rate']:.1f}x |" in row
+    assert main(["compare", str(tmp_path / "missing")]) == 2
 
 
 def test_missing_data_root_is_a_clear_error(tmp_path, monkeypatch, capsys):
