@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--target-flops", type=float,
                        help="autoprune: ... once effective/dense FLOPs falls to this fraction")
     train.add_argument("--finetune-epochs", type=int, help="autoprune: fine-tune epochs")
+    train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
     train.add_argument("--lr", type=float, help="weight learning rate")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps (smoke runs)")
@@ -79,6 +80,7 @@ _FLAGS = {  # flag attribute → config path
     "ste": "autoprune.ste", "update": "autoprune.update", "aux_lr": "autoprune.aux_lr",
     "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
     "target_flops": "autoprune.target_flops", "finetune_epochs": "autoprune.finetune_epochs",
+    "pretrained": "autoprune.pretrained",
 }
 _MAGNITUDE_FLAGS = {"target_compression": "magnitude.target_compression",
                     "finetune_epochs": "magnitude.finetune_epochs"}

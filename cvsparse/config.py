@@ -78,6 +78,7 @@ class AutoPruneConfig:
     target_compression: float | None = None
     target_flops: float | None = None
     finetune_epochs: int = 2
+    pretrained: str | None = None    # a run folder, its checkpoint.pt, or a state_dict file
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ class AutoPruneMethod(CompressionMethod):
         ap = config.autoprune
         if data.second_half is None:
             raise ValueError("autoprune needs the second half of the training split")
+        if ap.pretrained:
+            model.load_state_dict(load_weights(ap.pretrained))
         convert(model, granularity=ap.granularity, ste=ap.ste, update=ap.update)
         aux = [p for _, p in aux_parameters(model)]
         aux_ids = {id(p) for p in aux}
@@ -139,3 +142,19 @@ class AutoPruneMethod(CompressionMethod):
 
     def _input_shape(self) -> tuple[int, ...]:
         return tuple(self.data.val.images.shape[1:])
+
+
+def load_weights(path: str | Path) -> dict[str, Tensor]:
+    """A plain model state_dict from a run folder, its ``checkpoint.pt``, or a state_dict file.
+
+    Gated keys (``*.aux``) of a checkpoint of an AutoPrune run are dropped: gates restart from
+    their initial distribution."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"autoprune.pretrained: no file at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return {k: v for k, v in state.items() if not k.endswith(".aux")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from cvsparse.config import from_dict
@@ -55,3 +56,23 @@ def test_target_compression_freezes_gates(tmp_path):
     trainer.run()
     for before, (_, layer) in zip(frozen, gated_layers(trainer.model), strict=True):
         assert torch.equal(before > 0, layer.aux.detach() > 0)
+
+
+def test_start_from_pretrained_run(tmp_path):
+    dense = Trainer(from_dict({
+        "model": "lenet300", "method": "magnitude", "threads": 1,
+        "data": {"dataset": "mnist", "val_size": 2000},
+        "optim": {"epochs": 1, "max_steps_per_epoch": 20},
+        "magnitude": {"target_compression": 1.0, "finetune_epochs": 0},
+    }), tmp_path / "dense", progress=False)
+    dense.run()
+    config = autoprune_config()
+    config.autoprune.pretrained = str(tmp_path / "dense")
+    config.optim.epochs = 1
+    config.autoprune.finetune_epochs = 0
+    trainer = Trainer(config, tmp_path / "ap", progress=False)
+    for name, value in dense.model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], value), name
+    config.autoprune.pretrained = str(tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        Trainer(config, tmp_path / "ap2", progress=False)

@@ -121,3 +121,14 @@ def test_missing_data_root_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "cifar100" in err and str(tmp_path / "empty") in err
+
+
+def test_reinit_restarts_weights_each_outer_iteration(tmp_path):
+    trainer = Trainer(tiny_config(**{"cvgrad.reinit": True}), tmp_path, progress=False)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run(max_epochs=2)  # one full outer iteration
+    assert not all(torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
+    trainer.method.set_epoch(2)  # the second outer iteration starts from the initialization
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, initial[k]), k
+    assert len(trainer.method.optimizer.state) == 0
