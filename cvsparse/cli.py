@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="autoprune: freeze gates and fine-tune once this rate is reached")
     train.add_argument("--target-flops", type=float,
                        help="autoprune: ... once effective/dense FLOPs falls to this fraction")
-    train.add_argument("--finetune-epochs", type=int, help="autoprune: fine-tune epochs")
+    train.add_argument("--finetune-epochs", type=int,
+                       help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
     train.add_argument("--lr", type=float, help="weight learning rate")
     train.add_argument("--batch-size", type=int)
@@ -82,16 +83,17 @@ _FLAGS = {  # flag attribute → config path
     "target_flops": "autoprune.target_flops", "finetune_epochs": "autoprune.finetune_epochs",
     "pretrained": "autoprune.pretrained",
 }
-_MAGNITUDE_FLAGS = {"target_compression": "magnitude.target_compression",
-                    "finetune_epochs": "magnitude.finetune_epochs"}
+_METHOD_FLAGS = {  # flags whose meaning depends on the method
+    "magnitude": {"target_compression": "magnitude.target_compression",
+                  "finetune_epochs": "magnitude.finetune_epochs"},
+    "cvgrad": {"finetune_epochs": "cvgrad.finetune_epochs"},
+}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then ``--config``, then explicit flags."""
     config = load_yaml(args.config) if args.config else RunConfig()
-    flags = dict(_FLAGS)
-    if (args.method or config.method) == "magnitude":
-        flags.update(_MAGNITUDE_FLAGS)
+    flags = {**_FLAGS, **_METHOD_FLAGS.get(args.method or config.method, {})}
     for flag, path in flags.items():
         value = getattr(args, flag)
         if value is None:

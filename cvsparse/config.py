@@ -63,6 +63,7 @@ class CVGradConfig:
     threshold: float = 1e-4          # τ of kernel 3
     threshold_start_epoch: int = 1   # global epoch from which thresholding runs
     reinit: bool = False             # strict form: restart W from its init every outer iteration
+    finetune_epochs: int = 0         # then epochs without L1 on the pruned support (λ fixed)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class RunConfig:
     def total_epochs(self) -> int:
         """Epochs of the whole run."""
         if self.method == "cvgrad":
-            return self.cvgrad.outer * self.optim.epochs
+            return self.cvgrad.outer * self.optim.epochs + self.cvgrad.finetune_epochs
         if self.method == "magnitude":
             return self.optim.epochs + self.magnitude.finetune_epochs
         return self.optim.epochs + self.autoprune.finetune_epochs
@@ -183,8 +184,8 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail(f"unknown estimator {cv.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
     if cv.hyper_method not in ("adam", "sgd"):
         fail(f"cvgrad.hyper_method must be 'adam' or 'sgd', got {cv.hyper_method!r}")
-    if cv.online_every < 0:
-        fail("cvgrad.online_every must be >= 0")
+    if cv.online_every < 0 or cv.finetune_epochs < 0:
+        fail("cvgrad.online_every and cvgrad.finetune_epochs must be >= 0")
     ap = config.autoprune
     if ap.granularity not in ("weight", "neuron"):
         fail(f"autoprune.granularity must be 'weight' or 'neuron', got {ap.granularity!r}")

@@ -6,7 +6,8 @@ auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``w
 ``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m`` reaches exactly 0 and the
 unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  Once the
 compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
-training data; fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.
+training data; fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.  Fine-tuning
+restarts the learning-rate schedule at ``lr·gamma`` over the epochs that remain.
 """
 
 from __future__ import annotations
@@ -66,12 +67,14 @@ class AutoPruneMethod(CompressionMethod):
     def set_epoch(self, epoch: int) -> float:
         opt = self.config.optim
         self._epoch = epoch
-        if epoch < opt.epochs:
-            lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
-        else:  # fine-tuning continues at the last rate of the schedule
-            lr = stepped_lr(opt.lr, opt.epochs, opt.epochs, opt.milestones, opt.gamma)
         if epoch >= opt.epochs and self.frozen_at is None:
             self.frozen_at = epoch
+        if self.frozen_at is None:
+            lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
+        else:  # fine-tuning restarts the schedule one step down, over the epochs that remain
+            remaining = self.config.total_epochs - self.frozen_at
+            lr = stepped_lr(opt.lr * opt.gamma, epoch - self.frozen_at, remaining,
+                            opt.milestones, opt.gamma)
         for group in self.weight_opt.param_groups:
             group["lr"] = lr
         self._second = None

@@ -57,12 +57,17 @@ class CVGradMethod(CompressionMethod):
         self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
         self.steps = 0
+        self.finetuning = False
         self._online_val: Iterator | None = None
 
     # ---- the loop's hooks -----------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> float:
         cv, opt = self.config.cvgrad, self.config.optim
+        self.finetuning = epoch >= cv.outer * opt.epochs
+        self._online_val = None
+        if self.finetuning:
+            return self._set_finetune_epoch(epoch - cv.outer * opt.epochs)
         inner = epoch % opt.epochs
         if inner == 0 and epoch > 0 and cv.reinit:
             self.model.load_state_dict(self.initial_state)
@@ -73,7 +78,19 @@ class CVGradMethod(CompressionMethod):
         self.optimizer.param_groups[0]["threshold"] = (
             cv.threshold if epoch >= cv.threshold_start_epoch else None
         )
-        self._online_val = None
+        return lr
+
+    def _set_finetune_epoch(self, epoch: int) -> float:
+        """Fine-tuning after the last outer iteration: no L1 (the support is fixed by the masks,
+        pruned weights stay at zero), learned λ2 kept, schedule restarted at ``lr·gamma``."""
+        cv, opt = self.config.cvgrad, self.config.optim
+        lr = stepped_lr(opt.lr * opt.gamma, epoch, cv.finetune_epochs, opt.milestones, opt.gamma)
+        group = self.optimizer.param_groups[0]
+        if epoch == 0:
+            self.optimizer.prune(cv.threshold)  # fix the support once, as the masks hold it
+        group["lambda1"], group["threshold"] = 0.0, None
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,14 +101,14 @@ class CVGradMethod(CompressionMethod):
         self.optimizer.step()
         self.steps += 1
         k = self.config.cvgrad.online_every
-        if k and self.steps % k == 0:
+        if k and self.steps % k == 0 and not self.finetuning:
             self._hyper_step(self._next_online_val_batch())
             self.model.train()
         return loss.detach(), logits.detach()
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         cv = self.config.cvgrad
-        if (epoch + 1) % self.config.optim.epochs == 0:
+        if (epoch + 1) % self.config.optim.epochs == 0 and not self.finetuning:
             batches = self.data.val
             for i, batch in enumerate(batches):
                 if cv.hyper_batches is not None and i >= cv.hyper_batches:

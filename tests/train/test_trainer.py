@@ -132,3 +132,18 @@ def test_reinit_restarts_weights_each_outer_iteration(tmp_path):
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, initial[k]), k
     assert len(trainer.method.optimizer.state) == 0
+
+
+def test_finetune_keeps_the_pruned_support_and_drops_l1(tmp_path):
+    config = tiny_config(**{"cvgrad.finetune_epochs": 1, "cvgrad.lambda1": 3e-3})
+    trainer = Trainer(config, tmp_path, progress=False)
+    trainer.run(max_epochs=4)
+    zero_before = [p.detach() == 0 for p in trainer.method.weights]
+    assert any(bool(z.any()) for z in zero_before)
+    trainer.run()
+    assert trainer.epoch == 5
+    group = trainer.method.optimizer.param_groups[0]
+    assert group["lambda1"] == 0.0 and group["threshold"] is None
+    for z, p in zip(zero_before, trainer.method.weights, strict=True):
+        assert bool((p.detach()[z] == 0).all()), "a pruned weight came back in fine-tuning"
+    assert len(trainer.method.history) == 3  # no hyper pass during fine-tuning
