@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvsparse import metrics
@@ -27,7 +26,7 @@ from cvsparse.nn import aux_parameters, convert, strip
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, stepped_lr
+from .base import CompressionMethod, RunData, stepped_lr, supervised_step
 
 
 class AutoPruneMethod(CompressionMethod):
@@ -81,12 +80,12 @@ class AutoPruneMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss, logits = self._step(self.weight_opt, x, y)
+        loss, logits = supervised_step(self.model, self.weight_opt, x, y)
         xb, yb = (t.to(x.device) for t in self._second_batch())
         if self.frozen_at is None:
-            self._step(self.aux_opt, xb, yb)
+            supervised_step(self.model, self.aux_opt, xb, yb)
         else:  # fine-tuning: the second half trains the weights too
-            self._step(self.weight_opt, xb, yb)
+            supervised_step(self.model, self.weight_opt, xb, yb)
         return loss, logits
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
@@ -124,14 +123,6 @@ class AutoPruneMethod(CompressionMethod):
         return {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at}
 
     # ---- internals --------------------------------------------------------------------------
-
-    def _step(self, optimizer: ProxSGD, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        self.model.zero_grad(set_to_none=True)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        optimizer.step()
-        return loss.detach(), logits.detach()
 
     def _second_batch(self) -> tuple[Tensor, Tensor]:
         loader = self.data.second_half

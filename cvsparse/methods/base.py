@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvsparse.config import RunConfig
@@ -77,6 +78,17 @@ class CompressionMethod(ABC):
     def measured_model(self) -> nn.Module:
         """The model as it would be exported, on which sparsity and FLOPs are reported."""
         return self.model
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
+                    y: Tensor) -> tuple[Tensor, Tensor]:
+    """One cross-entropy step of ``optimizer`` on ``(x, y)``; returns detached loss and logits."""
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
 def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],

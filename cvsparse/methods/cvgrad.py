@@ -21,7 +21,7 @@ from cvsparse.hyper import LambdaOptimizer, hypergradient
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, stepped_lr
+from .base import CompressionMethod, RunData, stepped_lr, supervised_step
 
 
 class CVGradMethod(CompressionMethod):
@@ -94,17 +94,13 @@ class CVGradMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        self.optimizer.step()
+        loss, logits = supervised_step(self.model, self.optimizer, x, y)
         self.steps += 1
         k = self.config.cvgrad.online_every
         if k and self.steps % k == 0 and not self.finetuning:
             self._hyper_step(self._next_online_val_batch())
             self.model.train()
-        return loss.detach(), logits.detach()
+        return loss, logits
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         cv = self.config.cvgrad

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
@@ -19,7 +18,7 @@ from cvsparse.config import RunConfig
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, stepped_lr
+from .base import CompressionMethod, RunData, stepped_lr, supervised_step
 
 
 class MagnitudeMethod(CompressionMethod):
@@ -49,12 +48,7 @@ class MagnitudeMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), logits.detach()
+        return supervised_step(self.model, self.optimizer, x, y)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         return {}
