@@ -1,7 +1,9 @@
 """CPU benchmarks of the C++ list operators on the 15 weight tensors of CIFAR VGG-16 (float32).
 
-Each operator is timed with pytest-benchmark while its baselines run interleaved between its
-rounds (``Paired``); the assertions compare medians of those paired samples:
+Every timed call starts from a cold cache (``scrub``, see ``conftest.py``): the weights of a
+training step come from memory.  Each operator is timed with pytest-benchmark while its
+baselines run interleaved between its rounds (``Paired``); the assertions compare medians of
+those paired samples:
 
 * ``prox_sgd_`` (w, g, v read, w, v written: 20 B/element) reaches >= 90% of the bandwidth of the
   in-place streaming roofline ``a.add_(b, alpha=...)`` moving the same number of bytes, is >= 3x
@@ -98,9 +100,9 @@ def _fused_sgd(s):
     return opt.step
 
 
-def _run(benchmark, paired_cls, op, baselines: dict, nbytes: int) -> dict:
+def _run(benchmark, make_paired, op, baselines: dict, nbytes: int) -> dict:
     """Benchmarks ``op`` with ``baselines`` interleaved; returns median seconds by name."""
-    paired = paired_cls(baselines)
+    paired = make_paired(baselines)
     for _ in range(2):  # warm-up (first touches, compilation)
         op()
         for fn in baselines.values():
@@ -113,20 +115,21 @@ def _run(benchmark, paired_cls, op, baselines: dict, nbytes: int) -> dict:
     return times
 
 
-def test_streaming_roofline(benchmark, state):
-    nbytes = 20 * state["numel"]
-    op = _streaming(nbytes)
+def _alone(benchmark, scrub, op, nbytes: int, rounds: int = ROUNDS) -> None:
+    """Benchmarks ``op`` by itself (cold cache every round) and records its GB/s."""
     op()
-    benchmark.pedantic(op, rounds=ROUNDS)
+    benchmark.pedantic(op, setup=scrub, rounds=rounds)
     benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
 
 
-def test_read_roofline(benchmark, state):
-    nbytes = 2 * F32 * state["numel"]
-    op = _reading(nbytes)
-    op()
-    benchmark.pedantic(op, rounds=ROUNDS)
-    benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
+def test_streaming_roofline(benchmark, scrub, state):
+    nbytes = 5 * F32 * state["numel"]  # the bytes prox_sgd_ moves
+    _alone(benchmark, scrub, _streaming(nbytes), nbytes)
+
+
+def test_read_roofline(benchmark, scrub, state):
+    nbytes = 2 * F32 * state["numel"]  # the bytes mixed_partial_dot reads
+    _alone(benchmark, scrub, _reading(nbytes), nbytes)
 
 
 def test_prox_sgd(benchmark, state, paired):
@@ -154,20 +157,12 @@ def test_prox_sgd_masked(benchmark, state, paired):
     assert t["roofline"] / t["op"] >= 0.90
 
 
-def test_prox_sgd_eager_loop(benchmark, state):
-    nbytes = 5 * F32 * state["numel"]
-    op = _eager_prox(state)
-    op()
-    benchmark.pedantic(op, rounds=5)
-    benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
+def test_prox_sgd_eager_loop(benchmark, scrub, state):
+    _alone(benchmark, scrub, _eager_prox(state), 5 * F32 * state["numel"], rounds=5)
 
 
-def test_fused_sgd(benchmark, state):
-    nbytes = 5 * F32 * state["numel"]
-    op = _fused_sgd(state)
-    op()
-    benchmark.pedantic(op, rounds=ROUNDS)
-    benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.median / 1e9, 2)
+def test_fused_sgd(benchmark, scrub, state):
+    _alone(benchmark, scrub, _fused_sgd(state), 5 * F32 * state["numel"])
 
 
 def test_mixed_partial_dot(benchmark, state, paired):

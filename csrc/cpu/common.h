@@ -3,10 +3,11 @@
 // A list operator cuts every tensor of its list into segments of kChunk elements (Plan), groups
 // consecutive segments into at most kMaxTasks tasks of nearly equal element counts, and runs the
 // tasks with one at::parallel_for, threads taking the next task as they finish one: one huge
-// tensor and many small ones both spread over every core, in a single parallel region per call.  Each segment owns one slot of a per-segment
-// partial result (counts, sums) — no atomics, no contention — and the slots are reduced in a
-// fixed order.  Segment cuts depend only on each tensor's own size, so results are bitwise
-// reproducible whatever the thread count and the rest of the list.
+// tensor and many small ones both spread over every core, in a single parallel region per
+// call.  Each segment owns one slot of a per-segment partial result (counts, sums) — no shared
+// accumulators — and the slots are reduced in a fixed order.  Segment cuts depend only on each
+// tensor's own size, so results are bitwise reproducible whatever the thread count and the rest
+// of the list.
 //
 // Lanes<scalar_t> moves data between memory in scalar_t and at::vec registers in the operator's
 // math type (float for float32 / float16 / bfloat16, double for float64).

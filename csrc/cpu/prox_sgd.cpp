@@ -9,10 +9,11 @@ CVSPARSE_SIMD_BEGIN
 namespace cvsparse::cpu {
 namespace {
 
+// Updates elements [0, len) of one segment; returns the nonzeros of w as stored.
 template <typename scalar_t, bool kBufs, bool kMasks>
-void prox_segment(scalar_t* __restrict w, const scalar_t* __restrict g, scalar_t* __restrict v,
-                  const uint8_t* __restrict mask, int64_t len, double lambda1, double lambda2,
-                  double lr, double momentum, int64_t* nonzero) {
+int64_t prox_segment(scalar_t* __restrict w, const scalar_t* __restrict g,
+                     scalar_t* __restrict v, const uint8_t* __restrict mask, int64_t len,
+                     double lambda1, double lambda2, double lr, double momentum) {
   using L = Lanes<scalar_t>;
   using opmath_t = typename L::opmath_t;
   using OVec = typename L::OVec;
@@ -78,7 +79,7 @@ void prox_segment(scalar_t* __restrict w, const scalar_t* __restrict g, scalar_t
     });
     count += lane_count(nz);
   }
-  *nonzero = count;
+  return count;
 }
 
 template <typename scalar_t, bool kBufs, bool kMasks>
@@ -105,8 +106,8 @@ void prox_list(at::TensorList params, at::TensorList grads, at::TensorList bufs,
     const scalar_t* __restrict gs = g[t] + seg.begin;
     scalar_t* __restrict vs = kBufs ? v[t] + seg.begin : nullptr;
     const uint8_t* __restrict ms = kMasks ? m[t] + seg.begin : nullptr;
-    prox_segment<scalar_t, kBufs, kMasks>(ws, gs, vs, ms, seg.end - seg.begin, lambda1[t],
-                                          lambda2[t], lr, momentum, &partial[s]);
+    partial[s] = prox_segment<scalar_t, kBufs, kMasks>(ws, gs, vs, ms, seg.end - seg.begin,
+                                                       lambda1[t], lambda2[t], lr, momentum);
   });
 }
 

@@ -11,6 +11,7 @@ CVSPARSE_SIMD_BEGIN
 namespace cvsparse::cpu {
 namespace {
 
+// Prunes elements [0, len) of one segment; returns how many are kept.
 template <typename scalar_t, bool kBufs, bool kMasks>
 int64_t threshold_segment(scalar_t* __restrict w, scalar_t* __restrict v,
                           uint8_t* __restrict mask, int64_t len, double tau) {
