@@ -26,6 +26,10 @@ def set_backend(name: str) -> None:
     if name in ("cpp", "cuda") and not _library.compiled_library_loaded():
         raise RuntimeError(f"backend {name!r} needs the compiled library, which failed to load: "
                            f"{_library.LOAD_ERROR}")
+    if name == "cpp" and not _library.has_kernel("prox_sgd_", "CPU"):
+        raise RuntimeError("backend 'cpp' has no CPU kernels on this machine: they are built for "
+                           "AVX2 and register only where the CPU (and ATEN_CPU_CAPABILITY) "
+                           "allows it; 'auto' uses the reference here")
     if name == "cuda" and not _library.has_kernel("prox_sgd_", "CUDA"):
         raise RuntimeError("backend 'cuda' needs cvsparse built with CUDA (FORCE_CUDA=1 or a "
                            "visible GPU at install time)")
@@ -67,6 +71,8 @@ def resolve(op: str, device: torch.device) -> Callable:
     if name == "cpp":
         if device.type != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got {device}")
+        if not _library.has_kernel(op, "CPU"):
+            raise RuntimeError(f"backend 'cpp' has no CPU kernel for {op} on this machine")
         return getattr(torch.ops.cvsparse, op)
     if name == "cuda":
         if device.type != "cuda":
@@ -88,7 +94,8 @@ def available_backends() -> list[str]:
     """Backends that can run on this machine (``reference`` always can)."""
     out = ["auto", "reference"]
     if _library.compiled_library_loaded():
-        out.append("cpp")
+        if _library.has_kernel("prox_sgd_", "CPU"):
+            out.append("cpp")
         if _library.has_kernel("prox_sgd_", "CUDA"):
             out.append("cuda")
     if _triton_usable():
