@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cvsparse.ops import _checks
 from cvsparse.ops.schemas import SCHEMAS
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
@@ -75,32 +76,17 @@ def check_device(device: torch.device) -> None:
 
 
 def check_params(params: list[Tensor]) -> None:
-    """The invariants the kernels rely on: one floating dtype, one device, contiguous."""
-    for i, p in enumerate(params):
-        tl_dtype(f"params[{i}]", p)
-        if p.dtype != params[0].dtype:
-            raise TypeError(f"params[{i}] has dtype {p.dtype} but params[0] has {params[0].dtype}")
-        if p.device != params[0].device:
-            raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {params[0].device}")
-        if not p.is_contiguous():
-            raise ValueError(f"params[{i}] is not contiguous")
+    """The invariants the kernels rely on (one floating dtype, one device, contiguous): the
+    public operators' own checks, plus the device this process can run Triton on."""
+    _checks.params_list("params", params)
     if params:
         check_device(params[0].device)
 
 
 def check_companions(name: str, tensors: list[Tensor], params: list[Tensor],
                      dtype: torch.dtype | None = None) -> None:
-    """``tensors`` pair with ``params``: same length, numel, device; ``dtype`` (default the
-    param's own); contiguous."""
-    if len(tensors) != len(params):
-        raise ValueError(f"{name} has {len(tensors)} tensors but params has {len(params)}")
-    for i, (t, p) in enumerate(zip(tensors, params, strict=True)):
-        want = p.dtype if dtype is None else dtype
-        if t.dtype != want:
-            raise TypeError(f"{name}[{i}] has dtype {t.dtype}, expected {want}")
-        if t.shape != p.shape or t.device != p.device or not t.is_contiguous():
-            raise ValueError(f"{name}[{i}] must be contiguous and match params[{i}] in shape "
-                             f"and device")
+    """``tensors`` pair with ``params`` (see :func:`cvsparse.ops._checks.companion_list`)."""
+    _checks.companion_list(name, tensors, params, dtype=dtype)
 
 
 def check_lambda(name: str, lam: Tensor, params: list[Tensor]) -> None:
