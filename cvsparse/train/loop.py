@@ -59,29 +59,8 @@ class Trainer:
         self.input_shape = tuple(self.dataset.x_train.shape[1:])
         self.generator = torch.Generator().manual_seed(config.seed)
         hyper_generator = torch.Generator().manual_seed(config.seed + 1)
-        ds, dc = self.dataset, config.data
-        norm = {"mean": ds.mean, "std": ds.std}
-        augment = dc.augment and ds.name.startswith("cifar")
         method_class = METHOD_CLASSES[config.method]
-        weight_idx, reserved_idx = method_class.split_training(self.train_idx)
-        self.train_loader = BatchLoader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,
-                                        shuffle=True, augment=augment, generator=self.generator,
-                                        **norm)
-        run_data = RunData(
-            val=BatchLoader(ds.x_train, ds.y_train, self.val_idx, dc.val_batch_size,
-                            shuffle=False, augment=False, generator=None, **norm),
-            train_for_hvp=BatchLoader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
-                                      shuffle=True, augment=False, generator=hyper_generator,
-                                      **norm),
-            hyper_generator=hyper_generator,
-            second_half=None if reserved_idx is None else BatchLoader(
-                ds.x_train, ds.y_train, reserved_idx, dc.batch_size, shuffle=True,
-                augment=augment, generator=hyper_generator, **norm),
-        )
-        self.val_loader = run_data.val
-        self.test_loader = BatchLoader(ds.x_test, ds.y_test, torch.arange(len(ds.y_test)),
-                                       dc.val_batch_size, shuffle=False, augment=False,
-                                       generator=None, **norm)
+        run_data = self._build_loaders(method_class, hyper_generator)
         self.method = method_class(config, self.model, run_data)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
@@ -132,6 +111,35 @@ class Trainer:
         }
 
     # ---- internals ----------------------------------------------------------------------------
+
+    def _build_loaders(self, method_class: type, hyper_generator: torch.Generator) -> RunData:
+        """Training, validation and test loaders (``self.*_loader``) and the method's extras.
+
+        Validation batches come from the held-out part of the training set, never augmented;
+        ``self.generator`` orders the weight batches, ``hyper_generator`` everything else."""
+        ds, dc = self.dataset, self.config.data
+        augment = dc.augment and ds.name.startswith("cifar")
+
+        def loader(images, labels, indices, batch_size, *, shuffle, augment, generator):
+            return BatchLoader(images, labels, indices, batch_size, shuffle=shuffle,
+                               augment=augment, mean=ds.mean, std=ds.std, generator=generator)
+
+        weight_idx, reserved_idx = method_class.split_training(self.train_idx)
+        self.train_loader = loader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,
+                                   shuffle=True, augment=augment, generator=self.generator)
+        self.val_loader = loader(ds.x_train, ds.y_train, self.val_idx, dc.val_batch_size,
+                                 shuffle=False, augment=False, generator=None)
+        self.test_loader = loader(ds.x_test, ds.y_test, torch.arange(len(ds.y_test)),
+                                  dc.val_batch_size, shuffle=False, augment=False, generator=None)
+        return RunData(
+            val=self.val_loader,
+            train_for_hvp=loader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
+                                 shuffle=True, augment=False, generator=hyper_generator),
+            hyper_generator=hyper_generator,
+            second_half=None if reserved_idx is None else loader(
+                ds.x_train, ds.y_train, reserved_idx, dc.batch_size, shuffle=True,
+                augment=augment, generator=hyper_generator),
+        )
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         lr = self.method.set_epoch(epoch)
