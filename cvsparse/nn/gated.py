@@ -58,6 +58,16 @@ class _Gated:
     aux: nn.Parameter
     dense_class: type[nn.Module]  # the nn layer this class gates
 
+    def __init__(
+        self, *args: Any, granularity: str = "weight", ste: str = "linear", slope: float = 0.01,
+        update: str = "proposed", aux_init: tuple[float, float] = DEFAULT_AUX_INIT,
+        **kwargs: Any,
+    ) -> None:
+        """Check the gating options, build the ``nn`` layer from the arguments, add ``aux``."""
+        aux_init = check_gating(granularity, ste, slope, update, aux_init)
+        super().__init__(*args, **kwargs)  # the nn layer after this mixin in the MRO
+        self._init_gating(granularity, ste, slope, update, aux_init)
+
     def _init_gating(
         self, granularity: str, ste: str, slope: float, update: str,
         aux_init: tuple[float, float],
@@ -143,15 +153,6 @@ class GatedConv2d(_Gated, nn.Conv2d):
 
     dense_class = nn.Conv2d
 
-    def __init__(
-        self, *args: Any, granularity: str = "weight", ste: str = "linear", slope: float = 0.01,
-        update: str = "proposed", aux_init: tuple[float, float] = DEFAULT_AUX_INIT,
-        **kwargs: Any,
-    ) -> None:
-        aux_init = check_gating(granularity, ste, slope, update, aux_init)
-        super().__init__(*args, **kwargs)
-        self._init_gating(granularity, ste, slope, update, aux_init)
-
     def forward(self, input: Tensor) -> Tensor:
         """``conv2d(input, weight ⊙ h(aux), bias)``: ``(N, in, H, W) → (N, out, H', W')``."""
         return self._conv_forward(input, self.effective_weight(), self.bias)
@@ -173,15 +174,6 @@ class GatedLinear(_Gated, nn.Linear):
     (the positional / ``nn.Linear`` ones being ``in_features, out_features, bias``)."""
 
     dense_class = nn.Linear
-
-    def __init__(
-        self, *args: Any, granularity: str = "weight", ste: str = "linear", slope: float = 0.01,
-        update: str = "proposed", aux_init: tuple[float, float] = DEFAULT_AUX_INIT,
-        **kwargs: Any,
-    ) -> None:
-        aux_init = check_gating(granularity, ste, slope, update, aux_init)
-        super().__init__(*args, **kwargs)
-        self._init_gating(granularity, ste, slope, update, aux_init)
 
     def forward(self, input: Tensor) -> Tensor:
         """``linear(input, weight ⊙ h(aux), bias)``: ``(..., in) → (..., out)``."""

@@ -49,7 +49,7 @@ def prox_sgd_(
         if momentum_bufs:
             momentum_bufs[i].copy_(v)
         counts.append(torch.count_nonzero(p).reshape(1))
-    return _stack_counts(counts, params)
+    return _stack_counts(counts)
 
 
 def mixed_partial_dot(params: list[Tensor], vectors: list[Tensor], precond: list[Tensor]) -> Tensor:
@@ -83,7 +83,7 @@ def threshold_(
             momentum_bufs[i].mul_(keep)
         masks[i].copy_(keep)
         counts.append(keep.sum().reshape(1))
-    return _stack_counts(counts, params)
+    return _stack_counts(counts)
 
 
 def gated_weight(
@@ -131,7 +131,7 @@ def _gate(weight: Tensor, aux: Tensor) -> Tensor:
     return gate.expand_as(weight)
 
 
-def _stack_counts(counts: list[Tensor], params: list[Tensor]) -> Tensor:
+def _stack_counts(counts: list[Tensor]) -> Tensor:
     if not counts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.cat(counts).to(torch.int64)
