@@ -15,6 +15,7 @@ import yaml
 
 METHODS = ("cvgrad", "autoprune", "magnitude")
 ESTIMATORS = ("identity", "diagonal", "neumann", "cg")
+VAL_OBJECTIVES = ("ce", "calibrated_ce")
 
 
 @dataclass
@@ -54,14 +55,20 @@ class CVGradConfig:
     learn_lambda2: bool = True
     estimator: str = "identity"
     estimator_opts: dict[str, Any] = field(default_factory=dict)
+    val_objective: str = "ce"        # "ce" (SPEC's CE_val) | "calibrated_ce" (best temperature)
     hyper_lr: float = 0.5            # step size of the λ optimizer
     hyper_method: str = "adam"       # "adam" | "sgd"
+    hyper_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (β1, β2)
     log_space: bool = True           # optimize log λ (keeps λ > 0)
     hyper_clip: float | None = 1.0
     hyper_batches: int | None = None  # validation batches per hyper pass; None = the whole split
     online_every: int = 0            # > 0: also a hyper step every k training steps (T1–T2 style)
+    lr_scaled_hyper: bool = False    # hypergradient × (weight lr / optim.lr): see CVGradMethod
+    hyper_warmup_epochs: int = 0     # no λ step before this global epoch (λ at its initial guess)
     threshold: float = 1e-4          # τ of kernel 3
     threshold_start_epoch: int = 1   # global epoch from which thresholding runs
+    release_masks: bool = False      # recoverable pruning: see CVGradMethod.release_masks
+    release_batches: int = 100       # training batches averaged for that gradient test
     reinit: bool = False             # strict form: restart W from its init every outer iteration
     finetune_epochs: int = 0         # then epochs without L1 on the pruned support (λ fixed)
 
@@ -182,10 +189,18 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail("cvgrad.log_space needs initial lambda1/lambda2 > 0")
     if cv.estimator not in ESTIMATORS:
         fail(f"unknown estimator {cv.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if cv.val_objective not in VAL_OBJECTIVES:
+        fail(f"unknown cvgrad.val_objective {cv.val_objective!r}; choose one of "
+             f"{', '.join(VAL_OBJECTIVES)}")
     if cv.hyper_method not in ("adam", "sgd"):
         fail(f"cvgrad.hyper_method must be 'adam' or 'sgd', got {cv.hyper_method!r}")
-    if cv.online_every < 0 or cv.finetune_epochs < 0:
-        fail("cvgrad.online_every and cvgrad.finetune_epochs must be >= 0")
+    if cv.online_every < 0 or cv.finetune_epochs < 0 or cv.hyper_warmup_epochs < 0:
+        fail("cvgrad.online_every, finetune_epochs and hyper_warmup_epochs must be >= 0")
+    if cv.release_batches < 1:
+        fail(f"cvgrad.release_batches must be >= 1, got {cv.release_batches}")
+    betas = cv.hyper_betas
+    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        fail(f"cvgrad.hyper_betas must be two numbers in [0, 1), got {betas!r}")
     ap = config.autoprune
     if ap.granularity not in ("weight", "neuron"):
         fail(f"autoprune.granularity must be 'weight' or 'neuron', got {ap.granularity!r}")

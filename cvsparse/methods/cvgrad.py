@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from cvsparse.config import RunConfig
 from cvsparse.hyper import LambdaOptimizer, hypergradient
+from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
@@ -41,6 +42,7 @@ class CVGradMethod(CompressionMethod):
             torch.full((size,), cv.lambda2, dtype=torch.float64),
             cv.hyper_lr,
             method=cv.hyper_method,
+            betas=(float(cv.hyper_betas[0]), float(cv.hyper_betas[1])),
             log_space=cv.log_space,
             clip=cv.hyper_clip,
         )
@@ -58,6 +60,8 @@ class CVGradMethod(CompressionMethod):
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
         self.steps = 0
         self.finetuning = False
+        self.released = 0
+        self.hyper_active = cv.hyper_warmup_epochs == 0
         self._online_val: Iterator | None = None
 
     # ---- the loop's hooks -----------------------------------------------------------------
@@ -65,6 +69,7 @@ class CVGradMethod(CompressionMethod):
     def set_epoch(self, epoch: int) -> float:
         cv, opt = self.config.cvgrad, self.config.optim
         self.finetuning = epoch >= cv.outer * opt.epochs
+        self.hyper_active = epoch >= cv.hyper_warmup_epochs and not self.finetuning
         self._online_val = None
         if self.finetuning:
             return self._set_finetune_epoch(epoch - cv.outer * opt.epochs)
@@ -72,6 +77,8 @@ class CVGradMethod(CompressionMethod):
         if inner == 0 and epoch > 0 and cv.reinit:
             self.model.load_state_dict(self.initial_state)
             self.optimizer.state.clear()
+        elif inner == 0 and epoch > 0 and cv.release_masks:
+            self.released = self.release_masks(cv.release_batches)
         lr = stepped_lr(opt.lr, inner, opt.epochs, opt.milestones, opt.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -97,7 +104,7 @@ class CVGradMethod(CompressionMethod):
         loss, logits = supervised_step(self.model, self.optimizer, x, y)
         self.steps += 1
         k = self.config.cvgrad.online_every
-        if k and self.steps % k == 0 and not self.finetuning:
+        if k and self.steps % k == 0 and self.hyper_active:
             self._hyper_step(self._next_online_val_batch())
             self.model.train()
         return loss, logits
@@ -105,17 +112,20 @@ class CVGradMethod(CompressionMethod):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         cv = self.config.cvgrad
         if (epoch + 1) % self.config.optim.epochs == 0 and not self.finetuning:
-            batches = self.data.val
-            for i, batch in enumerate(batches):
-                if cv.hyper_batches is not None and i >= cv.hyper_batches:
-                    break
-                self._hyper_step(batch)
-            self.model.train()
+            if self.hyper_active:
+                for i, batch in enumerate(self.data.val):
+                    if cv.hyper_batches is not None and i >= cv.hyper_batches:
+                        break
+                    self._hyper_step(batch)
+                self.model.train()
             self.history.append(self._lambda_record(outer=(epoch + 1) // self.config.optim.epochs))
-        return {
+        row = {
             "lambda1": float(self.lambdas.lambda1.mean()),
             "lambda2": float(self.lambdas.lambda2.mean()),
+            "released": self.released,
         }
+        self.released = 0
+        return row
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -137,17 +147,59 @@ class CVGradMethod(CompressionMethod):
     def report(self) -> dict[str, Any]:
         return {"lambda_history": self.history, "regularized_tensors": self.names}
 
+    @torch.no_grad()
+    def release_masks(self, batches: int) -> int:
+        """Make pruning recoverable where the L1 optimality condition fails.
+
+        A pruned weight ``w = 0`` is optimal for ``CE + λ1‖W‖₁`` only while the training
+        gradient satisfies ``|g| ≤ λ1``.  ``g`` is averaged over ``batches`` training batches
+        (model in eval mode, nothing else changes); masked weights with ``|g| > λ1_l`` get their
+        mask back to True, so the next proximal steps may grow them again (and thresholding may
+        prune them again).  An early λ overshoot therefore does not prune for good.
+
+        Returns:
+            The number of weights released.
+        """
+        masks = [self.optimizer.state[p].get("mask") for p in self.weights]
+        if all(m is None for m in masks):
+            return 0
+        device = self.weights[0].device
+        sums = [torch.zeros_like(p) for p in self.weights]
+        self.model.eval()
+        for i, batch in enumerate(self.data.train_for_hvp):
+            if i >= batches:
+                break
+            x, y = (t.to(device) for t in batch)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(F.cross_entropy(self.model(x), y), self.weights)
+            torch._foreach_add_(sums, grads)
+        self.model.train()
+        lam1 = self.lambdas.lambda1.expand(len(self.weights))
+        released = 0
+        for mask, total, level in zip(masks, sums, lam1.tolist(), strict=True):
+            if mask is None:
+                continue
+            grow = ~mask & (total.abs() > level * min(batches, len(self.data.train_for_hvp)))
+            released += int(grow.sum())
+            mask |= grow
+        return released
+
     # ---- internals --------------------------------------------------------------------------
 
     def _hyper_step(self, val_batch: tuple[Tensor, Tensor]) -> None:
-        """One λ update from a validation batch (model in eval mode: BN uses running stats)."""
+        """One λ update from a validation batch (model in eval mode: BN uses running stats).
+
+        With ``lr_scaled_hyper`` the hypergradient is multiplied by the current weight learning
+        rate relative to ``optim.lr``, as in the one-step unrolled derivative of T1–T2: λ acts on
+        the weights only through ``lr·λ``, so while the learning rate is decayed λ barely moves
+        (instead of running away on the greedy signal of nearly frozen weights)."""
         cv = self.config.cvgrad
         device = self.weights[0].device
         xv, yv = (t.to(device) for t in val_batch)
         self.model.eval()
 
         def val_loss() -> Tensor:
-            return F.cross_entropy(self.model(xv), yv)
+            return validation_loss(self.model(xv), yv, cv.val_objective)
 
         def train_loss() -> Tensor:
             xt, yt = (t.to(device) for t in self._train_batch())
@@ -160,6 +212,9 @@ class CVGradMethod(CompressionMethod):
         d2 = torch.as_tensor(d2, dtype=torch.float64).reshape(-1).cpu()
         if not cv.learn_lambda2:
             d2 = torch.zeros_like(d2)
+        if cv.lr_scaled_hyper:  # one unrolled step: dw/dλ1 = −η·sign(w), dw/dλ2 = −η·w
+            scale = self.optimizer.param_groups[0]["lr"] / self.config.optim.lr
+            d1, d2 = d1 * scale, d2 * scale
         self.lambdas.step(d1, d2)
         self._push_lambdas()
 
