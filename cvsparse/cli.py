@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--update", choices=("proposed", "bnn"), help="autoprune: gate update rule")
     train.add_argument("--aux-lr", type=float, help="autoprune: learning rate of the gates")
     train.add_argument("--aux-l1", type=float, help="autoprune: L1 strength on the gates")
+    train.add_argument("--weight-l2", type=float,
+                       help="autoprune / magnitude: L2 (weight decay) on the weights")
     train.add_argument("--target-compression", type=float,
                        help="autoprune: freeze gates and fine-tune once this rate is reached")
     train.add_argument("--target-flops", type=float,
@@ -80,11 +82,13 @@ _FLAGS = {  # flag attribute → config path
     "online_every": "cvgrad.online_every", "granularity": "autoprune.granularity",
     "ste": "autoprune.ste", "update": "autoprune.update", "aux_lr": "autoprune.aux_lr",
     "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
-    "target_flops": "autoprune.target_flops", "finetune_epochs": "autoprune.finetune_epochs",
+    "target_flops": "autoprune.target_flops", "weight_l2": "autoprune.weight_l2",
+    "finetune_epochs": "autoprune.finetune_epochs",
     "pretrained": "autoprune.pretrained",
 }
 _METHOD_FLAGS = {  # flags whose meaning depends on the method
     "magnitude": {"target_compression": "magnitude.target_compression",
+                  "weight_l2": "magnitude.weight_l2",
                   "finetune_epochs": "magnitude.finetune_epochs"},
     "cvgrad": {"finetune_epochs": "cvgrad.finetune_epochs"},
 }

@@ -155,7 +155,23 @@ def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
                 raise ValueError(f"config key {prefix}{key} must be a mapping")
             _update(current, value, f"{prefix}{key}.")
         else:
-            setattr(obj, key, value)
+            setattr(obj, key, _coerced(f"{prefix}{key}", str(known[key].type), value))
+
+
+def _coerced(name: str, annotation: str, value: Any) -> Any:
+    """``value`` for a field annotated ``annotation``: YAML 1.1 reads ``1e-3`` (no dot) as a
+    string, so a numeric string for an int or float field becomes that number; any other
+    string there is an error naming the key."""
+    if not isinstance(value, str) or annotation.startswith(("str", "list", "dict")):
+        return value
+    kind = int if "int" in annotation else float if "float" in annotation else None
+    if kind is None:
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"config key {name} must be {'an integer' if kind is int else 'a number'}"
+                         f", got {value!r}") from None
 
 
 def validate(config: RunConfig, *, n_train: int | None = None) -> None:
