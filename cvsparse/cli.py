@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="autoprune: ... once effective/dense FLOPs falls to this fraction")
     train.add_argument("--finetune-epochs", type=int,
                        help="fine-tune epochs on the pruned support (every method)")
+    train.add_argument("--finetune-lr", type=float,
+                       help="first learning rate of fine-tuning (default lr·gamma)")
     train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
     train.add_argument("--lr", type=float, help="weight learning rate")
     train.add_argument("--batch-size", type=int)
@@ -75,7 +77,8 @@ _FLAGS = {  # flag attribute → config path
     "model": "model", "method": "method", "seed": "seed", "device": "device",
     "threads": "threads", "dataset": "data.dataset", "data_root": "data.root",
     "download": "data.download", "batch_size": "data.batch_size", "epochs": "optim.epochs",
-    "lr": "optim.lr", "max_steps_per_epoch": "optim.max_steps_per_epoch",
+    "lr": "optim.lr", "finetune_lr": "optim.finetune_lr",
+    "max_steps_per_epoch": "optim.max_steps_per_epoch",
     "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
     "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",
     "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",

@@ -41,6 +41,8 @@ class OptimConfig:
     epochs: int = 4                  # inner epochs per outer iteration
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
     gamma: float = 0.1
+    finetune_lr: float | None = None  # first lr of a fine-tuning phase (cvgrad, autoprune);
+                                      # None = lr·gamma
     max_steps_per_epoch: int | None = None   # cap for smoke runs; None = full epochs
 
 
@@ -192,6 +194,8 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail(f"optim.epochs must be >= 1, got {config.optim.epochs}")
     if config.optim.lr <= 0 or config.optim.momentum < 0:
         fail("optim.lr must be > 0 and optim.momentum >= 0")
+    if config.optim.finetune_lr is not None and not config.optim.finetune_lr > 0:
+        fail(f"optim.finetune_lr must be > 0, got {config.optim.finetune_lr}")
     if config.data.batch_size < 1 or config.data.val_batch_size < 1:
         fail("batch sizes must be >= 1")
     cv = config.cvgrad

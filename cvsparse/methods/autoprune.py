@@ -7,7 +7,8 @@ auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``w
 unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  Once the
 compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
 training data; fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.  Fine-tuning
-restarts the learning-rate schedule at ``lr·gamma`` over the epochs that remain.
+restarts the learning-rate schedule at ``optim.finetune_lr`` (default ``lr·gamma``) over the
+epochs that remain.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cvsparse.nn import aux_parameters, convert, strip
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, stepped_lr, supervised_step
+from .base import CompressionMethod, RunData, finetune_base_lr, stepped_lr, supervised_step
 
 
 class AutoPruneMethod(CompressionMethod):
@@ -72,7 +73,7 @@ class AutoPruneMethod(CompressionMethod):
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
         else:  # fine-tuning restarts the schedule one step down, over the epochs that remain
             remaining = self.config.total_epochs - self.frozen_at
-            lr = stepped_lr(opt.lr * opt.gamma, epoch - self.frozen_at, remaining,
+            lr = stepped_lr(finetune_base_lr(self.config), epoch - self.frozen_at, remaining,
                             opt.milestones, opt.gamma)
         for group in self.weight_opt.param_groups:
             group["lr"] = lr

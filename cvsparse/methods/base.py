@@ -97,3 +97,9 @@ def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],
     every milestone (a fraction of ``epochs``) already passed."""
     drops = sum(0 < int(f * epochs) <= epoch for f in milestones)
     return base * gamma**drops
+
+
+def finetune_base_lr(config: RunConfig) -> float:
+    """First learning rate of a fine-tuning phase: ``optim.finetune_lr``, else ``lr·gamma``."""
+    opt = config.optim
+    return opt.finetune_lr if opt.finetune_lr is not None else opt.lr * opt.gamma

@@ -22,7 +22,7 @@ from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, stepped_lr, supervised_step
+from .base import CompressionMethod, RunData, finetune_base_lr, stepped_lr, supervised_step
 
 
 class CVGradMethod(CompressionMethod):
@@ -89,9 +89,11 @@ class CVGradMethod(CompressionMethod):
 
     def _set_finetune_epoch(self, epoch: int) -> float:
         """Fine-tuning after the last outer iteration: no L1 (the support is fixed by the masks,
-        pruned weights stay at zero), learned λ2 kept, schedule restarted at ``lr·gamma``."""
+        pruned weights stay at zero), learned λ2 kept, schedule restarted at ``optim.finetune_lr``
+        (default ``lr·gamma``)."""
         cv, opt = self.config.cvgrad, self.config.optim
-        lr = stepped_lr(opt.lr * opt.gamma, epoch, cv.finetune_epochs, opt.milestones, opt.gamma)
+        lr = stepped_lr(finetune_base_lr(self.config), epoch, cv.finetune_epochs, opt.milestones,
+                        opt.gamma)
         group = self.optimizer.param_groups[0]
         if epoch == 0:
             self.optimizer.prune(cv.threshold)  # fix the support once, as the masks hold it

@@ -106,3 +106,14 @@ def test_lr_scaled_hyper_step_equals_sgd_on_the_scaled_hypergradient(tmp_path, l
     expected = max(0.0, before - 1e-3 * (lr / config.optim.lr) * float(d1))
     assert float(method.lambdas.lambda1) == pytest.approx(expected, rel=1e-9, abs=1e-18)
     assert float(method.lambdas.lambda1) != before
+
+
+@pytest.mark.parametrize("finetune_lr, expected", [(None, 0.05 * 0.1), (0.02, 0.02)])
+def test_finetune_starts_at_finetune_lr(tmp_path, finetune_lr, expected):
+    config = tiny_config(**{"cvgrad.finetune_epochs": 1, "cvgrad.outer": 1,
+                            "optim.finetune_lr": finetune_lr})
+    Trainer(config, tmp_path, progress=False).run()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) == 3
+    assert float(rows[2]["lr"]) == pytest.approx(expected, rel=1e-12)
+    assert float(rows[0]["lr"]) == pytest.approx(0.05, rel=1e-12)
