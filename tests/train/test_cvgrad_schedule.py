@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cvsparse.config import RunConfig
 from cvsparse.train import Trainer
 
 from .test_trainer import tiny_config
@@ -117,3 +118,24 @@ def test_finetune_starts_at_finetune_lr(tmp_path, finetune_lr, expected):
     assert len(rows) == 3
     assert float(rows[2]["lr"]) == pytest.approx(expected, rel=1e-12)
     assert float(rows[0]["lr"]) == pytest.approx(0.05, rel=1e-12)
+
+
+def test_robust_schedule_resumes_bitwise(tmp_path):
+    """Warm-up, lr-scaled steps, β2 and mask release keep kill-and-resume exact."""
+    options = {"cvgrad.online_every": 7, "cvgrad.hyper_warmup_epochs": 2,
+               "cvgrad.lr_scaled_hyper": True, "cvgrad.hyper_betas": [0.9, 0.99],
+               "cvgrad.release_masks": True, "cvgrad.release_batches": 3,
+               "cvgrad.lambda1": 3e-3, "cvgrad.outer": 3}
+    full = Trainer(tiny_config(**options), tmp_path / "full", progress=False)
+    full.run()
+    cut = Trainer(tiny_config(**options), tmp_path / "cut", progress=False)
+    cut.run(max_epochs=3)     # after the release at the start of epoch 2
+    del cut
+    resumed = Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False)
+    resumed.run()
+    for (name, a), (_, b) in zip(full.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert torch.equal(full.method.lambdas.lambda1, resumed.method.lambdas.lambda1)
+    rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("full", "cut")]
+    assert [r["released"] for r in rows[0]] == [r["released"] for r in rows[1]]
