@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="autoprune: one gate per weight or per output channel/neuron")
     train.add_argument("--ste", choices=("linear", "leaky_relu", "softplus"),
                        help="autoprune: straight-through estimator of the gate")
+    train.add_argument("--slope", type=float,
+                       help="autoprune: LeakyReLU STE slope for closed gates (default 0.01)")
     train.add_argument("--update", choices=("proposed", "bnn"), help="autoprune: gate update rule")
     train.add_argument("--aux-lr", type=float, help="autoprune: learning rate of the gates")
     train.add_argument("--aux-l1", type=float, help="autoprune: L1 strength on the gates")
@@ -83,7 +85,8 @@ _FLAGS = {  # flag attribute → config path
     "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",
     "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",
     "online_every": "cvgrad.online_every", "granularity": "autoprune.granularity",
-    "ste": "autoprune.ste", "update": "autoprune.update", "aux_lr": "autoprune.aux_lr",
+    "ste": "autoprune.ste", "slope": "autoprune.slope", "update": "autoprune.update",
+    "aux_lr": "autoprune.aux_lr",
     "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
     "target_flops": "autoprune.target_flops", "weight_l2": "autoprune.weight_l2",
     "finetune_epochs": "autoprune.finetune_epochs",

@@ -81,6 +81,7 @@ class AutoPruneConfig:
 
     granularity: str = "weight"
     ste: str = "leaky_relu"
+    slope: float = 0.01              # LeakyReLU STE slope for closed gates (m ≤ 0)
     update: str = "proposed"
     aux_lr: float = 0.1
     aux_l1: float = 1e-4
@@ -228,7 +229,7 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail(f"autoprune.ste must be linear, leaky_relu or softplus, got {ap.ste!r}")
     if ap.update not in ("proposed", "bnn"):
         fail(f"autoprune.update must be 'proposed' or 'bnn', got {ap.update!r}")
-    for name in ("aux_lr", "aux_l1", "weight_l2"):
+    for name in ("aux_lr", "aux_l1", "weight_l2", "slope"):
         if not getattr(ap, name) >= 0:
             fail(f"autoprune.{name} must be >= 0, got {getattr(ap, name)}")
     if ap.target_compression is not None and not ap.target_compression >= 1:

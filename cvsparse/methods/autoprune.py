@@ -42,7 +42,7 @@ class AutoPruneMethod(CompressionMethod):
             raise ValueError("autoprune needs the second half of the training split")
         if ap.pretrained:
             model.load_state_dict(load_weights(ap.pretrained))
-        convert(model, granularity=ap.granularity, ste=ap.ste, update=ap.update)
+        convert(model, granularity=ap.granularity, ste=ap.ste, slope=ap.slope, update=ap.update)
         aux = [p for _, p in aux_parameters(model)]
         aux_ids = {id(p) for p in aux}
         weights = [p for _, p in regularized_parameters(model)]

@@ -76,3 +76,12 @@ def test_start_from_pretrained_run(tmp_path):
     config.autoprune.pretrained = str(tmp_path / "nothing-here")
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         Trainer(config, tmp_path / "ap2", progress=False)
+
+
+def test_gate_options_reach_every_gated_layer(tmp_path):
+    trainer = Trainer(autoprune_config(ste="leaky_relu", slope=0.2, update="bnn"), tmp_path,
+                      progress=False)
+    layers = [layer for _, layer in gated_layers(trainer.model)]
+    assert len(layers) == 3
+    assert all(layer.slope == 0.2 and layer.ste == "leaky_relu" and layer.update == "bnn"
+               for layer in layers)
