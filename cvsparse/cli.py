@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--finetune-lr", type=float,
                        help="first learning rate of fine-tuning (default lr·gamma)")
+    train.add_argument("--skip-layers", nargs="+", metavar="NAME",
+                       help="autoprune: Conv2d/Linear layers to leave ungated (e.g. body.0)")
     train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
     train.add_argument("--lr", type=float, help="weight learning rate")
     train.add_argument("--batch-size", type=int)
@@ -90,7 +92,7 @@ _FLAGS = {  # flag attribute → config path
     "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
     "target_flops": "autoprune.target_flops", "weight_l2": "autoprune.weight_l2",
     "finetune_epochs": "autoprune.finetune_epochs",
-    "pretrained": "autoprune.pretrained",
+    "pretrained": "autoprune.pretrained", "skip_layers": "autoprune.skip_layers",
 }
 _METHOD_FLAGS = {  # flags whose meaning depends on the method
     "magnitude": {"target_compression": "magnitude.target_compression",

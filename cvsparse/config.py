@@ -90,6 +90,7 @@ class AutoPruneConfig:
     target_flops: float | None = None
     finetune_epochs: int = 2
     pretrained: str | None = None    # a run folder, its checkpoint.pt, or a state_dict file
+    skip_layers: list[str] = field(default_factory=list)  # Conv2d/Linear names left ungated
 
 
 @dataclass

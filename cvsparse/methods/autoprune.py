@@ -42,7 +42,9 @@ class AutoPruneMethod(CompressionMethod):
             raise ValueError("autoprune needs the second half of the training split")
         if ap.pretrained:
             model.load_state_dict(load_weights(ap.pretrained))
-        convert(model, granularity=ap.granularity, ste=ap.ste, slope=ap.slope, update=ap.update)
+        convert(model, granularity=ap.granularity, ste=ap.ste,
+                layers=gated_names(model, ap.skip_layers),
+                slope=ap.slope, update=ap.update)
         aux = [p for _, p in aux_parameters(model)]
         aux_ids = {id(p) for p in aux}
         weights = [p for _, p in regularized_parameters(model)]
@@ -153,3 +155,15 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     return {k: v for k, v in state.items() if not k.endswith(".aux")}
+
+
+def gated_names(model: nn.Module, skip: list[str]) -> list[str] | None:
+    """Qualified names of the Conv2d / Linear layers to gate: all but ``skip`` (None = all)."""
+    if not skip:
+        return None
+    names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    unknown = sorted(set(skip) - set(names))
+    if unknown:
+        raise ValueError(f"autoprune.skip_layers: {unknown} are not Conv2d / Linear layers of "
+                         f"the model; its layers: {names}")
+    return [n for n in names if n not in skip]

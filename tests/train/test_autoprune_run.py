@@ -85,3 +85,12 @@ def test_gate_options_reach_every_gated_layer(tmp_path):
     assert len(layers) == 3
     assert all(layer.slope == 0.2 and layer.ste == "leaky_relu" and layer.update == "bnn"
                for layer in layers)
+
+
+def test_skipped_layers_stay_plain_and_unknown_names_are_rejected(tmp_path):
+    trainer = Trainer(autoprune_config(skip_layers=["body.1"]), tmp_path / "a", progress=False)
+    gated = [name for name, _ in gated_layers(trainer.model)]
+    assert gated == ["body.3", "body.5"]
+    assert type(trainer.model.body[1]) is torch.nn.Linear
+    with pytest.raises(ValueError, match="skip_layers"):
+        Trainer(autoprune_config(skip_layers=["body.9"]), tmp_path / "b", progress=False)
