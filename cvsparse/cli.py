@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--finetune-epochs", type=int,
                        help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--finetune-lr", type=float,
-                       help="first learning rate of fine-tuning (default lr·gamma)")
+                       help="cvgrad, autoprune: first learning rate of fine-tuning "
+                       "(default lr·gamma)")
     train.add_argument("--skip-layers", nargs="+", metavar="NAME",
                        help="autoprune: Conv2d/Linear layers to leave ungated (e.g. body.0)")
     train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
