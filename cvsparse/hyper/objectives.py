@@ -9,6 +9,8 @@ even while its error rises; at the optimal ``a`` the derivative along the scale 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,7 +33,7 @@ def best_logit_scale(logits: Tensor, target: Tensor, iters: int = 30) -> float:
     z_true = z.gather(1, target.reshape(-1, 1)).squeeze(1)
     u = 0.0                                    # u = log a
     for _ in range(iters):
-        a = float(torch.tensor(u).exp())
+        a = math.exp(u)
         p = torch.softmax(a * z, dim=1)
         mean = (p * z).sum(1)
         grad_a = float((mean - z_true).mean())              # dCE/da
@@ -42,7 +44,7 @@ def best_logit_scale(logits: Tensor, target: Tensor, iters: int = 30) -> float:
         u = min(max(u - max(min(step, 1.0), -1.0), -6.9), 6.9)
         if abs(step) < 1e-10:
             break
-    return float(torch.tensor(u).exp())
+    return math.exp(u)
 
 
 def validation_loss(logits: Tensor, target: Tensor, objective: str = "ce") -> Tensor:
