@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from cvsparse import metrics
 from cvsparse.config import RunConfig
-from cvsparse.nn import aux_parameters, convert, strip
+from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
@@ -161,7 +161,7 @@ def gated_names(model: nn.Module, skip: list[str]) -> list[str] | None:
     """Qualified names of the Conv2d / Linear layers to gate: all but ``skip`` (None = all)."""
     if not skip:
         return None
-    names = [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    names = convertible_layers(model)
     unknown = sorted(set(skip) - set(names))
     if unknown:
         raise ValueError(f"autoprune.skip_layers: {unknown} are not Conv2d / Linear layers of "

@@ -3,10 +3,10 @@
     from cvsparse.nn import GatedConv2d, convert, strip, aux_parameters
 """
 
-from .convert import aux_parameters, convert, gated_layers, strip
+from .convert import aux_parameters, convert, convertible_layers, gated_layers, strip
 from .gated import GATED_LAYERS, GatedConv2d, GatedLinear
 
 __all__ = [
     "GatedConv2d", "GatedLinear", "GATED_LAYERS",
-    "convert", "strip", "gated_layers", "aux_parameters",
+    "convert", "convertible_layers", "strip", "gated_layers", "aux_parameters",
 ]

@@ -42,7 +42,7 @@ def convert(
     """
     gating = dict(granularity=granularity, ste=ste, slope=slope, update=update,
                   aux_init=check_gating(granularity, ste, slope, update, aux_init))
-    convertible = {name: m for name, m in _all_named_modules(model) if type(m) in GATED_CLASSES}
+    convertible = dict(_convertible(model))
     if layers is not None:
         names = [layers] if isinstance(layers, str) else list(layers)
         unknown = [n for n in names if n not in convertible]
@@ -78,6 +78,16 @@ def aux_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(qualified name, aux)`` of every gated layer of ``model``: the AutoPrune gate
     parameters (trained with their own optimizer and an L1 penalty, SPEC §6)."""
     return [(f"{name}.aux" if name else "aux", m.aux) for name, m in gated_layers(model)]
+
+
+def convertible_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the layers :func:`convert` swaps when ``layers`` is None (modules of
+    exactly ``nn.Conv2d`` / ``nn.Linear`` type)."""
+    return [name for name, _ in _convertible(model)]
+
+
+def _convertible(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in _all_named_modules(model) if type(m) in GATED_CLASSES]
 
 
 def _all_named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

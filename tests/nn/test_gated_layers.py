@@ -13,6 +13,7 @@ from cvsparse.nn import (
     GatedLinear,
     aux_parameters,
     convert,
+    convertible_layers,
     gated_layers,
     strip,
 )
@@ -223,6 +224,13 @@ def test_convert_selected_layers():
     assert type(model[0]) is nn.Conv2d
     assert [n for n, _ in gated_layers(model)] == ["3", "7"]
     assert model[7].ste == "softplus" and type(model[5]) is nn.Linear
+
+
+def test_convertible_layers_are_what_convert_swaps_by_default():
+    model = small_net()
+    names = convertible_layers(model)
+    assert names == [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    assert [n for n, _ in gated_layers(convert(model))] == names
 
 
 @pytest.mark.parametrize("layers", [["0", "nope"], ["1"], ["4"]])
