@@ -15,7 +15,6 @@ import yaml
 
 METHODS = ("cvgrad", "autoprune", "magnitude")
 ESTIMATORS = ("identity", "diagonal", "neumann", "cg")
-VAL_OBJECTIVES = ("ce", "calibrated_ce")
 
 
 @dataclass
@@ -181,6 +180,7 @@ def _coerced(name: str, annotation: str, value: Any) -> Any:
 def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size)."""
     from cvsparse.data import DATASETS
+    from cvsparse.hyper.objectives import OBJECTIVES
     from cvsparse.models import MODELS
 
     def fail(message: str) -> None:
@@ -211,9 +211,9 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail("cvgrad.log_space needs initial lambda1/lambda2 > 0")
     if cv.estimator not in ESTIMATORS:
         fail(f"unknown estimator {cv.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if cv.val_objective not in VAL_OBJECTIVES:
+    if cv.val_objective not in OBJECTIVES:
         fail(f"unknown cvgrad.val_objective {cv.val_objective!r}; choose one of "
-             f"{', '.join(VAL_OBJECTIVES)}")
+             f"{', '.join(OBJECTIVES)}")
     if cv.hyper_method not in ("adam", "sgd"):
         fail(f"cvgrad.hyper_method must be 'adam' or 'sgd', got {cv.hyper_method!r}")
     if cv.online_every < 0 or cv.finetune_epochs < 0 or cv.hyper_warmup_epochs < 0:
