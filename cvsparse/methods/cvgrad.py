@@ -167,21 +167,23 @@ class CVGradMethod(CompressionMethod):
             return 0
         device = self.weights[0].device
         sums = [torch.zeros_like(p) for p in self.weights]
+        used = 0
         self.model.eval()
-        for i, batch in enumerate(self.data.train_for_hvp):
-            if i >= batches:
+        for batch in self.data.train_for_hvp:
+            if used == batches:
                 break
             x, y = (t.to(device) for t in batch)
             with torch.enable_grad():
                 grads = torch.autograd.grad(F.cross_entropy(self.model(x), y), self.weights)
             torch._foreach_add_(sums, grads)
+            used += 1
         self.model.train()
         lam1 = self.lambdas.lambda1.expand(len(self.weights))
         released = 0
         for mask, total, level in zip(masks, sums, lam1.tolist(), strict=True):
             if mask is None:
                 continue
-            grow = ~mask & (total.abs() > level * min(batches, len(self.data.train_for_hvp)))
+            grow = ~mask & (total.abs() > level * used)
             released += int(grow.sum())
             mask |= grow
         return released
