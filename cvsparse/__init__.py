@@ -2,7 +2,7 @@
 
 Subpackages: ``ops`` (fused operators), ``optim`` (ProxSGD), ``hyper`` (hypergradients and the
 λ optimizer), ``nn`` (AutoPrune gated layers), ``models``, ``data``, ``metrics``, ``train``,
-``methods``, ``export``; ``cli`` is the ``cvsparse`` command.
+``methods``; ``cli`` is the ``cvsparse`` command.
 """
 
 __version__ = "0.1.0"

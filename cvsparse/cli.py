@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--finetune-lr", type=float,
                        help="cvgrad, autoprune: first learning rate of fine-tuning "
                        "(default lr·gamma)")
+    train.add_argument("--finetune-weight-l2", type=float,
+                       help="weight L2 of fine-tuning (default: the training phase's; "
+                       "cvgrad: the learned λ2)")
     train.add_argument("--skip-layers", nargs="+", metavar="NAME",
                        help="autoprune: Conv2d/Linear layers to leave ungated (e.g. body.0)")
     train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
@@ -83,6 +86,7 @@ _FLAGS = {  # flag attribute → config path
     "threads": "threads", "dataset": "data.dataset", "data_root": "data.root",
     "download": "data.download", "batch_size": "data.batch_size", "epochs": "optim.epochs",
     "lr": "optim.lr", "finetune_lr": "optim.finetune_lr",
+    "finetune_weight_l2": "optim.finetune_weight_l2",
     "max_steps_per_epoch": "optim.max_steps_per_epoch",
     "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
     "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",

@@ -42,6 +42,8 @@ class OptimConfig:
     gamma: float = 0.1
     finetune_lr: float | None = None  # first lr of a fine-tuning phase (cvgrad, autoprune);
                                       # None = lr·gamma
+    finetune_weight_l2: float | None = None  # weight L2 of a fine-tuning phase (every method);
+                                      # None = the training phase's (cvgrad: the learned λ2)
     max_steps_per_epoch: int | None = None   # cap for smoke runs; None = full epochs
 
 
@@ -198,6 +200,9 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail("optim.lr must be > 0 and optim.momentum >= 0")
     if config.optim.finetune_lr is not None and not config.optim.finetune_lr > 0:
         fail(f"optim.finetune_lr must be > 0, got {config.optim.finetune_lr}")
+    ft_l2 = config.optim.finetune_weight_l2
+    if ft_l2 is not None and not 0 <= ft_l2 < float("inf"):
+        fail(f"optim.finetune_weight_l2 must be a finite number >= 0, got {ft_l2}")
     if config.data.batch_size < 1 or config.data.val_batch_size < 1:
         fail("batch sizes must be >= 1")
     cv = config.cvgrad

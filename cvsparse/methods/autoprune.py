@@ -8,7 +8,7 @@ unit switches off; it comes back if the data gradient pushes ``m`` above 0 again
 compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
 training data; fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.  Fine-tuning
 restarts the learning-rate schedule at ``optim.finetune_lr`` (default ``lr·gamma``) over the
-epochs that remain.
+epochs that remain, with weight L2 ``optim.finetune_weight_l2`` (default: ``weight_l2``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, finetune_base_lr, stepped_lr, supervised_step
+from .base import (
+    CompressionMethod,
+    RunData,
+    finetune_base_lr,
+    finetune_weight_l2,
+    stepped_lr,
+    supervised_step,
+)
 
 
 class AutoPruneMethod(CompressionMethod):
@@ -71,14 +78,17 @@ class AutoPruneMethod(CompressionMethod):
         self._epoch = epoch
         if epoch >= opt.epochs and self.frozen_at is None:
             self.frozen_at = epoch
+        weight_l2 = self.config.autoprune.weight_l2
         if self.frozen_at is None:
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
         else:  # fine-tuning restarts the schedule one step down, over the epochs that remain
             remaining = self.config.total_epochs - self.frozen_at
             lr = stepped_lr(finetune_base_lr(self.config), epoch - self.frozen_at, remaining,
                             opt.milestones, opt.gamma)
+            weight_l2 = finetune_weight_l2(self.config, weight_l2)
         for group in self.weight_opt.param_groups:
             group["lr"] = lr
+        self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self._second = None
         return lr
 

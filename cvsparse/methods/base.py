@@ -99,6 +99,14 @@ def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],
     return base * gamma**drops
 
 
+def finetune_weight_l2(config: RunConfig, training: float | Tensor) -> float | Tensor:
+    """Weight L2 of a fine-tuning phase: ``optim.finetune_weight_l2``, else ``training`` (the
+    training phase's value).  A sparse network left with a few thousand weights underfits, so
+    the shrinkage that served the pruning can cost accuracy once the support is fixed."""
+    value = config.optim.finetune_weight_l2
+    return training if value is None else value
+
+
 def finetune_base_lr(config: RunConfig) -> float:
     """First learning rate of a fine-tuning phase: ``optim.finetune_lr``, else ``lr·gamma``."""
     opt = config.optim

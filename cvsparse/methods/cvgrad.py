@@ -22,7 +22,14 @@ from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, finetune_base_lr, stepped_lr, supervised_step
+from .base import (
+    CompressionMethod,
+    RunData,
+    finetune_base_lr,
+    finetune_weight_l2,
+    stepped_lr,
+    supervised_step,
+)
 
 
 class CVGradMethod(CompressionMethod):
@@ -89,8 +96,8 @@ class CVGradMethod(CompressionMethod):
 
     def _set_finetune_epoch(self, epoch: int) -> float:
         """Fine-tuning after the last outer iteration: no L1 (the support is fixed by the masks,
-        pruned weights stay at zero), learned λ2 kept, schedule restarted at ``optim.finetune_lr``
-        (default ``lr·gamma``)."""
+        pruned weights stay at zero), λ2 ``optim.finetune_weight_l2`` (default: the learned λ2),
+        schedule restarted at ``optim.finetune_lr`` (default ``lr·gamma``)."""
         cv, opt = self.config.cvgrad, self.config.optim
         lr = stepped_lr(finetune_base_lr(self.config), epoch, cv.finetune_epochs, opt.milestones,
                         opt.gamma)
@@ -98,6 +105,7 @@ class CVGradMethod(CompressionMethod):
         if epoch == 0:
             self.optimizer.prune(cv.threshold)  # fix the support once, as the masks hold it
         group["lambda1"], group["threshold"] = 0.0, None
+        group["lambda2"] = finetune_weight_l2(self.config, self._lambda_args()[1])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr

@@ -2,8 +2,9 @@
 
 Dense training for ``optim.epochs`` epochs (SGD with momentum and L2 ``magnitude.weight_l2``),
 then one global L1-magnitude cut over all regularized tensors to ``target_compression``, then
-``finetune_epochs`` epochs with the pruned weights held at zero — the same epoch budget and loop
-as the learned methods.
+``finetune_epochs`` epochs with the pruned weights held at zero (weight L2
+``optim.finetune_weight_l2``, default ``weight_l2``) — the same epoch budget and loop as the
+learned methods.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from cvsparse.config import RunConfig
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, stepped_lr, supervised_step
+from .base import CompressionMethod, RunData, finetune_weight_l2, stepped_lr, supervised_step
 
 
 class MagnitudeMethod(CompressionMethod):
@@ -45,6 +46,9 @@ class MagnitudeMethod(CompressionMethod):
         lr = stepped_lr(opt.lr, phase_epoch, phase_len, opt.milestones, opt.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        weight_l2 = self.config.magnitude.weight_l2
+        self.optimizer.param_groups[0]["lambda2"] = (
+            finetune_weight_l2(self.config, weight_l2) if self.pruned else weight_l2)
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
