@@ -7,6 +7,8 @@ same batch's gradients, with λ2 the fine-tuning value; the training-phase value
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,9 +43,11 @@ def weight_optimizer(trainer: Trainer):
     return method.weight_opt if method.name == "autoprune" else method.optimizer
 
 
-def step_against_oracle(trainer: Trainer) -> tuple[torch.Tensor, ...]:
-    """Take one step; return, per weight tensor, the step's result and the oracles' for the
-    fine-tuning and the training λ2 (as flat concatenations)."""
+def step_against_oracle(
+    trainer: Trainer,
+) -> tuple[torch.Tensor, Callable[[float], torch.Tensor]]:
+    """Take one step of the weight group; return its result (all weight tensors flattened and
+    concatenated) and the oracle: λ2 ↦ the hand-written step from the same starting state."""
     opt = weight_optimizer(trainer)
     group = opt.param_groups[0]
     lr, mu = group["lr"], group["momentum"]
