@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
     train.add_argument("--lr", type=float, help="weight learning rate")
     train.add_argument("--batch-size", type=int)
+    train.add_argument("--mnist-shift", type=int, metavar="PIXELS",
+                       help="MNIST: shift training images randomly by up to this many pixels "
+                       "(default 0: no augmentation)")
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps (smoke runs)")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
@@ -84,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 _FLAGS = {  # flag attribute → config path
     "model": "model", "method": "method", "seed": "seed", "device": "device",
     "threads": "threads", "dataset": "data.dataset", "data_root": "data.root",
-    "download": "data.download", "batch_size": "data.batch_size", "epochs": "optim.epochs",
+    "download": "data.download", "batch_size": "data.batch_size",
+    "mnist_shift": "data.mnist_shift", "epochs": "optim.epochs",
     "lr": "optim.lr", "finetune_lr": "optim.finetune_lr",
     "finetune_weight_l2": "optim.finetune_weight_l2",
     "max_steps_per_epoch": "optim.max_steps_per_epoch",

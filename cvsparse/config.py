@@ -28,7 +28,10 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 64
     val_batch_size: int = 1000
-    augment: bool = True             # pad-4 crop + flip on CIFAR training batches only
+    augment: bool = True             # pad-4 crop + flip on CIFAR training batches; false also
+                                     # turns mnist_shift off
+    mnist_shift: int = 0             # MNIST training batches: random shift by up to this many
+                                     # pixels each way (zero fill, no flip); 0 = none
 
 
 @dataclass
@@ -205,6 +208,12 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail(f"optim.finetune_weight_l2 must be a finite number >= 0, got {ft_l2}")
     if config.data.batch_size < 1 or config.data.val_batch_size < 1:
         fail("batch sizes must be >= 1")
+    shift = config.data.mnist_shift
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < 14:
+        fail(f"data.mnist_shift must be an int in [0, 13] (pixels), got {shift!r}")
+    if shift and config.data.dataset != "mnist":
+        fail(f"data.mnist_shift applies to MNIST only, not {config.data.dataset!r} "
+             "(CIFAR's augmentation is data.augment)")
     cv = config.cvgrad
     if cv.outer < 1:
         fail(f"cvgrad.outer must be >= 1, got {cv.outer}")

@@ -395,19 +395,27 @@ def default_val_size(name: str) -> int:
 # --------------------------------------------------------------------------- loader
 
 def random_crop_flip(
-    images: Tensor, padding: int = CROP_PADDING, generator: torch.Generator | None = None
+    images: Tensor,
+    padding: int = CROP_PADDING,
+    generator: torch.Generator | None = None,
+    *,
+    flip: bool = True,
 ) -> Tensor:
     """Standard CIFAR augmentation of a whole uint8 ``(N, C, H, W)`` batch: zero-pad by
-    ``padding`` pixels, crop a random H×W window, then flip horizontally with probability 1/2;
-    independent draws per image (from ``generator``; three ``randint`` calls per batch).
+    ``padding`` pixels, crop a random H×W window, then (``flip``) flip horizontally with
+    probability 1/2; independent draws per image (from ``generator``; three ``randint`` calls
+    per batch, two without ``flip``).  Without ``flip`` this is a random translation by up to
+    ``padding`` pixels in each direction (MNIST's digit-safe augmentation).
     Returns a new ``(N, C, H, W)`` tensor."""
     n, c, h, w = images.shape
     span = 2 * padding + 1
     dy = torch.randint(0, span, (n,), generator=generator)
     dx = torch.randint(0, span, (n,), generator=generator)
-    flip = torch.randint(0, 2, (n,), generator=generator).bool()
     cols = torch.arange(w).expand(n, w)
-    cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]
+    if flip:
+        flipped = torch.randint(0, 2, (n,), generator=generator).bool()
+        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
+    cols = cols + dx[:, None]
     rows = dy[:, None] + torch.arange(h)
     flat = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]
     padded = F.pad(images, (padding, padding, padding, padding)).reshape(n, c, -1)
@@ -423,7 +431,8 @@ class BatchLoader:
     positions to serve (e.g. one side of :func:`split_indices`).  Each pass covers every index
     once: in the given order, or, with ``shuffle``, in an order drawn (``randperm``) from
     ``generator`` when the pass starts.  ``augment`` applies :func:`random_crop_flip` (padding
-    :data:`CROP_PADDING`) to each batch, drawing from the same generator.  Restoring the
+    ``crop_padding`` ≥ 0 pixels, horizontal flips if ``flip``) to each batch, drawing from the
+    same generator.  Restoring the
     generator's state before a pass therefore reproduces that pass exactly.  ``generator=None``
     uses torch's global generator.  Batches stay on the CPU.
     """
@@ -441,6 +450,8 @@ class BatchLoader:
         std: Sequence[float],
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        crop_padding: int = CROP_PADDING,
+        flip: bool = True,
     ) -> None:
         if not isinstance(images_u8, Tensor) or images_u8.dtype != torch.uint8:
             raise ValueError("images_u8 must be a uint8 tensor")
@@ -459,6 +470,8 @@ class BatchLoader:
             raise ValueError(f"indices must lie in [0, {n})")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
         if len(mean) != c or len(std) != c:
             raise ValueError(f"mean and std must have {c} entries (one per channel)")
         if any(not s > 0 for s in std):
@@ -473,6 +486,8 @@ class BatchLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
+        self.crop_padding = crop_padding
+        self.flip = flip
         self.generator = generator
         self.drop_last = drop_last
         std_t = torch.tensor(std, dtype=torch.float64)
@@ -492,7 +507,7 @@ class BatchLoader:
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.images.index_select(0, idx)
             if self.augment:
-                x = random_crop_flip(x, CROP_PADDING, self.generator)
+                x = random_crop_flip(x, self.crop_padding, self.generator, flip=self.flip)
             yield torch.addcmul(self._shift, x.float(), self._scale), self.labels.index_select(
                 0, idx
             )

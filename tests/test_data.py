@@ -416,6 +416,33 @@ def test_augmentation_is_a_random_crop_and_flip_of_the_right_image():
     assert len({k % 81 for k in seen}) > 60  # offsets are drawn, not fixed
 
 
+def test_unflipped_augmentation_is_a_shift_of_the_right_image():
+    """``flip=False`` with ``crop_padding=2`` (MNIST's ``data.mnist_shift``): every image is a
+    translation by at most 2 pixels each way, never mirrored; all 25 offsets occur."""
+    n, h, w, pad = 200, 7, 7, 2
+    position = (torch.arange(h * w) + 1).view(1, h, w).expand(n, h, w)  # asymmetric
+    marker = (torch.arange(n) % 250 + 1).view(n, 1, 1).expand(n, h, w)
+    images = torch.stack([position, marker], dim=1).to(torch.uint8).contiguous()
+    loader = BatchLoader(images, torch.arange(n), torch.arange(n), 50, shuffle=True,
+                         augment=True, mean=(0.0, 0.0), std=(1.0, 1.0), crop_padding=pad,
+                         flip=False, generator=torch.Generator().manual_seed(1))
+    offsets = []
+    for x, y in loader:
+        out = (x * 255).round().to(torch.uint8)
+        for image, label in zip(out, y, strict=True):
+            matches = (all_crops(images[label], pad) == image).flatten(1).all(1)
+            assert matches.sum() == 1, "output is not a shift of the image its label names"
+            offsets.append(int(matches.nonzero()))
+    assert max(offsets) < (2 * pad + 1) ** 2, "an image was flipped"
+    assert len(set(offsets)) == (2 * pad + 1) ** 2
+
+
+@pytest.mark.parametrize("padding", [-1, 1.5, True])
+def test_loader_rejects_bad_crop_padding(padding):
+    with pytest.raises(ValueError, match="crop_padding"):
+        make_loader(crop_padding=padding)
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [

@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 
 from cvsparse import metrics
 from cvsparse.config import RunConfig, validate
-from cvsparse.data import BatchLoader, default_val_size, load_dataset, split_indices
+from cvsparse.data import (
+    CROP_PADDING,
+    BatchLoader,
+    default_val_size,
+    load_dataset,
+    split_indices,
+)
 from cvsparse.methods import METHOD_CLASSES
 from cvsparse.methods.base import RunData
 from cvsparse.models import build_model
@@ -118,11 +124,15 @@ class Trainer:
         Validation batches come from the held-out part of the training set, never augmented;
         ``self.generator`` orders the weight batches, ``hyper_generator`` everything else."""
         ds, dc = self.dataset, self.config.data
-        augment = dc.augment and ds.name.startswith("cifar")
+        if ds.name.startswith("cifar"):
+            augment, padding, flip = dc.augment, CROP_PADDING, True
+        else:
+            augment, padding, flip = dc.augment and dc.mnist_shift > 0, dc.mnist_shift, False
 
         def loader(images, labels, indices, batch_size, *, shuffle, augment, generator):
             return BatchLoader(images, labels, indices, batch_size, shuffle=shuffle,
-                               augment=augment, mean=ds.mean, std=ds.std, generator=generator)
+                               augment=augment, mean=ds.mean, std=ds.std, generator=generator,
+                               crop_padding=padding, flip=flip)
 
         weight_idx, reserved_idx = method_class.split_training(self.train_idx)
         self.train_loader = loader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,

@@ -79,12 +79,41 @@ def test_run_writes_report_metrics_plots_and_learns_lambda(tmp_path):
         ({"optim.epochs": 0}, "epochs"),
         ({"data.val_size": 60000}, "validation split"),
         ({"cvgrad.estimator": "newton"}, "estimator"),
+        ({"data.mnist_shift": -1}, "mnist_shift"),
+        ({"data.mnist_shift": 14}, "mnist_shift"),
+        ({"data.dataset": "cifar10", "data.mnist_shift": 2}, "MNIST only"),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         Trainer(tiny_config(**overrides), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["cvgrad", "autoprune"])
+def test_mnist_shift_augments_the_training_batches_only(tmp_path, method):
+    """``data.mnist_shift``: the weight (and AutoPrune's gate) batches are shifted by up to that
+    many pixels, unflipped; validation, test and hypergradient batches are not.  Default: off."""
+    shifted = Trainer(tiny_config(**{"method": method, "data.mnist_shift": 2}), tmp_path / "a",
+                      progress=False)
+    plain = Trainer(tiny_config(method=method), tmp_path / "b", progress=False)
+    train = [shifted.train_loader]
+    if method == "autoprune":
+        train.append(shifted.method.data.second_half)
+    for loader in train:
+        assert (loader.augment, loader.crop_padding, loader.flip) == (True, 2, False)
+    for loader in (shifted.val_loader, shifted.test_loader, shifted.method.data.train_for_hvp,
+                   plain.train_loader):
+        assert not loader.augment
+    x_shifted, y_shifted = next(iter(shifted.train_loader))
+    x_plain, y_plain = next(iter(plain.train_loader))
+    assert torch.equal(y_shifted, y_plain)           # same order, different pixels
+    assert not torch.equal(x_shifted, x_plain)
+    background = float(x_plain.min())                 # a zero pixel, normalized
+    for a, b in zip(x_shifted, x_plain, strict=True):   # a is b moved by ≤ 2 pixels each way
+        padded = torch.nn.functional.pad(b, (2, 2, 2, 2), value=background)
+        assert any(torch.equal(a, padded[:, dy : dy + 28, dx : dx + 28])
+                   for dy in range(5) for dx in range(5))
 
 
 def test_unknown_yaml_key_is_rejected(tmp_path):
