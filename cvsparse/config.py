@@ -184,7 +184,7 @@ def _coerced(name: str, annotation: str, value: Any) -> Any:
 
 def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size)."""
-    from cvsparse.data import DATASETS
+    from cvsparse.data import DATASETS, IMAGE_SHAPES
     from cvsparse.hyper.objectives import OBJECTIVES
     from cvsparse.models import MODELS
 
@@ -208,9 +208,9 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail(f"optim.finetune_weight_l2 must be a finite number >= 0, got {ft_l2}")
     if config.data.batch_size < 1 or config.data.val_batch_size < 1:
         fail("batch sizes must be >= 1")
-    shift = config.data.mnist_shift
-    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < 14:
-        fail(f"data.mnist_shift must be an int in [0, 13] (pixels), got {shift!r}")
+    shift, max_shift = config.data.mnist_shift, IMAGE_SHAPES["mnist"][1] // 2 - 1
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= max_shift:
+        fail(f"data.mnist_shift must be an int in [0, {max_shift}] (pixels), got {shift!r}")
     if shift and config.data.dataset != "mnist":
         fail(f"data.mnist_shift applies to MNIST only, not {config.data.dataset!r} "
              "(CIFAR's augmentation is data.augment)")

@@ -432,9 +432,8 @@ class BatchLoader:
     once: in the given order, or, with ``shuffle``, in an order drawn (``randperm``) from
     ``generator`` when the pass starts.  ``augment`` applies :func:`random_crop_flip` (padding
     ``crop_padding`` ≥ 0 pixels, horizontal flips if ``flip``) to each batch, drawing from the
-    same generator.  Restoring the
-    generator's state before a pass therefore reproduces that pass exactly.  ``generator=None``
-    uses torch's global generator.  Batches stay on the CPU.
+    same generator.  Restoring the generator's state before a pass therefore reproduces that
+    pass exactly.  ``generator=None`` uses torch's global generator.  Batches stay on the CPU.
     """
 
     def __init__(
