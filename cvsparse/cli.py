@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from cvsparse.config import ESTIMATORS, METHODS, RunConfig, load_yaml
+from cvsparse.config import AUGMENT_PHASES, ESTIMATORS, METHODS, RunConfig, load_yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--mnist-shift", type=int, metavar="PIXELS",
                        help="MNIST: shift training images randomly by up to this many pixels "
                        "(default 0: no augmentation)")
+    train.add_argument("--augment-phase", choices=AUGMENT_PHASES,
+                       help="augment (CIFAR crop + flip, --mnist-shift) every training batch "
+                       "(all, the default) or only those of the fine-tuning phase (finetune)")
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps (smoke runs)")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
@@ -88,7 +91,8 @@ _FLAGS = {  # flag attribute → config path
     "model": "model", "method": "method", "seed": "seed", "device": "device",
     "threads": "threads", "dataset": "data.dataset", "data_root": "data.root",
     "download": "data.download", "batch_size": "data.batch_size",
-    "mnist_shift": "data.mnist_shift", "epochs": "optim.epochs",
+    "mnist_shift": "data.mnist_shift", "augment_phase": "data.augment_phase",
+    "epochs": "optim.epochs",
     "lr": "optim.lr", "finetune_lr": "optim.finetune_lr",
     "finetune_weight_l2": "optim.finetune_weight_l2",
     "max_steps_per_epoch": "optim.max_steps_per_epoch",

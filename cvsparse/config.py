@@ -15,6 +15,7 @@ import yaml
 
 METHODS = ("cvgrad", "autoprune", "magnitude")
 ESTIMATORS = ("identity", "diagonal", "neumann", "cg")
+AUGMENT_PHASES = ("all", "finetune")
 
 
 @dataclass
@@ -32,6 +33,8 @@ class DataConfig:
                                      # turns mnist_shift off
     mnist_shift: int = 0             # MNIST training batches: random shift by up to this many
                                      # pixels each way (zero fill, no flip); 0 = none
+    augment_phase: str = "all"       # "all": augment every training batch; "finetune": only
+                                     # those of the fine-tuning phase (after the cut / freeze)
 
 
 @dataclass
@@ -214,6 +217,9 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     if shift and config.data.dataset != "mnist":
         fail(f"data.mnist_shift applies to MNIST only, not {config.data.dataset!r} "
              "(CIFAR's augmentation is data.augment)")
+    if config.data.augment_phase not in AUGMENT_PHASES:
+        fail(f"data.augment_phase must be one of {', '.join(AUGMENT_PHASES)}, "
+             f"got {config.data.augment_phase!r}")
     cv = config.cvgrad
     if cv.outer < 1:
         fail(f"cvgrad.outer must be >= 1, got {cv.outer}")

@@ -89,6 +89,7 @@ class AutoPruneMethod(CompressionMethod):
         for group in self.weight_opt.param_groups:
             group["lr"] = lr
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
+        self.finetuning = self.frozen_at is not None
         self._second = None
         return lr
 

@@ -36,9 +36,15 @@ class RunData:
 
 
 class CompressionMethod(ABC):
-    """One compression method driven by :class:`cvsparse.train.Trainer`."""
+    """One compression method driven by :class:`cvsparse.train.Trainer`.
+
+    ``finetuning`` is True from the epoch on which the method trains the weights of a fixed
+    support (after cvgrad's last outer iteration, AutoPrune's freeze, the magnitude cut); each
+    method sets it in :meth:`set_epoch`, and the loop reads it after that call.
+    """
 
     name: str = ""
+    finetuning: bool = False
 
     def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
         self.config = config

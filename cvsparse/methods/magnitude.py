@@ -49,6 +49,7 @@ class MagnitudeMethod(CompressionMethod):
         weight_l2 = self.config.magnitude.weight_l2
         self.optimizer.param_groups[0]["lambda2"] = (
             finetune_weight_l2(self.config, weight_l2) if self.pruned else weight_l2)
+        self.finetuning = self.pruned
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

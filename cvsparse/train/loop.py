@@ -73,6 +73,7 @@ class Trainer:
         self.wall_time = 0.0
         if state is not None:
             self._restore(state, hyper_generator)
+        self._set_augmentation()
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -134,6 +135,7 @@ class Trainer:
                                augment=augment, mean=ds.mean, std=ds.std, generator=generator,
                                crop_padding=padding, flip=flip)
 
+        self.augment = augment
         weight_idx, reserved_idx = method_class.split_training(self.train_idx)
         self.train_loader = loader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,
                                    shuffle=True, augment=augment, generator=self.generator)
@@ -153,6 +155,7 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         lr = self.method.set_epoch(epoch)
+        self._set_augmentation()
         self.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         cap = self.config.optim.max_steps_per_epoch
@@ -190,6 +193,15 @@ class Trainer:
                        f"{row['compression_rate']:.1f}x  " +
                        "  ".join(f"{k} {v:.3g}" for k, v in extra.items()))
         return row
+
+    def _set_augmentation(self) -> None:
+        """Switch the training batches' augmentation for the epoch about to run: always on with
+        ``data.augment_phase = "all"``, only while the method fine-tunes with ``"finetune"``."""
+        phase = self.config.data.augment_phase
+        on = self.augment and (phase == "all" or self.method.finetuning)
+        for loader in (self.train_loader, self.method.data.second_half):
+            if loader is not None:
+                loader.augment = on
 
     def _state(self) -> dict[str, Any]:
         return {

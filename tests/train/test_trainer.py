@@ -116,6 +116,65 @@ def test_mnist_shift_augments_the_training_batches_only(tmp_path, method):
                    for dy in range(5) for dx in range(5))
 
 
+def _is_shift_of(shifted: torch.Tensor, plain: torch.Tensor, pixels: int) -> bool:
+    """Whether every image of ``shifted`` is its ``plain`` counterpart moved by at most
+    ``pixels`` each way (zero fill; both normalized, so the fill is ``plain``'s minimum)."""
+    background = float(plain.min())
+    size = plain.shape[-1]
+    offsets = range(2 * pixels + 1)
+    return all(
+        any(torch.equal(a, torch.nn.functional.pad(b, (pixels,) * 4, value=background)
+                        [:, dy : dy + size, dx : dx + size]) for dy in offsets for dx in offsets)
+        for a, b in zip(shifted, plain, strict=True))
+
+
+@pytest.mark.parametrize("method", ["cvgrad", "autoprune", "magnitude"])
+def test_augment_phase_finetune_shifts_only_the_finetuning_batches(tmp_path, method):
+    """``data.augment_phase = "finetune"``: the training phase serves exactly the plain batches
+    of an unaugmented run; the fine-tuning phase serves shifts of the batches its shuffled order
+    names (oracle: the same pass replayed without augmentation from the same generator state)."""
+    phases = {"optim.epochs": 1, "cvgrad.outer": 1, f"{method}.finetune_epochs": 1,
+              "method": method,
+              "data.mnist_shift": 2}
+    trainer = Trainer(tiny_config(**phases, **{"data.augment_phase": "finetune"}),
+                      tmp_path / "a", progress=False)
+    plain = Trainer(tiny_config(method=method), tmp_path / "b", progress=False)
+    served: dict[int, torch.Tensor] = {}
+    flags: dict[int, bool] = {}
+    start_states: dict[int, torch.Tensor] = {}
+    set_epoch, train_step = trainer.method.set_epoch, trainer.method.train_step
+
+    def recording_set_epoch(epoch):
+        start_states[epoch] = trainer.generator.get_state()
+        return set_epoch(epoch)
+
+    def recording_train_step(x, y):
+        epoch = len(start_states) - 1
+        served.setdefault(epoch, x.clone())
+        flags[epoch] = trainer.train_loader.augment
+        return train_step(x, y)
+
+    trainer.method.set_epoch, trainer.method.train_step = recording_set_epoch, recording_train_step
+    trainer.run()
+    assert flags == {0: False, 1: True} and trainer.method.finetuning
+    second = trainer.method.data.second_half
+    assert second is None or second.augment       # AutoPrune's gate half fine-tunes too
+    assert torch.equal(served[0], next(iter(plain.train_loader))[0])
+    replay = plain.train_loader
+    replay.generator.set_state(start_states[1])
+    x_plain = next(iter(replay))[0]
+    assert not torch.equal(served[1], x_plain)
+    assert _is_shift_of(served[1], x_plain, 2)
+
+
+def test_augment_phase_default_and_bad_value(tmp_path):
+    assert RunConfig().data.augment_phase == "all"
+    with pytest.raises(ValueError, match="augment_phase"):
+        Trainer(tiny_config(**{"data.augment_phase": "sometimes"}), tmp_path / "r",
+                progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_unknown_yaml_key_is_rejected(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("optim:\n  learning_rate: 0.1\n")
