@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="autoprune: freeze gates and fine-tune once this rate is reached")
     train.add_argument("--target-flops", type=float,
                        help="autoprune: ... once effective/dense FLOPs falls to this fraction")
+    train.add_argument("--target-check-every", type=int, metavar="K",
+                       help="autoprune: also check the target every K gate steps, not only at "
+                       "epoch ends (0, the default: epoch ends only)")
     train.add_argument("--finetune-epochs", type=int,
                        help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--finetune-lr", type=float,
@@ -103,7 +106,8 @@ _FLAGS = {  # flag attribute → config path
     "ste": "autoprune.ste", "slope": "autoprune.slope", "update": "autoprune.update",
     "aux_lr": "autoprune.aux_lr",
     "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
-    "target_flops": "autoprune.target_flops", "weight_l2": "autoprune.weight_l2",
+    "target_flops": "autoprune.target_flops",
+    "target_check_every": "autoprune.target_check_every", "weight_l2": "autoprune.weight_l2",
     "finetune_epochs": "autoprune.finetune_epochs",
     "pretrained": "autoprune.pretrained", "skip_layers": "autoprune.skip_layers",
 }

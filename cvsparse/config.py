@@ -95,6 +95,7 @@ class AutoPruneConfig:
     weight_l2: float = 5e-4
     target_compression: float | None = None
     target_flops: float | None = None
+    target_check_every: int = 0      # also check the target every k gate steps (0: epoch ends)
     finetune_epochs: int = 2
     pretrained: str | None = None    # a run folder, its checkpoint.pt, or a state_dict file
     skip_layers: list[str] = field(default_factory=list)  # Conv2d/Linear names left ungated
@@ -260,6 +261,8 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
              f"got {ap.target_flops}")
     if ap.finetune_epochs < 0:
         fail(f"autoprune.finetune_epochs must be >= 0, got {ap.finetune_epochs}")
+    if ap.target_check_every < 0:
+        fail(f"autoprune.target_check_every must be >= 0, got {ap.target_check_every}")
     mg = config.magnitude
     if not mg.target_compression >= 1 or mg.finetune_epochs < 0 or not mg.weight_l2 >= 0:
         fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")

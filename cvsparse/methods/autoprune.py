@@ -6,7 +6,9 @@ auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``w
 ``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m`` reaches exactly 0 and the
 unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  Once the
 compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
-training data; fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.  Fine-tuning
+training data from the next epoch on (the target is checked at every epoch end and, with
+``target_check_every = k``, every k gate steps; once met, the rest of the epoch takes no gate
+step); fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.  Fine-tuning
 restarts the learning-rate schedule at ``optim.finetune_lr`` (default ``lr·gamma``) over the
 epochs that remain, with weight L2 ``optim.finetune_weight_l2`` (default: ``weight_l2``).
 """
@@ -67,6 +69,8 @@ class AutoPruneMethod(CompressionMethod):
         self.history: list[dict[str, float]] = []
         self._second: Iterator | None = None
         self._epoch = 0
+        self._gate_steps = 0        # gate steps taken in this epoch
+        self._target_met = False    # met within this epoch: the gates stop until it ends
 
     @staticmethod
     def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -91,28 +95,25 @@ class AutoPruneMethod(CompressionMethod):
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self.finetuning = self.frozen_at is not None
         self._second = None
+        self._gate_steps, self._target_met = 0, False
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss, logits = supervised_step(self.model, self.weight_opt, x, y)
-        xb, yb = (t.to(x.device) for t in self._second_batch())
-        if self.frozen_at is None:
-            supervised_step(self.model, self.aux_opt, xb, yb)
-        else:  # fine-tuning: the second half trains the weights too
+        if self.frozen_at is not None:  # fine-tuning: the second half trains the weights too
+            xb, yb = (t.to(x.device) for t in self._second_batch())
             supervised_step(self.model, self.weight_opt, xb, yb)
+        elif not self._target_met:
+            xb, yb = (t.to(x.device) for t in self._second_batch())
+            supervised_step(self.model, self.aux_opt, xb, yb)
+            self._gate_steps += 1
+            every = self.config.autoprune.target_check_every
+            if every and self._gate_steps % every == 0:
+                self._target_met = self._target_reached()
         return loss, logits
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        ap = self.config.autoprune
-        totals = metrics.summarize(metrics.layer_table(self.measured_model(),
-                                                       self._input_shape()))
-        reached = (
-            (ap.target_compression is not None
-             and totals["compression_rate"] >= ap.target_compression)
-            or (ap.target_flops is not None
-                and totals["flops_effective"] <= ap.target_flops * totals["flops_dense"])
-        )
-        if reached and self.frozen_at is None:
+        if self.frozen_at is None and (self._target_met or self._target_reached()):
             self.frozen_at = epoch + 1
         gates = torch.cat([(p.detach() > 0).flatten() for _, p in aux_parameters(self.model)])
         record = {"epoch": epoch, "gates_open": float(gates.float().mean()),
@@ -137,6 +138,21 @@ class AutoPruneMethod(CompressionMethod):
         return {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at}
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _target_reached(self) -> bool:
+        """Whether the gated model, as :meth:`measured_model` reports it, meets
+        ``target_compression`` or ``target_flops``."""
+        ap = self.config.autoprune
+        if ap.target_compression is None and ap.target_flops is None:
+            return False
+        totals = metrics.summarize(metrics.layer_table(self.measured_model(),
+                                                       self._input_shape()))
+        return (
+            (ap.target_compression is not None
+             and totals["compression_rate"] >= ap.target_compression)
+            or (ap.target_flops is not None
+                and totals["flops_effective"] <= ap.target_flops * totals["flops_dense"])
+        )
 
     def _second_batch(self) -> tuple[Tensor, Tensor]:
         loader = self.data.second_half

@@ -47,6 +47,42 @@ def test_neuron_run_reports_removed_units(tmp_path):
     assert report["params_nonzero"] < report["params_total"]
 
 
+def test_target_check_every_freezes_the_gates_within_the_epoch(tmp_path):
+    """``target_check_every = 1``: the gates stop at the first gate step after which the
+    reported compression meets the target, so the epoch ends near the target; checked only at
+    the epoch end, the same run overshoots it.  Oracle: the report's own measurement of the
+    model after every gate step."""
+    target = 3.0
+    measured: list[tuple[float, list[torch.Tensor]]] = []
+    trainer = Trainer(autoprune_config(aux_l1=0.05, aux_lr=0.5, target_compression=target,
+                                       target_check_every=1), tmp_path / "k1", progress=False)
+    method, step = trainer.method, trainer.method.train_step
+
+    def recording_step(x, y):
+        out = step(x, y)
+        rate = trainer.report()["compression_rate"]
+        measured.append((rate, [layer.aux.detach().clone()
+                                for _, layer in gated_layers(trainer.model)]))
+        return out
+
+    method.train_step = recording_step
+    trainer.run(max_epochs=1)
+    rates = [rate for rate, _ in measured]
+    first = next(i for i, rate in enumerate(rates) if rate >= target)
+    assert 0 < first < len(rates) - 1, "the target must be met inside the epoch for this test"
+    for _, aux in measured[first + 1:]:          # no gate moved after the target was met
+        for a, b in zip(aux, measured[first][1], strict=True):
+            assert torch.equal(a, b)
+    assert method.frozen_at == 1
+    assert rates[-1] == pytest.approx(rates[first], rel=1e-3)
+
+    epoch_end_only = Trainer(autoprune_config(aux_l1=0.05, aux_lr=0.5, target_compression=target),
+                             tmp_path / "k0", progress=False)
+    late = epoch_end_only.run(max_epochs=1)["compression_rate"]
+    assert epoch_end_only.method.frozen_at == 1
+    assert late > 1.5 * rates[-1]
+
+
 def test_target_compression_freezes_gates(tmp_path):
     trainer = Trainer(autoprune_config(aux_l1=0.02, target_compression=1.0001), tmp_path,
                       progress=False)
