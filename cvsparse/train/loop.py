@@ -135,7 +135,7 @@ class Trainer:
                                augment=augment, mean=ds.mean, std=ds.std, generator=generator,
                                crop_padding=padding, flip=flip)
 
-        self.augment = augment
+        self._augment = augment   # what the data config asks for; _set_augmentation applies it
         weight_idx, reserved_idx = method_class.split_training(self.train_idx)
         self.train_loader = loader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,
                                    shuffle=True, augment=augment, generator=self.generator)
@@ -198,7 +198,7 @@ class Trainer:
         """Switch the training batches' augmentation for the epoch about to run: always on with
         ``data.augment_phase = "all"``, only while the method fine-tunes with ``"finetune"``."""
         phase = self.config.data.augment_phase
-        on = self.augment and (phase == "all" or self.method.finetuning)
+        on = self._augment and (phase == "all" or self.method.finetuning)
         for loader in (self.train_loader, self.method.data.second_half):
             if loader is not None:
                 loader.augment = on
