@@ -90,6 +90,18 @@ def test_bad_config_fails_before_training(tmp_path, overrides, message):
     assert not (tmp_path / "run").exists()
 
 
+def _is_shift_of(shifted: torch.Tensor, plain: torch.Tensor, pixels: int) -> bool:
+    """Whether every image of ``shifted`` is its ``plain`` counterpart moved by at most
+    ``pixels`` each way (zero fill; both normalized, so the fill is ``plain``'s minimum)."""
+    background = float(plain.min())
+    size = plain.shape[-1]
+    offsets = range(2 * pixels + 1)
+    return all(
+        any(torch.equal(a, torch.nn.functional.pad(b, (pixels,) * 4, value=background)
+                        [:, dy : dy + size, dx : dx + size]) for dy in offsets for dx in offsets)
+        for a, b in zip(shifted, plain, strict=True))
+
+
 @pytest.mark.parametrize("method", ["cvgrad", "autoprune"])
 def test_mnist_shift_augments_the_training_batches_only(tmp_path, method):
     """``data.mnist_shift``: the weight (and AutoPrune's gate) batches are shifted by up to that
@@ -109,23 +121,7 @@ def test_mnist_shift_augments_the_training_batches_only(tmp_path, method):
     x_plain, y_plain = next(iter(plain.train_loader))
     assert torch.equal(y_shifted, y_plain)           # same order, different pixels
     assert not torch.equal(x_shifted, x_plain)
-    background = float(x_plain.min())                 # a zero pixel, normalized
-    for a, b in zip(x_shifted, x_plain, strict=True):   # a is b moved by ≤ 2 pixels each way
-        padded = torch.nn.functional.pad(b, (2, 2, 2, 2), value=background)
-        assert any(torch.equal(a, padded[:, dy : dy + 28, dx : dx + 28])
-                   for dy in range(5) for dx in range(5))
-
-
-def _is_shift_of(shifted: torch.Tensor, plain: torch.Tensor, pixels: int) -> bool:
-    """Whether every image of ``shifted`` is its ``plain`` counterpart moved by at most
-    ``pixels`` each way (zero fill; both normalized, so the fill is ``plain``'s minimum)."""
-    background = float(plain.min())
-    size = plain.shape[-1]
-    offsets = range(2 * pixels + 1)
-    return all(
-        any(torch.equal(a, torch.nn.functional.pad(b, (pixels,) * 4, value=background)
-                        [:, dy : dy + size, dx : dx + size]) for dy in offsets for dx in offsets)
-        for a, b in zip(shifted, plain, strict=True))
+    assert _is_shift_of(x_shifted, x_plain, 2)
 
 
 @pytest.mark.parametrize("method", ["cvgrad", "autoprune", "magnitude"])
@@ -134,8 +130,7 @@ def test_augment_phase_finetune_shifts_only_the_finetuning_batches(tmp_path, met
     of an unaugmented run; the fine-tuning phase serves shifts of the batches its shuffled order
     names (oracle: the same pass replayed without augmentation from the same generator state)."""
     phases = {"optim.epochs": 1, "cvgrad.outer": 1, f"{method}.finetune_epochs": 1,
-              "method": method,
-              "data.mnist_shift": 2}
+              "method": method, "data.mnist_shift": 2}
     trainer = Trainer(tiny_config(**phases, **{"data.augment_phase": "finetune"}),
                       tmp_path / "a", progress=False)
     plain = Trainer(tiny_config(method=method), tmp_path / "b", progress=False)
