@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--update", choices=("proposed", "bnn"), help="autoprune: gate update rule")
     train.add_argument("--aux-lr", type=float, help="autoprune: learning rate of the gates")
     train.add_argument("--aux-l1", type=float, help="autoprune: L1 strength on the gates")
+    train.add_argument("--aux-l1-ramp-epochs", type=int, metavar="R",
+                       help="autoprune: the gate L1 grows linearly to --aux-l1 over R epochs")
     train.add_argument("--weight-l2", type=float,
                        help="autoprune / magnitude: L2 (weight decay) on the weights")
     train.add_argument("--target-compression", type=float,
@@ -105,7 +107,8 @@ _FLAGS = {  # flag attribute → config path
     "online_every": "cvgrad.online_every", "granularity": "autoprune.granularity",
     "ste": "autoprune.ste", "slope": "autoprune.slope", "update": "autoprune.update",
     "aux_lr": "autoprune.aux_lr",
-    "aux_l1": "autoprune.aux_l1", "target_compression": "autoprune.target_compression",
+    "aux_l1": "autoprune.aux_l1", "aux_l1_ramp_epochs": "autoprune.aux_l1_ramp_epochs",
+    "target_compression": "autoprune.target_compression",
     "target_flops": "autoprune.target_flops",
     "target_check_every": "autoprune.target_check_every", "weight_l2": "autoprune.weight_l2",
     "finetune_epochs": "autoprune.finetune_epochs",

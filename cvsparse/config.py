@@ -92,6 +92,7 @@ class AutoPruneConfig:
     update: str = "proposed"
     aux_lr: float = 0.1
     aux_l1: float = 1e-4
+    aux_l1_ramp_epochs: int = 0      # aux L1 grows linearly to aux_l1 over these epochs (0: none)
     weight_l2: float = 5e-4
     target_compression: float | None = None
     target_flops: float | None = None
@@ -261,6 +262,8 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
              f"got {ap.target_flops}")
     if ap.finetune_epochs < 0:
         fail(f"autoprune.finetune_epochs must be >= 0, got {ap.finetune_epochs}")
+    if ap.aux_l1_ramp_epochs < 0:
+        fail(f"autoprune.aux_l1_ramp_epochs must be >= 0, got {ap.aux_l1_ramp_epochs}")
     if ap.target_check_every < 0:
         fail(f"autoprune.target_check_every must be >= 0, got {ap.target_check_every}")
     mg = config.magnitude

@@ -33,6 +33,8 @@ def test_every_flag_names_an_existing_config_key():
         (["--mnist-shift", "2"], "data.mnist_shift", 2),
         (["--method", "autoprune", "--target-check-every", "20"],
          "autoprune.target_check_every", 20),
+        (["--method", "autoprune", "--aux-l1-ramp-epochs", "15"],
+         "autoprune.aux_l1_ramp_epochs", 15),
         (["--method", "magnitude", "--finetune-epochs", "3"], "magnitude.finetune_epochs", 3),
         (["--method", "cvgrad", "--finetune-epochs", "3"], "cvgrad.finetune_epochs", 3),
     ],

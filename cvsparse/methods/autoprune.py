@@ -4,7 +4,9 @@ straight-through gradients on auxiliary parameters ``m``.
 The training split is halved: weights take a step on a batch of the first half, then the
 auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``weight_l2``),
 ``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m`` reaches exactly 0 and the
-unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  Once the
+unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  With
+``aux_l1_ramp_epochs = R`` the L1 grows linearly over the first R epochs, so that the pruning
+follows the ramp rather than the gates' learning rate.  Once the
 compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
 training data from the next epoch on (the target is checked at every epoch end and, with
 ``target_check_every = k``, every k gate steps; once met, the rest of the epoch takes no gate
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from cvsparse import metrics
-from cvsparse.config import RunConfig
+from cvsparse.config import AutoPruneConfig, RunConfig
 from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
@@ -94,6 +96,7 @@ class AutoPruneMethod(CompressionMethod):
             group["lr"] = lr
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self.finetuning = self.frozen_at is not None
+        self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.config.autoprune, epoch)
         self._second = None
         self._gate_steps, self._target_met = 0, False
         return lr
@@ -166,6 +169,13 @@ class AutoPruneMethod(CompressionMethod):
 
     def _input_shape(self) -> tuple[int, ...]:
         return tuple(self.data.val.images.shape[1:])
+
+
+def aux_l1_at(ap: AutoPruneConfig, epoch: int) -> float:
+    """The aux L1 strength of global epoch ``epoch``: ``aux_l1 · min(1, (epoch + 1) / R)`` with
+    ``R = aux_l1_ramp_epochs`` (``aux_l1`` throughout when R = 0)."""
+    ramp = ap.aux_l1_ramp_epochs
+    return ap.aux_l1 if ramp == 0 else ap.aux_l1 * min(1.0, (epoch + 1) / ramp)
 
 
 def load_weights(path: str | Path) -> dict[str, Tensor]:

@@ -83,6 +83,43 @@ def test_target_check_every_freezes_the_gates_within_the_epoch(tmp_path):
     assert late > 1.5 * rates[-1]
 
 
+def test_aux_l1_ramp_epoch0_equals_a_run_at_the_ramped_strength(tmp_path):
+    """With ``aux_l1_ramp_epochs = 4`` the first epoch runs at a quarter of ``aux_l1``: its
+    weights and gates equal, bit for bit, those of an unramped run at that strength."""
+    def first_epoch(name, **autoprune):
+        trainer = Trainer(autoprune_config(aux_lr=0.5, **autoprune), tmp_path / name,
+                          progress=False)
+        trainer.run(max_epochs=1)
+        return trainer.model.state_dict()
+
+    ramped = first_epoch("ramped", aux_l1=0.08, aux_l1_ramp_epochs=4)
+    plain = first_epoch("plain", aux_l1=0.02)
+    full = first_epoch("full", aux_l1=0.08)
+    assert ramped.keys() == plain.keys()
+    for key in ramped:
+        assert torch.equal(ramped[key], plain[key]), key
+    assert any(not torch.equal(ramped[k], full[k]) for k in ramped if k.endswith(".aux"))
+
+
+def test_aux_l1_ramp_reaches_full_strength_and_gate_steps_use_it(tmp_path):
+    """The L1 every gate step applies: ``aux_l1 · (epoch + 1) / R`` until epoch R - 1, then
+    ``aux_l1``; fine-tuning takes no gate step."""
+    trainer = Trainer(autoprune_config(aux_l1=0.08, aux_l1_ramp_epochs=2), tmp_path,
+                      progress=False)
+    method = trainer.method
+    used: list[tuple[int, float]] = []
+    step = method.aux_opt.step
+
+    def recording_step(*args, **kwargs):
+        used.append((method._epoch, method.aux_opt.param_groups[0]["lambda1"]))
+        return step(*args, **kwargs)
+
+    method.aux_opt.step = recording_step
+    trainer.run()
+    per_epoch = {epoch: {lam for e, lam in used if e == epoch} for epoch, _ in used}
+    assert per_epoch == {0: {0.04}, 1: {0.08}}
+
+
 def test_target_compression_freezes_gates(tmp_path):
     trainer = Trainer(autoprune_config(aux_l1=0.02, target_compression=1.0001), tmp_path,
                       progress=False)
