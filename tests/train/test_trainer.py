@@ -82,6 +82,7 @@ def test_run_writes_report_metrics_plots_and_learns_lambda(tmp_path):
         ({"data.mnist_shift": -1}, "mnist_shift"),
         ({"data.mnist_shift": 14}, "mnist_shift"),
         ({"data.dataset": "cifar10", "data.mnist_shift": 2}, "MNIST only"),
+        ({"method": "autoprune", "autoprune.aux_l1_ramp_epochs": -1}, "aux_l1_ramp_epochs"),
     ],
 )
 def test_bad_config_fails_before_training(tmp_path, overrides, message):
