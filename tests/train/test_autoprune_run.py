@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from cvsparse.config import RunConfig, from_dict
+from cvsparse.config import from_dict
 from cvsparse.methods import AutoPruneMethod
 from cvsparse.nn import gated_layers
 from cvsparse.train import Trainer
+
+from .test_trainer import full_and_resumed
 
 
 def autoprune_config(**autoprune):
@@ -122,18 +124,7 @@ def test_aux_l1_ramp_reaches_full_strength_and_gate_steps_use_it(tmp_path):
 
 def test_aux_l1_ramp_resumes_bitwise(tmp_path):
     """Cut after epoch 1 of a 3-epoch ramp, resumed: the same weights and gates as one run."""
-    config = autoprune_config(aux_l1=0.06, aux_l1_ramp_epochs=3, aux_lr=0.5)
-    full = Trainer(config, tmp_path / "full", progress=False)
-    full.run()
-    cut = Trainer(autoprune_config(aux_l1=0.06, aux_l1_ramp_epochs=3, aux_lr=0.5),
-                  tmp_path / "cut", progress=False)
-    cut.run(max_epochs=1)
-    del cut
-    resumed = Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False)
-    resumed.run()
-    for (name, a), (_, b) in zip(full.model.state_dict().items(),
-                                 resumed.model.state_dict().items(), strict=True):
-        assert torch.equal(a, b), f"{name} differs after resume"
+    full_and_resumed(autoprune_config(aux_l1=0.06, aux_l1_ramp_epochs=3, aux_lr=0.5), tmp_path, 1)
 
 
 def test_target_compression_freezes_gates(tmp_path):

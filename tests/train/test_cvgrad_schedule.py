@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cvsparse.config import RunConfig
 from cvsparse.train import Trainer
 
-from .test_trainer import tiny_config
+from .test_trainer import full_and_resumed, tiny_config
 
 
 def test_no_lambda_step_before_the_warmup_epoch(tmp_path):
@@ -126,16 +125,8 @@ def test_robust_schedule_resumes_bitwise(tmp_path):
                "cvgrad.lr_scaled_hyper": True, "cvgrad.hyper_betas": [0.9, 0.99],
                "cvgrad.release_masks": True, "cvgrad.release_batches": 3,
                "cvgrad.lambda1": 3e-3, "cvgrad.outer": 3}
-    full = Trainer(tiny_config(**options), tmp_path / "full", progress=False)
-    full.run()
-    cut = Trainer(tiny_config(**options), tmp_path / "cut", progress=False)
-    cut.run(max_epochs=3)     # after the release at the start of epoch 2
-    del cut
-    resumed = Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False)
-    resumed.run()
-    for (name, a), (_, b) in zip(full.model.state_dict().items(),
-                                 resumed.model.state_dict().items(), strict=True):
-        assert torch.equal(a, b), f"{name} differs after resume"
+    # cut after the release at the start of epoch 2
+    full, resumed = full_and_resumed(tiny_config(**options), tmp_path, 3)
     assert torch.equal(full.method.lambdas.lambda1, resumed.method.lambdas.lambda1)
     rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("full", "cut")]
     assert [r["released"] for r in rows[0]] == [r["released"] for r in rows[1]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 
@@ -28,21 +29,26 @@ def tiny_config(**overrides) -> RunConfig:
     return from_dict(values)
 
 
-def test_kill_and_resume_is_bitwise_identical(tmp_path):
-    config = tiny_config(**{"cvgrad.online_every": 7})
-    full = Trainer(config, tmp_path / "full", progress=False)
+def full_and_resumed(config: RunConfig, root, stop_after: int) -> tuple[Trainer, Trainer]:
+    """One uninterrupted run of ``config`` and one cut after ``stop_after`` epochs and resumed
+    from its checkpoint; asserts that both end with bitwise identical model state."""
+    full = Trainer(config, root / "full", progress=False)
     full.run()
-
-    first = Trainer(tiny_config(**{"cvgrad.online_every": 7}), tmp_path / "cut", progress=False)
-    first.run(max_epochs=3)  # stops after epoch 3 of 4, mid outer iteration 2
-    del first
-    resumed = Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False)
-    assert resumed.epoch == 3
+    cut = Trainer(copy.deepcopy(config), root / "cut", progress=False)
+    cut.run(max_epochs=stop_after)
+    del cut
+    resumed = Trainer(RunConfig(), root / "cut", resume=True, progress=False)
+    assert resumed.epoch == stop_after
     resumed.run()
-
     for (name, a), (_, b) in zip(full.model.state_dict().items(),
                                  resumed.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), f"{name} differs after resume"
+    return full, resumed
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    # stops after epoch 3 of 4, mid outer iteration 2
+    full, resumed = full_and_resumed(tiny_config(**{"cvgrad.online_every": 7}), tmp_path, 3)
     assert torch.equal(full.method.lambdas.lambda1, resumed.method.lambdas.lambda1)
     assert torch.equal(full.method.lambdas.lambda2, resumed.method.lambdas.lambda2)
     full_rows = list(csv.DictReader(open(tmp_path / "full" / "metrics.csv")))
