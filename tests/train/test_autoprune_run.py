@@ -118,7 +118,9 @@ def test_aux_l1_ramp_reaches_full_strength_and_gate_steps_use_it(tmp_path):
 
     method.aux_opt.step = recording_step
     trainer.run()
-    per_epoch = {epoch: {lam for e, lam in used if e == epoch} for epoch, _ in used}
+    per_epoch: dict[int, set[float]] = {}
+    for epoch, lam in used:
+        per_epoch.setdefault(epoch, set()).add(lam)
     assert per_epoch == {0: {0.04}, 1: {0.08}}
 
 
