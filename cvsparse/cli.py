@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--finetune-weight-l2", type=float,
                        help="weight L2 of fine-tuning (default: the training phase's; "
                        "cvgrad: the learned λ2)")
+    train.add_argument("--swa-epochs", type=int, metavar="K",
+                       help="average the weights over the last K fine-tuning epochs, run at "
+                       "the constant --swa-lr (SWA; default 0: no averaging)")
+    train.add_argument("--swa-lr", type=float,
+                       help="learning rate of the averaging epochs (default: the fine-tuning "
+                       "phase's first lr)")
     train.add_argument("--skip-layers", nargs="+", metavar="NAME",
                        help="autoprune: Conv2d/Linear layers to leave ungated (e.g. body.0)")
     train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
@@ -100,6 +106,7 @@ _FLAGS = {  # flag attribute → config path
     "epochs": "optim.epochs",
     "lr": "optim.lr", "finetune_lr": "optim.finetune_lr",
     "finetune_weight_l2": "optim.finetune_weight_l2",
+    "swa_epochs": "optim.swa_epochs", "swa_lr": "optim.swa_lr",
     "max_steps_per_epoch": "optim.max_steps_per_epoch",
     "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
     "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",

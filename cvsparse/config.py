@@ -50,6 +50,9 @@ class OptimConfig:
                                       # None = lr·gamma
     finetune_weight_l2: float | None = None  # weight L2 of a fine-tuning phase (every method);
                                       # None = the training phase's (cvgrad: the learned λ2)
+    swa_epochs: int = 0              # last epochs of the fine-tuning phase at the constant
+                                     # swa_lr, with the weights averaged (SWA); 0 = none
+    swa_lr: float | None = None      # None = the fine-tuning phase's first lr
     max_steps_per_epoch: int | None = None   # cap for smoke runs; None = full epochs
 
 
@@ -127,13 +130,17 @@ class RunConfig:
     magnitude: MagnitudeConfig = field(default_factory=MagnitudeConfig)
 
     @property
+    def finetune_epochs(self) -> int:
+        """Fine-tuning epochs the method's schedule guarantees at the end of the run (AutoPrune
+        fine-tunes longer when its gates freeze before ``optim.epochs``)."""
+        return getattr(self, self.method).finetune_epochs
+
+    @property
     def total_epochs(self) -> int:
         """Epochs of the whole run."""
         if self.method == "cvgrad":
-            return self.cvgrad.outer * self.optim.epochs + self.cvgrad.finetune_epochs
-        if self.method == "magnitude":
-            return self.optim.epochs + self.magnitude.finetune_epochs
-        return self.optim.epochs + self.autoprune.finetune_epochs
+            return self.cvgrad.outer * self.optim.epochs + self.finetune_epochs
+        return self.optim.epochs + self.finetune_epochs
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,6 +276,12 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     mg = config.magnitude
     if not mg.target_compression >= 1 or mg.finetune_epochs < 0 or not mg.weight_l2 >= 0:
         fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")
+    swa, finetune_epochs = config.optim.swa_epochs, config.finetune_epochs
+    if isinstance(swa, bool) or not isinstance(swa, int) or not 0 <= swa <= finetune_epochs:
+        fail(f"optim.swa_epochs must be an int in [0, {finetune_epochs}] (the {config.method} "
+             f"fine-tuning epochs), got {swa!r}")
+    if config.optim.swa_lr is not None and not 0 < config.optim.swa_lr < float("inf"):
+        fail(f"optim.swa_lr must be a finite number > 0, got {config.optim.swa_lr}")
     val = config.data.val_size
     if val is not None and val < 1:
         fail(f"data.val_size must be >= 1, got {val}")

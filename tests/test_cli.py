@@ -37,6 +37,8 @@ def test_every_flag_names_an_existing_config_key():
          "autoprune.aux_l1_ramp_epochs", 15),
         (["--method", "magnitude", "--finetune-epochs", "3"], "magnitude.finetune_epochs", 3),
         (["--method", "cvgrad", "--finetune-epochs", "3"], "cvgrad.finetune_epochs", 3),
+        (["--swa-epochs", "4"], "optim.swa_epochs", 4),
+        (["--swa-lr", "0.005"], "optim.swa_lr", 0.005),
     ],
 )
 def test_flag_sets_its_key(argv, path, value):

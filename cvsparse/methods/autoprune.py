@@ -35,6 +35,7 @@ from .base import (
     CompressionMethod,
     RunData,
     finetune_base_lr,
+    finetune_lr,
     finetune_weight_l2,
     stepped_lr,
     supervised_step,
@@ -89,8 +90,8 @@ class AutoPruneMethod(CompressionMethod):
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
         else:  # fine-tuning restarts the schedule one step down, over the epochs that remain
             remaining = self.config.total_epochs - self.frozen_at
-            lr = stepped_lr(finetune_base_lr(self.config), epoch - self.frozen_at, remaining,
-                            opt.milestones, opt.gamma)
+            lr = finetune_lr(self.config, finetune_base_lr(self.config),
+                             epoch - self.frozen_at, remaining)
             weight_l2 = finetune_weight_l2(self.config, weight_l2)
         for group in self.weight_opt.param_groups:
             group["lr"] = lr

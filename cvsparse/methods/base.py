@@ -113,6 +113,17 @@ def finetune_weight_l2(config: RunConfig, training: float | Tensor) -> float | T
     return training if value is None else value
 
 
+def finetune_lr(config: RunConfig, base: float, epoch: int, epochs: int) -> float:
+    """Learning rate of epoch ``epoch`` (0-based) of a fine-tuning phase of ``epochs`` epochs
+    that starts at ``base``: the stepped schedule over the first ``epochs − optim.swa_epochs``,
+    then the constant ``optim.swa_lr`` (default ``base``) over the weight-averaging window."""
+    opt = config.optim
+    stepped = epochs - opt.swa_epochs
+    if epoch >= stepped:
+        return opt.swa_lr if opt.swa_lr is not None else base
+    return stepped_lr(base, epoch, stepped, opt.milestones, opt.gamma)
+
+
 def finetune_base_lr(config: RunConfig) -> float:
     """First learning rate of a fine-tuning phase: ``optim.finetune_lr``, else ``lr·gamma``."""
     opt = config.optim

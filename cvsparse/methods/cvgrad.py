@@ -26,6 +26,7 @@ from .base import (
     CompressionMethod,
     RunData,
     finetune_base_lr,
+    finetune_lr,
     finetune_weight_l2,
     stepped_lr,
     supervised_step,
@@ -98,9 +99,8 @@ class CVGradMethod(CompressionMethod):
         """Fine-tuning after the last outer iteration: no L1 (the support is fixed by the masks,
         pruned weights stay at zero), λ2 ``optim.finetune_weight_l2`` (default: the learned λ2),
         schedule restarted at ``optim.finetune_lr`` (default ``lr·gamma``)."""
-        cv, opt = self.config.cvgrad, self.config.optim
-        lr = stepped_lr(finetune_base_lr(self.config), epoch, cv.finetune_epochs, opt.milestones,
-                        opt.gamma)
+        cv = self.config.cvgrad
+        lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch, cv.finetune_epochs)
         group = self.optimizer.param_groups[0]
         if epoch == 0:
             self.optimizer.prune(cv.threshold)  # fix the support once, as the masks hold it

@@ -19,7 +19,14 @@ from cvsparse.config import RunConfig
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
-from .base import CompressionMethod, RunData, finetune_weight_l2, stepped_lr, supervised_step
+from .base import (
+    CompressionMethod,
+    RunData,
+    finetune_lr,
+    finetune_weight_l2,
+    stepped_lr,
+    supervised_step,
+)
 
 
 class MagnitudeMethod(CompressionMethod):
@@ -41,9 +48,11 @@ class MagnitudeMethod(CompressionMethod):
         opt = self.config.optim
         if epoch >= opt.epochs and not self.pruned:
             self._prune()
-        phase_epoch, phase_len = (epoch, opt.epochs) if epoch < opt.epochs else (
-            epoch - opt.epochs, self.config.magnitude.finetune_epochs)
-        lr = stepped_lr(opt.lr, phase_epoch, phase_len, opt.milestones, opt.gamma)
+        if self.pruned:
+            lr = finetune_lr(self.config, opt.lr, epoch - opt.epochs,
+                             self.config.magnitude.finetune_epochs)
+        else:
+            lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         weight_l2 = self.config.magnitude.weight_l2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from cvsparse.methods.base import RunData
 from cvsparse.models import build_model
 
 from . import checkpoint, outputs
+from .averaging import WeightAverage
 
 
 class Trainer:
@@ -68,6 +70,7 @@ class Trainer:
         method_class = METHOD_CLASSES[config.method]
         run_data = self._build_loaders(method_class, hyper_generator)
         self.method = method_class(config, self.model, run_data)
+        self.average = WeightAverage(self.model, self.bn_loader, self.device)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
         self.wall_time = 0.0
@@ -92,6 +95,8 @@ class Trainer:
             self.rows.append(row)
             self.epoch += 1
             outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
+            if self.epoch == self.config.total_epochs and self.average.count:
+                self.average.copy_to_model()   # the finished model is the weight average
             checkpoint.save_atomic(self._state(), self.out_dir / checkpoint.CHECKPOINT_NAME)
         report = self.report()
         outputs.write_json(report, self.out_dir / "report.json")
@@ -101,8 +106,10 @@ class Trainer:
         return report
 
     def report(self) -> dict[str, Any]:
-        """The SPEC §7 report of the model as it is now."""
-        measured = self.method.measured_model()
+        """The SPEC §7 report of the model as it is now (its weight average, once averaging
+        has begun)."""
+        with self._evaluated():
+            measured = self.method.measured_model()
         layers = metrics.layer_table(measured, self.input_shape)
         totals = metrics.summarize(layers, measured)
         last = self.rows[-1] if self.rows else {}
@@ -143,6 +150,8 @@ class Trainer:
                                  shuffle=False, augment=False, generator=None)
         self.test_loader = loader(ds.x_test, ds.y_test, torch.arange(len(ds.y_test)),
                                   dc.val_batch_size, shuffle=False, augment=False, generator=None)
+        self.bn_loader = loader(ds.x_train, ds.y_train, self.train_idx, dc.val_batch_size,
+                                shuffle=False, augment=False, generator=None)
         return RunData(
             val=self.val_loader,
             train_for_hvp=loader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
@@ -156,6 +165,7 @@ class Trainer:
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
         lr = self.method.set_epoch(epoch)
         self._set_augmentation()
+        averaging = self._averages(epoch)
         self.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         cap = self.config.optim.max_steps_per_epoch
@@ -167,6 +177,8 @@ class Trainer:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             loss, logits = self.method.train_step(x, y)
+            if averaging:
+                self.average.update()
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
@@ -174,10 +186,11 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
         extra = self.method.end_epoch(epoch)
-        val = metrics.evaluate(self.model, self.val_loader, self.device)
-        test = metrics.evaluate(self.model, self.test_loader, self.device)
-        totals = metrics.summarize(
-            metrics.layer_table(self.method.measured_model(), self.input_shape))
+        with self._evaluated():
+            val = metrics.evaluate(self.model, self.val_loader, self.device)
+            test = metrics.evaluate(self.model, self.test_loader, self.device)
+            totals = metrics.summarize(
+                metrics.layer_table(self.method.measured_model(), self.input_shape))
         row = {
             "epoch": epoch, "lr": lr,
             "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
@@ -193,6 +206,17 @@ class Trainer:
                        f"{row['compression_rate']:.1f}x  " +
                        "  ".join(f"{k} {v:.3g}" for k, v in extra.items()))
         return row
+
+    def _averages(self, epoch: int) -> bool:
+        """Whether ``epoch`` lies in the weight-averaging window: the last ``optim.swa_epochs``
+        epochs of the run, all of them fine-tuning epochs (``validate`` sees to that)."""
+        window = self.config.optim.swa_epochs
+        return window > 0 and epoch >= self.config.total_epochs - window
+
+    def _evaluated(self) -> AbstractContextManager[None]:
+        """The weights evaluation and the report see: the mean once averaging has begun (the
+        training iterate comes back after the block), else the model as it is."""
+        return self.average.applied() if self.average.count else nullcontext()
 
     def _set_augmentation(self) -> None:
         """Switch the training batches' augmentation for the epoch about to run: always on with
@@ -212,6 +236,7 @@ class Trainer:
             "hyper_generator": self.method.data.hyper_generator.get_state(),
             "rng": checkpoint.rng_state(),
             "split": (self.train_idx, self.val_idx),
+            "average": self.average.state_dict(),
             "rows": self.rows,
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
@@ -221,6 +246,8 @@ class Trainer:
     def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
+        if "average" in state:   # checkpoints written before weight averaging existed lack it
+            self.average.load_state_dict(state["average"])
         self.generator.set_state(state["generator"])
         hyper_generator.set_state(state["hyper_generator"])
         checkpoint.set_rng_state(state["rng"])
