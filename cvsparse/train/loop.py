@@ -215,8 +215,10 @@ class Trainer:
 
     def _evaluated(self) -> AbstractContextManager[None]:
         """The weights evaluation and the report see: the mean once averaging has begun (the
-        training iterate comes back after the block), else the model as it is."""
-        return self.average.applied() if self.average.count else nullcontext()
+        training iterate comes back after the block), else the model as it is.  A finished run's
+        model already holds the mean (``run`` copied it in), so it is not swapped in again."""
+        finished = self.epoch >= self.config.total_epochs
+        return self.average.applied() if self.average.count and not finished else nullcontext()
 
     def _set_augmentation(self) -> None:
         """Switch the training batches' augmentation for the epoch about to run: always on with
