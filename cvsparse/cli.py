@@ -53,12 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-l2", type=float,
                        help="autoprune / magnitude: L2 (weight decay) on the weights")
     train.add_argument("--target-compression", type=float,
-                       help="autoprune: freeze gates and fine-tune once this rate is reached")
+                       help="autoprune / cvgrad: end the pruning phase (freeze the gates or the "
+                       "support) and fine-tune once this rate is reached; magnitude: the rate "
+                       "of the one cut")
     train.add_argument("--target-flops", type=float,
-                       help="autoprune: ... once effective/dense FLOPs falls to this fraction")
+                       help="autoprune / cvgrad: ... once effective/dense FLOPs falls to this "
+                       "fraction")
     train.add_argument("--target-check-every", type=int, metavar="K",
-                       help="autoprune: also check the target every K gate steps, not only at "
-                       "epoch ends (0, the default: epoch ends only)")
+                       help="autoprune / cvgrad: also check the target every K gate (training) "
+                       "steps, not only at epoch ends (0, the default: epoch ends only)")
     train.add_argument("--finetune-epochs", type=int,
                        help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--finetune-lr", type=float,
@@ -125,7 +128,10 @@ _METHOD_FLAGS = {  # flags whose meaning depends on the method
     "magnitude": {"target_compression": "magnitude.target_compression",
                   "weight_l2": "magnitude.weight_l2",
                   "finetune_epochs": "magnitude.finetune_epochs"},
-    "cvgrad": {"finetune_epochs": "cvgrad.finetune_epochs"},
+    "cvgrad": {"finetune_epochs": "cvgrad.finetune_epochs",
+               "target_compression": "cvgrad.target_compression",
+               "target_flops": "cvgrad.target_flops",
+               "target_check_every": "cvgrad.target_check_every"},
 }
 
 

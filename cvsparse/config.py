@@ -7,6 +7,7 @@ bad configuration before any data is loaded or any training starts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,9 @@ class CVGradConfig:
     release_batches: int = 100       # training batches averaged for that gradient test
     reinit: bool = False             # strict form: restart W from its init every outer iteration
     finetune_epochs: int = 0         # then epochs without L1 on the pruned support (λ fixed)
+    target_compression: float | None = None  # budget: fine-tune from the epoch after it is met
+    target_flops: float | None = None        # … or once FLOPs ≤ this fraction of dense
+    target_check_every: int = 0      # also check the budget every k training steps (0: epoch ends)
 
 
 @dataclass
@@ -132,7 +136,7 @@ class RunConfig:
     @property
     def finetune_epochs(self) -> int:
         """Fine-tuning epochs the method's schedule guarantees at the end of the run (AutoPrune
-        fine-tunes longer when its gates freeze before ``optim.epochs``)."""
+        and cvgrad fine-tune longer when a budget ends their pruning phase early)."""
         return getattr(self, self.method).finetune_epochs
 
     @property
@@ -249,6 +253,7 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail("cvgrad.online_every, finetune_epochs and hyper_warmup_epochs must be >= 0")
     if cv.release_batches < 1:
         fail(f"cvgrad.release_batches must be >= 1, got {cv.release_batches}")
+    _check_budget("cvgrad", cv.target_compression, cv.target_flops, cv.target_check_every, fail)
     betas = cv.hyper_betas
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         fail(f"cvgrad.hyper_betas must be two numbers in [0, 1), got {betas!r}")
@@ -262,17 +267,12 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     for name in ("aux_lr", "aux_l1", "weight_l2", "slope"):
         if not getattr(ap, name) >= 0:
             fail(f"autoprune.{name} must be >= 0, got {getattr(ap, name)}")
-    if ap.target_compression is not None and not ap.target_compression >= 1:
-        fail(f"autoprune.target_compression must be >= 1, got {ap.target_compression}")
-    if ap.target_flops is not None and not 0 < ap.target_flops <= 1:
-        fail(f"autoprune.target_flops is a fraction of dense FLOPs in (0, 1], "
-             f"got {ap.target_flops}")
+    _check_budget("autoprune", ap.target_compression, ap.target_flops, ap.target_check_every,
+                  fail)
     if ap.finetune_epochs < 0:
         fail(f"autoprune.finetune_epochs must be >= 0, got {ap.finetune_epochs}")
     if ap.aux_l1_ramp_epochs < 0:
         fail(f"autoprune.aux_l1_ramp_epochs must be >= 0, got {ap.aux_l1_ramp_epochs}")
-    if ap.target_check_every < 0:
-        fail(f"autoprune.target_check_every must be >= 0, got {ap.target_check_every}")
     mg = config.magnitude
     if not mg.target_compression >= 1 or mg.finetune_epochs < 0 or not mg.weight_l2 >= 0:
         fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")
@@ -288,3 +288,14 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     if n_train is not None and val is not None and val >= n_train:
         fail(f"validation split of {val} images is not smaller than the training set "
              f"({n_train} images)")
+
+
+def _check_budget(section: str, compression: float | None, flops: float | None,
+                  check_every: int, fail: Callable[[str], None]) -> None:
+    """The compression budget keys shared by cvgrad and AutoPrune."""
+    if compression is not None and not compression >= 1:
+        fail(f"{section}.target_compression must be >= 1, got {compression}")
+    if flops is not None and not 0 < flops <= 1:
+        fail(f"{section}.target_flops is a fraction of dense FLOPs in (0, 1], got {flops}")
+    if check_every < 0:
+        fail(f"{section}.target_check_every must be >= 0, got {check_every}")

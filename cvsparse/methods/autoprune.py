@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cvsparse import metrics
 from cvsparse.config import AutoPruneConfig, RunConfig
 from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
 from cvsparse.optim import ProxSGD
@@ -34,6 +33,7 @@ from cvsparse.params import other_parameters, regularized_parameters
 from .base import (
     CompressionMethod,
     RunData,
+    budget_met,
     finetune_base_lr,
     finetune_lr,
     finetune_weight_l2,
@@ -149,14 +149,8 @@ class AutoPruneMethod(CompressionMethod):
         ap = self.config.autoprune
         if ap.target_compression is None and ap.target_flops is None:
             return False
-        totals = metrics.summarize(metrics.layer_table(self.measured_model(),
-                                                       self._input_shape()))
-        return (
-            (ap.target_compression is not None
-             and totals["compression_rate"] >= ap.target_compression)
-            or (ap.target_flops is not None
-                and totals["flops_effective"] <= ap.target_flops * totals["flops_dense"])
-        )
+        return budget_met(self.measured_model(), self.input_shape(), ap.target_compression,
+                          ap.target_flops)
 
     def _second_batch(self) -> tuple[Tensor, Tensor]:
         loader = self.data.second_half
@@ -167,9 +161,6 @@ class AutoPruneMethod(CompressionMethod):
         except StopIteration:
             self._second = iter(loader)
             return next(self._second)
-
-    def _input_shape(self) -> tuple[int, ...]:
-        return tuple(self.data.val.images.shape[1:])
 
 
 def aux_l1_at(ap: AutoPruneConfig, epoch: int) -> float:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cvsparse import metrics
 from cvsparse.config import RunConfig
 from cvsparse.data import BatchLoader
 
@@ -85,6 +86,10 @@ class CompressionMethod(ABC):
         """The model as it would be exported, on which sparsity and FLOPs are reported."""
         return self.model
 
+    def input_shape(self) -> tuple[int, ...]:
+        """One input image's shape ``(C, H, W)``, as the validation split holds it."""
+        return tuple(self.data.val.images.shape[1:])
+
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
                     y: Tensor) -> tuple[Tensor, Tensor]:
@@ -128,3 +133,17 @@ def finetune_base_lr(config: RunConfig) -> float:
     """First learning rate of a fine-tuning phase: ``optim.finetune_lr``, else ``lr·gamma``."""
     opt = config.optim
     return opt.finetune_lr if opt.finetune_lr is not None else opt.lr * opt.gamma
+
+
+def budget_met(model: nn.Module, input_shape: tuple[int, ...], compression: float | None,
+               flops: float | None) -> bool:
+    """Whether ``model``, as the report measures it, meets a compression budget: compression
+    rate ``>= compression`` or effective FLOPs ``<= flops`` (a fraction of the dense FLOPs).
+    False when both are None.  ``input_shape`` is one image's ``(C, H, W)``."""
+    if compression is None and flops is None:
+        return False
+    totals = metrics.summarize(metrics.layer_table(model, input_shape))
+    return (
+        (compression is not None and totals["compression_rate"] >= compression)
+        or (flops is not None and totals["flops_effective"] <= flops * totals["flops_dense"])
+    )

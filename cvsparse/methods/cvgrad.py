@@ -3,7 +3,11 @@
 Weights are trained by :class:`cvsparse.optim.ProxSGD` on ``CE + λ1‖W‖₁ + λ2/2‖W‖²`` with λ
 fixed; after every ``optim.epochs`` epochs (one outer iteration) a pass over the validation split
 moves λ along the implicit-function hypergradient of the validation loss.  ``online_every = k``
-adds a hyper step every k training steps.
+adds a hyper step every k training steps.  With a budget (``target_compression`` or
+``target_flops``) the L1 phase ends at the first epoch end that meets it (or, with
+``target_check_every = k``, at the first of every k training steps that does: the rest of that
+epoch runs without L1, thresholding or hyper steps on the support it reached); the epochs left
+in the run, the remaining outer iterations' and ``finetune_epochs``, fine-tune that support.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from cvsparse.params import other_parameters, regularized_parameters
 from .base import (
     CompressionMethod,
     RunData,
+    budget_met,
     finetune_base_lr,
     finetune_lr,
     finetune_weight_l2,
@@ -68,6 +73,8 @@ class CVGradMethod(CompressionMethod):
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
         self.steps = 0
         self.finetuning = False
+        self.stopped_at: int | None = None   # first fine-tuning epoch, once the budget is met
+        self._budget_met = False             # met inside the current epoch
         self.released = 0
         self.hyper_active = cv.hyper_warmup_epochs == 0
         self._online_val: Iterator | None = None
@@ -76,11 +83,13 @@ class CVGradMethod(CompressionMethod):
 
     def set_epoch(self, epoch: int) -> float:
         cv, opt = self.config.cvgrad, self.config.optim
-        self.finetuning = epoch >= cv.outer * opt.epochs
+        start = cv.outer * opt.epochs if self.stopped_at is None else self.stopped_at
+        self.finetuning = epoch >= start
         self.hyper_active = epoch >= cv.hyper_warmup_epochs and not self.finetuning
         self._online_val = None
+        self._budget_met = False
         if self.finetuning:
-            return self._set_finetune_epoch(epoch - cv.outer * opt.epochs)
+            return self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
         inner = epoch % opt.epochs
         if inner == 0 and epoch > 0 and cv.reinit:
             self.model.load_state_dict(self.initial_state)
@@ -95,16 +104,16 @@ class CVGradMethod(CompressionMethod):
         )
         return lr
 
-    def _set_finetune_epoch(self, epoch: int) -> float:
-        """Fine-tuning after the last outer iteration: no L1 (the support is fixed by the masks,
-        pruned weights stay at zero), λ2 ``optim.finetune_weight_l2`` (default: the learned λ2),
-        schedule restarted at ``optim.finetune_lr`` (default ``lr·gamma``)."""
-        cv = self.config.cvgrad
-        lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch, cv.finetune_epochs)
+    def _set_finetune_epoch(self, epoch: int, epochs: int) -> float:
+        """Epoch ``epoch`` of ``epochs`` fine-tuning epochs (after the last outer iteration or
+        the budget): no L1 (the support is fixed by the masks, pruned weights stay at zero),
+        λ2 ``optim.finetune_weight_l2`` (default: the learned λ2), schedule restarted at
+        ``optim.finetune_lr`` (default ``lr·gamma``)."""
+        lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch, epochs)
         group = self.optimizer.param_groups[0]
         if epoch == 0:
-            self.optimizer.prune(cv.threshold)  # fix the support once, as the masks hold it
-        group["lambda1"], group["threshold"] = 0.0, None
+            self.optimizer.prune(self.config.cvgrad.threshold)  # fix the support once
+        group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
         group["lambda2"] = finetune_weight_l2(self.config, self._lambda_args()[1])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -113,10 +122,17 @@ class CVGradMethod(CompressionMethod):
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss, logits = supervised_step(self.model, self.optimizer, x, y)
         self.steps += 1
-        k = self.config.cvgrad.online_every
+        cv = self.config.cvgrad
+        k = cv.online_every
         if k and self.steps % k == 0 and self.hyper_active:
             self._hyper_step(self._next_online_val_batch())
             self.model.train()
+        every = cv.target_check_every
+        if (every and self.steps % every == 0 and not self.finetuning and not self._budget_met
+                and self._budget_reached()):
+            self._budget_met = True
+            self.hyper_active = False
+            self._fix_support()
         return loss, logits
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
@@ -129,6 +145,9 @@ class CVGradMethod(CompressionMethod):
                     self._hyper_step(batch)
                 self.model.train()
             self.history.append(self._lambda_record(outer=(epoch + 1) // self.config.optim.epochs))
+        if (not self.finetuning and self.stopped_at is None
+                and (self._budget_met or self._budget_reached())):
+            self.stopped_at = epoch + 1
         row = {
             "lambda1": float(self.lambdas.lambda1.mean()),
             "lambda2": float(self.lambdas.lambda2.mean()),
@@ -144,6 +163,7 @@ class CVGradMethod(CompressionMethod):
             "history": self.history,
             "steps": self.steps,
             "initial_state": self.initial_state,
+            "stopped_at": self.stopped_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -152,10 +172,12 @@ class CVGradMethod(CompressionMethod):
         self.history = state["history"]
         self.steps = state["steps"]
         self.initial_state = state["initial_state"]
+        self.stopped_at = state.get("stopped_at")   # absent in checkpoints before budgets
         self._push_lambdas()
 
     def report(self) -> dict[str, Any]:
-        return {"lambda_history": self.history, "regularized_tensors": self.names}
+        return {"lambda_history": self.history, "regularized_tensors": self.names,
+                "budget_met_at_epoch": self.stopped_at}
 
     @torch.no_grad()
     def release_masks(self, batches: int) -> int:
@@ -197,6 +219,17 @@ class CVGradMethod(CompressionMethod):
         return released
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _fix_support(self) -> None:
+        """End the L1 phase: mask the weights below τ (zero from now on) and stop L1 and
+        thresholding; λ2 and the learning rate stay as they are until the next epoch."""
+        group = self.optimizer.param_groups[0]
+        self.optimizer.prune(self.config.cvgrad.threshold)
+        group["lambda1"], group["threshold"] = 0.0, None
+
+    def _budget_reached(self) -> bool:
+        cv = self.config.cvgrad
+        return budget_met(self.model, self.input_shape(), cv.target_compression, cv.target_flops)
 
     def _hyper_step(self, val_batch: tuple[Tensor, Tensor]) -> None:
         """One λ update from a validation batch (model in eval mode: BN uses running stats).
