@@ -3,11 +3,13 @@
 Weights are trained by :class:`cvsparse.optim.ProxSGD` on ``CE + λ1‖W‖₁ + λ2/2‖W‖²`` with λ
 fixed; after every ``optim.epochs`` epochs (one outer iteration) a pass over the validation split
 moves λ along the implicit-function hypergradient of the validation loss.  ``online_every = k``
-adds a hyper step every k training steps.  With a budget (``target_compression`` or
-``target_flops``) the L1 phase ends at the first epoch end that meets it (or, with
-``target_check_every = k``, at the first of every k training steps that does: the rest of that
-epoch runs without L1, thresholding or hyper steps on the support it reached); the epochs left
-in the run, the remaining outer iterations' and ``finetune_epochs``, fine-tune that support.
+adds a hyper step every k training steps.
+
+With a budget (``target_compression`` or ``target_flops``) the L1 phase ends at the first epoch
+end, from ``threshold_start_epoch`` on, that meets it; with ``target_check_every = k`` also at
+the first of every k training steps that does, and the rest of that epoch runs without L1,
+thresholding or hyper steps on the support it reached.  The epochs left in the run (those of
+the remaining outer iterations and ``finetune_epochs``) fine-tune that support.
 """
 
 from __future__ import annotations
@@ -228,7 +230,11 @@ class CVGradMethod(CompressionMethod):
         group["lambda1"], group["threshold"] = 0.0, None
 
     def _budget_reached(self) -> bool:
+        """Whether the budget is met; never before ``threshold_start_epoch``, whose proximal
+        zeros are not yet held by masks (early on they come and go by the thousand)."""
         cv = self.config.cvgrad
+        if self.optimizer.param_groups[0]["threshold"] is None:
+            return False
         return budget_met(self.model, self.input_shape(), cv.target_compression, cv.target_flops)
 
     def _hyper_step(self, val_batch: tuple[Tensor, Tensor]) -> None:

@@ -111,6 +111,20 @@ def test_resume_after_the_budget_stop_is_bitwise(tmp_path):
     assert resumed.method.optimizer.param_groups[0]["lambda1"] == 0.0
 
 
+def test_budget_is_not_checked_before_thresholding_starts(tmp_path):
+    """Epoch 0 has no thresholding (``threshold_start_epoch = 1``): its proximal zeros meet the
+    target, yet the L1 phase goes on and ends at the end of epoch 1, the first checked."""
+    free = Trainer(budget_config(), tmp_path / "free", progress=False)
+    free.run(max_epochs=1)
+    target = float(rows(tmp_path / "free")[0]["compression_rate"])
+    assert target > 1, "epoch 0 must leave proximal zeros for this test"
+    trainer = Trainer(budget_config(**{"cvgrad.target_compression": target,
+                                       "cvgrad.target_check_every": 1}),
+                      tmp_path / "b", progress=False)
+    trainer.run(max_epochs=3)
+    assert trainer.method.stopped_at == 2
+
+
 def test_flops_budget_ends_the_l1_phase(tmp_path):
     free = Trainer(budget_config(), tmp_path / "free", progress=False)
     free.run(max_epochs=2)
