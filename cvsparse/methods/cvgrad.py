@@ -76,7 +76,7 @@ class CVGradMethod(CompressionMethod):
         self.steps = 0
         self.finetuning = False
         self.stopped_at: int | None = None   # first fine-tuning epoch, once the budget is met
-        self._budget_met = False             # met inside the current epoch
+        self._epoch = 0
         self.released = 0
         self.hyper_active = cv.hyper_warmup_epochs == 0
         self._online_val: Iterator | None = None
@@ -89,7 +89,7 @@ class CVGradMethod(CompressionMethod):
         self.finetuning = epoch >= start
         self.hyper_active = epoch >= cv.hyper_warmup_epochs and not self.finetuning
         self._online_val = None
-        self._budget_met = False
+        self._epoch = epoch
         if self.finetuning:
             return self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
         inner = epoch % opt.epochs
@@ -130,9 +130,9 @@ class CVGradMethod(CompressionMethod):
             self._hyper_step(self._next_online_val_batch())
             self.model.train()
         every = cv.target_check_every
-        if (every and self.steps % every == 0 and not self.finetuning and not self._budget_met
-                and self._budget_reached()):
-            self._budget_met = True
+        if (every and self.steps % every == 0 and not self.finetuning
+                and self.stopped_at is None and self._budget_reached()):
+            self.stopped_at = self._epoch + 1
             self.hyper_active = False
             self._fix_support()
         return loss, logits
@@ -147,8 +147,7 @@ class CVGradMethod(CompressionMethod):
                     self._hyper_step(batch)
                 self.model.train()
             self.history.append(self._lambda_record(outer=(epoch + 1) // self.config.optim.epochs))
-        if (not self.finetuning and self.stopped_at is None
-                and (self._budget_met or self._budget_reached())):
+        if not self.finetuning and self.stopped_at is None and self._budget_reached():
             self.stopped_at = epoch + 1
         row = {
             "lambda1": float(self.lambdas.lambda1.mean()),
