@@ -13,6 +13,8 @@ training data from the next epoch on (the target is checked at every epoch end a
 step); fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.  Fine-tuning
 restarts the learning-rate schedule at ``optim.finetune_lr`` (default ``lr·gamma``) over the
 epochs that remain, with weight L2 ``optim.finetune_weight_l2`` (default: ``weight_l2``).
+If ``optim.epochs`` end before the target is met, the gates freeze there with a warning, and
+the report's ``budget_met_at_epoch`` is None.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .base import (
     finetune_weight_l2,
     stepped_lr,
     supervised_step,
+    warn_budget_missed,
 )
 
 
@@ -83,8 +86,12 @@ class AutoPruneMethod(CompressionMethod):
     def set_epoch(self, epoch: int) -> float:
         opt = self.config.optim
         self._epoch = epoch
-        if epoch >= opt.epochs and self.frozen_at is None:
+        if epoch >= opt.epochs and self.frozen_at is None:   # the gating budget has ended
             self.frozen_at = epoch
+            ap = self.config.autoprune
+            if ap.target_compression is not None or ap.target_flops is not None:
+                warn_budget_missed("autoprune", self.measured_model(), self.input_shape(),
+                                   ap.target_compression, ap.target_flops, epoch)
         weight_l2 = self.config.autoprune.weight_l2
         if self.frozen_at is None:
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
@@ -139,7 +146,10 @@ class AutoPruneMethod(CompressionMethod):
         self.history = state["history"]
 
     def report(self) -> dict[str, Any]:
-        return {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at}
+        # the frozen gates keep the support, so it meets the target now iff it did at the freeze
+        met = self.frozen_at is not None and self._target_reached()
+        return {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at,
+                "budget_met_at_epoch": self.frozen_at if met else None}
 
     # ---- internals --------------------------------------------------------------------------
 

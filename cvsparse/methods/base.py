@@ -7,6 +7,7 @@ and any extra passes.  A new method is one new module implementing :class:`Compr
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -147,3 +148,21 @@ def budget_met(model: nn.Module, input_shape: tuple[int, ...], compression: floa
         (compression is not None and totals["compression_rate"] >= compression)
         or (flops is not None and totals["flops_effective"] <= flops * totals["flops_dense"])
     )
+
+
+def warn_budget_missed(method: str, model: nn.Module, input_shape: tuple[int, ...],
+                       compression: float | None, flops: float | None, epochs: int) -> None:
+    """Warn that ``method``'s pruning phase ended after ``epochs`` epochs short of its budget
+    (``compression`` rate or ``flops`` fraction, as :func:`budget_met` reads them), saying how
+    far ``model`` got.  The run goes on: the epochs left fine-tune the support as it is."""
+    totals = metrics.summarize(metrics.layer_table(model, input_shape))
+    missed = []
+    if compression is not None:
+        missed.append(f"target_compression {compression:g} (reached "
+                      f"{totals['compression_rate']:.1f}x)")
+    if flops is not None:
+        kept = totals["flops_effective"] / totals["flops_dense"]
+        missed.append(f"target_flops {flops:g} (reached {kept:.4f} of the dense FLOPs)")
+    warnings.warn(f"{method}: the pruning phase ended after epoch {epochs} without meeting "
+                  f"{' or '.join(missed)}; the remaining epochs fine-tune the support as it is",
+                  stacklevel=3)

@@ -50,6 +50,7 @@ def summary_table(report: dict[str, Any]) -> str:
         f"compression {report['compression_rate']:.1f}x   pruned {report['pruned_pct']:.2f}%",
         f"FLOPs {report['flops_effective']:,} / {report['flops_dense']:,} "
         f"({_ratio(report['flops_dense'], report['flops_effective'])} fewer)",
+        *_budget_line(report),
         "",
         f"{'tensor':<28}{'shape':>20}{'nonzero':>12}{'pruned %':>10}{'units off':>12}",
     ]
@@ -59,6 +60,24 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"{row['name']:<28}{shape:>20}{row['nonzero']:>12,}"
                      f"{row['pruned_pct']:>10.2f}{units:>12}")
     return "\n".join(lines)
+
+
+def _budget_line(report: dict[str, Any]) -> list[str]:
+    """``["budget ...: met at epoch E" | "... not met"]`` for a method that ends its pruning
+    phase at a compression or FLOPs budget and reports ``budget_met_at_epoch``; else ``[]``."""
+    if "budget_met_at_epoch" not in report:
+        return []
+    section = report["config"].get(report["config"]["method"], {})
+    targets = []
+    if section.get("target_compression") is not None:
+        targets.append(f"compression >= {section['target_compression']:g}x")
+    if section.get("target_flops") is not None:
+        targets.append(f"FLOPs <= {section['target_flops']:g} of dense")
+    if not targets:
+        return []
+    epoch = report["budget_met_at_epoch"]
+    status = "NOT met" if epoch is None else f"met after epoch {epoch}"
+    return [f"budget {' or '.join(targets)}: {status}"]
 
 
 def comparison_table(reports: dict[str, dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ from cvsparse.config import from_dict
 from cvsparse.methods import AutoPruneMethod
 from cvsparse.nn import gated_layers
 from cvsparse.train import Trainer
+from cvsparse.train.outputs import summary_table
 
 from .test_trainer import full_and_resumed
 
@@ -138,6 +139,33 @@ def test_target_compression_freezes_gates(tmp_path):
     trainer.run()
     for before, (_, layer) in zip(frozen, gated_layers(trainer.model), strict=True):
         assert torch.equal(before > 0, layer.aux.detach() > 0)
+
+
+def test_target_met_is_reported_and_a_missed_one_warns(tmp_path):
+    """Met: ``budget_met_at_epoch`` is the freeze.  Missed (twice the rate a run reaches when
+    its 2-epoch gating budget ends): a warning names the target and the rate reached, the gates
+    freeze at the budget's end, the report and the summary say not met, and the run is the
+    same, bit for bit, as the one without a target.  Oracle: that run's report."""
+    met = Trainer(autoprune_config(aux_l1=0.02, target_compression=1.0001), tmp_path / "met",
+                  progress=False).run()
+    assert met["budget_met_at_epoch"] == met["gates_frozen_at_epoch"] == 1
+    assert met["compression_rate"] >= 1.0001
+
+    free = Trainer(autoprune_config(aux_l1=0.02), tmp_path / "free", progress=False).run()
+    target = 2 * free["compression_rate"]
+    trainer = Trainer(autoprune_config(aux_l1=0.02, target_compression=target),
+                      tmp_path / "missed", progress=False)
+    with pytest.warns(UserWarning) as caught:
+        report = trainer.run()
+    missed = [str(w.message) for w in caught if "pruning phase" in str(w.message)]
+    assert missed == [f"autoprune: the pruning phase ended after epoch 2 without meeting "
+                      f"target_compression {target:g} (reached {free['compression_rate']:.1f}x); "
+                      f"the remaining epochs fine-tune the support as it is"]
+    assert report["gates_frozen_at_epoch"] == 2 and report["budget_met_at_epoch"] is None
+    assert report["test_acc"] == free["test_acc"]
+    assert report["params_nonzero"] == free["params_nonzero"]
+    assert summary_table(report).splitlines()[4] == f"budget compression >= {target:g}x: NOT met"
+    assert "budget" not in summary_table(free)
 
 
 def test_start_from_pretrained_run(tmp_path):

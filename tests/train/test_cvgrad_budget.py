@@ -4,11 +4,13 @@ left in the run fine-tune the support it reached."""
 from __future__ import annotations
 
 import csv
+import warnings
 
 import pytest
 import torch
 
 from cvsparse.train import Trainer
+from cvsparse.train.outputs import summary_table
 
 from .test_trainer import full_and_resumed, tiny_config
 
@@ -134,6 +136,44 @@ def test_flops_budget_ends_the_l1_phase(tmp_path):
                       progress=False)
     trainer.run(max_epochs=3)
     assert trainer.method.stopped_at == 2 and trainer.method.finetuning
+
+
+def test_budget_missed_warns_and_reports_it(tmp_path):
+    """A budget the run cannot meet (twice its final compression, or a FLOPs fraction below
+    what it keeps): a warning names the target and how far the run got, the report says not
+    met, and the run is otherwise the run without a budget, bit for bit.  Oracle: that run."""
+    free = Trainer(budget_config(), tmp_path / "free", progress=False)
+    free_report = free.run()
+    reached = free_report["compression_rate"]
+    kept = free_report["flops_effective"] / free_report["flops_dense"]
+    trainer = Trainer(budget_config(**{"cvgrad.target_compression": 2 * reached,
+                                       "cvgrad.target_flops": kept / 2}),
+                      tmp_path / "b", progress=False)
+    with pytest.warns(UserWarning) as caught:
+        report = trainer.run()
+    missed = [str(w.message) for w in caught if "pruning phase" in str(w.message)]
+    assert missed == [f"cvgrad: the pruning phase ended after epoch 6 without meeting "
+                      f"target_compression {2 * reached:g} (reached {reached:.1f}x) or "
+                      f"target_flops {kept / 2:g} (reached {kept:.4f} of the dense FLOPs); "
+                      f"the remaining epochs fine-tune the support as it is"]
+    assert report["budget_met_at_epoch"] is None and trainer.method.stopped_at is None
+    assert "budget compression >= " in summary_table(report)
+    assert summary_table(report).splitlines()[4].endswith(": NOT met")
+    for a, b in zip(rows(tmp_path / "b"), rows(tmp_path / "free"), strict=True):
+        assert a == {**b, "wall_time_s": a["wall_time_s"]}
+
+
+def test_budget_met_does_not_warn_and_the_summary_says_when(tmp_path):
+    free = Trainer(budget_config(), tmp_path / "free", progress=False)
+    free.run(max_epochs=2)
+    target = float(rows(tmp_path / "free")[1]["compression_rate"])
+    trainer = Trainer(budget_config(**{"cvgrad.target_compression": target}), tmp_path / "b",
+                      progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = trainer.run()
+    assert not [w for w in caught if "pruning phase" in str(w.message)]
+    assert f"budget compression >= {target:g}x: met after epoch 2" in summary_table(report)
 
 
 @pytest.mark.parametrize("key, value", [
