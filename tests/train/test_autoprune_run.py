@@ -13,7 +13,7 @@ from cvsparse.nn import gated_layers
 from cvsparse.train import Trainer
 from cvsparse.train.outputs import summary_table
 
-from .test_trainer import full_and_resumed
+from .test_trainer import full_and_resumed, run_and_budget_warnings
 
 
 def autoprune_config(**autoprune):
@@ -155,9 +155,7 @@ def test_target_met_is_reported_and_a_missed_one_warns(tmp_path):
     target = 2 * free["compression_rate"]
     trainer = Trainer(autoprune_config(aux_l1=0.02, target_compression=target),
                       tmp_path / "missed", progress=False)
-    with pytest.warns(UserWarning) as caught:
-        report = trainer.run()
-    missed = [str(w.message) for w in caught if "pruning phase" in str(w.message)]
+    report, missed = run_and_budget_warnings(trainer)
     assert missed == [f"autoprune: the pruning phase ended after epoch 2 without meeting "
                       f"target_compression {target:g} (reached {free['compression_rate']:.1f}x); "
                       f"the remaining epochs fine-tune the support as it is"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import warnings
 
 import pytest
 import torch
@@ -27,6 +28,15 @@ def tiny_config(**overrides) -> RunConfig:
         section, _, leaf = key.rpartition(".")
         (values.setdefault(section, {}) if section else values)[leaf] = value
     return from_dict(values)
+
+
+def run_and_budget_warnings(trainer: Trainer) -> tuple[dict, list[str]]:
+    """Run ``trainer`` to the end; its report and the messages of every "pruning phase ended
+    short of the budget" warning it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = trainer.run()
+    return report, [str(w.message) for w in caught if "pruning phase" in str(w.message)]
 
 
 def full_and_resumed(config: RunConfig, root, stop_after: int) -> tuple[Trainer, Trainer]:
