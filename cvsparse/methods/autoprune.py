@@ -41,7 +41,7 @@ from .base import (
     finetune_weight_l2,
     stepped_lr,
     supervised_step,
-    warn_budget_missed,
+    warn_if_budget_missed,
 )
 
 
@@ -89,9 +89,8 @@ class AutoPruneMethod(CompressionMethod):
         if epoch >= opt.epochs and self.frozen_at is None:   # the gating budget has ended
             self.frozen_at = epoch
             ap = self.config.autoprune
-            if ap.target_compression is not None or ap.target_flops is not None:
-                warn_budget_missed("autoprune", self.measured_model(), self.input_shape(),
-                                   ap.target_compression, ap.target_flops, epoch)
+            warn_if_budget_missed("autoprune", self.measured_model(), self.input_shape(),
+                                  ap.target_compression, ap.target_flops, epoch)
         weight_l2 = self.config.autoprune.weight_l2
         if self.frozen_at is None:
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)

@@ -143,19 +143,19 @@ def budget_met(model: nn.Module, input_shape: tuple[int, ...], compression: floa
     False when both are None.  ``input_shape`` is one image's ``(C, H, W)``."""
     if compression is None and flops is None:
         return False
-    totals = metrics.summarize(metrics.layer_table(model, input_shape))
-    return (
-        (compression is not None and totals["compression_rate"] >= compression)
-        or (flops is not None and totals["flops_effective"] <= flops * totals["flops_dense"])
-    )
+    return _meets(metrics.summarize(metrics.layer_table(model, input_shape)), compression, flops)
 
 
-def warn_budget_missed(method: str, model: nn.Module, input_shape: tuple[int, ...],
-                       compression: float | None, flops: float | None, epochs: int) -> None:
-    """Warn that ``method``'s pruning phase ended after ``epochs`` epochs short of its budget
-    (``compression`` rate or ``flops`` fraction, as :func:`budget_met` reads them), saying how
-    far ``model`` got.  The run goes on: the epochs left fine-tune the support as it is."""
+def warn_if_budget_missed(method: str, model: nn.Module, input_shape: tuple[int, ...],
+                          compression: float | None, flops: float | None, epochs: int) -> None:
+    """At the end of ``method``'s pruning phase, after ``epochs`` epochs: warn, saying how far
+    ``model`` got, if it does not meet the budget as :func:`budget_met` reads it; nothing when
+    there is no budget.  The run goes on: the epochs left fine-tune the support as it is."""
+    if compression is None and flops is None:
+        return
     totals = metrics.summarize(metrics.layer_table(model, input_shape))
+    if _meets(totals, compression, flops):
+        return
     missed = []
     if compression is not None:
         missed.append(f"target_compression {compression:g} (reached "
@@ -166,3 +166,12 @@ def warn_budget_missed(method: str, model: nn.Module, input_shape: tuple[int, ..
     warnings.warn(f"{method}: the pruning phase ended after epoch {epochs} without meeting "
                   f"{' or '.join(missed)}; the remaining epochs fine-tune the support as it is",
                   stacklevel=3)
+
+
+def _meets(totals: dict[str, Any], compression: float | None, flops: float | None) -> bool:
+    """Whether the totals of :func:`cvsparse.metrics.summarize` meet a budget (see
+    :func:`budget_met`)."""
+    return (
+        (compression is not None and totals["compression_rate"] >= compression)
+        or (flops is not None and totals["flops_effective"] <= flops * totals["flops_dense"])
+    )

@@ -37,7 +37,7 @@ from .base import (
     finetune_weight_l2,
     stepped_lr,
     supervised_step,
-    warn_budget_missed,
+    warn_if_budget_missed,
 )
 
 
@@ -115,13 +115,11 @@ class CVGradMethod(CompressionMethod):
         lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch, epochs)
         group = self.optimizer.param_groups[0]
         if epoch == 0:
-            cv = self.config.cvgrad
-            self.optimizer.prune(cv.threshold)  # fix the support once
-            budget = cv.target_compression is not None or cv.target_flops is not None
-            if budget and self.stopped_at is None and not budget_met(
-                    self.model, self.input_shape(), cv.target_compression, cv.target_flops):
-                warn_budget_missed("cvgrad", self.model, self.input_shape(),
-                                   cv.target_compression, cv.target_flops, self._epoch)
+            self._fix_support()
+            if self.stopped_at is None:   # the outer iterations ran out before any budget
+                cv = self.config.cvgrad
+                warn_if_budget_missed("cvgrad", self.model, self.input_shape(),
+                                      cv.target_compression, cv.target_flops, self._epoch)
         group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
         group["lambda2"] = finetune_weight_l2(self.config, self._lambda_args()[1])
         for g in self.optimizer.param_groups:
