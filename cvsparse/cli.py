@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--target-check-every", type=int, metavar="K",
                        help="autoprune / cvgrad: also check the target every K gate (training) "
                        "steps, not only at epoch ends (0, the default: epoch ends only)")
+    train.add_argument("--min-compression", type=float, metavar="C",
+                       help="cvgrad: a floor on the compression rate; λ1 is held up (and "
+                       "raised) while the network is below it")
+    train.add_argument("--min-compression-epochs", type=int, metavar="R",
+                       help="cvgrad: the floor grows geometrically from 1 to --min-compression "
+                       "over R epochs (default: the whole L1 phase)")
     train.add_argument("--finetune-epochs", type=int,
                        help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--finetune-lr", type=float,
@@ -114,7 +120,9 @@ _FLAGS = {  # flag attribute → config path
     "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
     "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",
     "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",
-    "online_every": "cvgrad.online_every", "granularity": "autoprune.granularity",
+    "online_every": "cvgrad.online_every", "min_compression": "cvgrad.min_compression",
+    "min_compression_epochs": "cvgrad.min_compression_epochs",
+    "granularity": "autoprune.granularity",
     "ste": "autoprune.ste", "slope": "autoprune.slope", "update": "autoprune.update",
     "aux_lr": "autoprune.aux_lr",
     "aux_l1": "autoprune.aux_l1", "aux_l1_ramp_epochs": "autoprune.aux_l1_ramp_epochs",

@@ -87,6 +87,9 @@ class CVGradConfig:
     target_compression: float | None = None  # budget: fine-tune from the epoch after it is met
     target_flops: float | None = None        # … or once FLOPs ≤ this fraction of dense
     target_check_every: int = 0      # also check the budget every k training steps (0: epoch ends)
+    min_compression: float | None = None  # floor: λ1 is held up until compression reaches this
+    min_compression_epochs: int | None = None  # … ramped over these epochs (None: L1 phase)
+    floor_gain: float = 0.05         # dual step of the floor's multiplier (hyper/compression_floor)
 
 
 @dataclass
@@ -254,6 +257,7 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     if cv.release_batches < 1:
         fail(f"cvgrad.release_batches must be >= 1, got {cv.release_batches}")
     _check_budget("cvgrad", cv.target_compression, cv.target_flops, cv.target_check_every, fail)
+    _check_floor(cv, fail)
     betas = cv.hyper_betas
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         fail(f"cvgrad.hyper_betas must be two numbers in [0, 1), got {betas!r}")
@@ -299,3 +303,22 @@ def _check_budget(section: str, compression: float | None, flops: float | None,
         fail(f"{section}.target_flops is a fraction of dense FLOPs in (0, 1], got {flops}")
     if check_every < 0:
         fail(f"{section}.target_check_every must be >= 0, got {check_every}")
+
+
+def _check_floor(cv: CVGradConfig, fail: Callable[[str], None]) -> None:
+    """cvgrad's compression floor: a rate >= 1, not above a compression budget, an integer
+    ramp >= 1 and a positive gain."""
+    floor, ramp = cv.min_compression, cv.min_compression_epochs
+    if floor is None:
+        if ramp is not None:
+            fail("cvgrad.min_compression_epochs needs cvgrad.min_compression")
+        return
+    if not 1 <= floor < float("inf"):
+        fail(f"cvgrad.min_compression must be a finite rate >= 1, got {floor}")
+    if cv.target_compression is not None and cv.target_compression < floor:
+        fail(f"cvgrad.target_compression ({cv.target_compression}) is below "
+             f"cvgrad.min_compression ({floor}): the budget would end pruning under the floor")
+    if ramp is not None and (isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 1):
+        fail(f"cvgrad.min_compression_epochs must be an int >= 1, got {ramp!r}")
+    if not 0 < cv.floor_gain < float("inf"):
+        fail(f"cvgrad.floor_gain must be a finite number > 0, got {cv.floor_gain}")

@@ -42,6 +42,8 @@ def test_every_flag_names_an_existing_config_key():
         (["--method", "cvgrad", "--target-check-every", "50"], "cvgrad.target_check_every", 50),
         (["--method", "autoprune", "--target-compression", "50"],
          "autoprune.target_compression", 50),
+        (["--min-compression", "100"], "cvgrad.min_compression", 100),
+        (["--min-compression-epochs", "24"], "cvgrad.min_compression_epochs", 24),
         (["--swa-epochs", "4"], "optim.swa_epochs", 4),
         (["--swa-lr", "0.005"], "optim.swa_lr", 0.005),
     ],

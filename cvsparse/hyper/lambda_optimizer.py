@@ -114,6 +114,16 @@ class LambdaOptimizer:
         self._lam.copy_(torch.minimum(torch.maximum(new, self._low), self._high))
         self._exp_avg, self._exp_avg_sq, self._step = exp_avg, exp_avg_sq, t
 
+    def rescale_lambda1_(self, factor: float, at_least: Tensor | None = None) -> None:
+        """``λ1 ← max(λ1, at_least) · factor``, clamped to λ1's bounds; the optimizer's moments
+        are untouched.  A constraint's multiplier acts on λ1 this way (``CompressionFloor``)."""
+        if not (isinstance(factor, (int, float)) and 0 < factor < math.inf):
+            raise ValueError(f"factor must be a finite number > 0, got {factor!r}")
+        lam1 = self._lam[0]
+        if at_least is not None:
+            torch.maximum(lam1, at_least.to(lam1), out=lam1)
+        lam1.mul_(factor).clamp_(self._low[0, 0], self._high[0, 0])
+
     def state_dict(self) -> dict[str, Any]:
         """λ, the Adam moments (copies) and the Adam step count."""
         return {"lambda": self._lam.clone(), "exp_avg": self._exp_avg.clone(),

@@ -10,11 +10,19 @@ end, from ``threshold_start_epoch`` on, that meets it; with ``target_check_every
 the first of every k training steps that does, and the rest of that epoch runs without L1,
 thresholding or hyper steps on the support it reached.  The epochs left in the run (those of
 the remaining outer iterations and ``finetune_epochs``) fine-tune that support.
+
+With a floor (``min_compression``) λ1 is learned subject to "compression ≥ a floor that ramps
+up to ``min_compression`` over ``min_compression_epochs``": at every hyper step the floor's
+multiplier (:class:`cvsparse.hyper.CompressionFloor`) raises λ1 where the network is below it
+and keeps the hypergradient from lowering λ1 there.  A budget above the floor then ends the L1
+phase near the size asked for.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvsparse.config import RunConfig
-from cvsparse.hyper import LambdaOptimizer, hypergradient
+from cvsparse.hyper import CompressionFloor, LambdaOptimizer, hypergradient
 from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
@@ -71,6 +79,11 @@ class CVGradMethod(CompressionMethod):
             lr=config.optim.lr,
             momentum=config.optim.momentum,
         )
+        self.floor = None if cv.min_compression is None else CompressionFloor(
+            cv.min_compression,
+            cv.min_compression_epochs or cv.outer * config.optim.epochs,
+            cv.floor_gain,
+        )
         self._push_lambdas()
         self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
@@ -116,10 +129,15 @@ class CVGradMethod(CompressionMethod):
         group = self.optimizer.param_groups[0]
         if epoch == 0:
             self._fix_support()
+            cv = self.config.cvgrad
             if self.stopped_at is None:   # the outer iterations ran out before any budget
-                cv = self.config.cvgrad
                 warn_if_budget_missed("cvgrad", self.model, self.input_shape(),
                                       cv.target_compression, cv.target_flops, self._epoch)
+            if self.floor is not None and self._compression() < cv.min_compression:
+                warnings.warn(f"cvgrad: the L1 phase ended after epoch {self._epoch} at "
+                              f"{self._compression():.1f}x, below min_compression "
+                              f"{cv.min_compression:g}; the remaining epochs fine-tune the "
+                              "support as it is", stacklevel=2)
         group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
         group["lambda2"] = finetune_weight_l2(self.config, self._lambda_args()[1])
         for g in self.optimizer.param_groups:
@@ -159,6 +177,9 @@ class CVGradMethod(CompressionMethod):
             "lambda2": float(self.lambdas.lambda2.mean()),
             "released": self.released,
         }
+        if self.floor is not None:
+            row["floor"] = self.floor.level(epoch)
+            row["floor_nu"] = self.floor.nu
         self.released = 0
         return row
 
@@ -170,6 +191,7 @@ class CVGradMethod(CompressionMethod):
             "steps": self.steps,
             "initial_state": self.initial_state,
             "stopped_at": self.stopped_at,
+            "floor": None if self.floor is None else self.floor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -179,6 +201,8 @@ class CVGradMethod(CompressionMethod):
         self.steps = state["steps"]
         self.initial_state = state["initial_state"]
         self.stopped_at = state.get("stopped_at")   # absent in checkpoints before budgets
+        if self.floor is not None:
+            self.floor.load_state_dict(state["floor"])
         self._push_lambdas()
 
     def report(self) -> dict[str, Any]:
@@ -267,11 +291,22 @@ class CVGradMethod(CompressionMethod):
         d2 = torch.as_tensor(d2, dtype=torch.float64).reshape(-1).cpu()
         if not cv.learn_lambda2:
             d2 = torch.zeros_like(d2)
+        lr_scale = self.optimizer.param_groups[0]["lr"] / self.config.optim.lr
         if cv.lr_scaled_hyper:  # one unrolled step: dw/dλ1 = −η·sign(w), dw/dλ2 = −η·w
-            scale = self.optimizer.param_groups[0]["lr"] / self.config.optim.lr
-            d1, d2 = d1 * scale, d2 * scale
+            d1, d2 = d1 * lr_scale, d2 * lr_scale
+        before = self.lambdas.lambda1.clone()
         self.lambdas.step(d1, d2)
+        if self.floor is not None:
+            factor = self.floor.update(self._compression(), self._epoch, lr_scale)
+            self.lambdas.rescale_lambda1_(factor, before if self.floor.binding else None)
         self._push_lambdas()
+
+    @torch.no_grad()
+    def _compression(self) -> float:
+        """Compression rate of the regularized tensors (SPEC §7: elements / nonzeros)."""
+        total = sum(p.numel() for p in self.weights)
+        nonzero = sum(int(torch.count_nonzero(p)) for p in self.weights)
+        return total / nonzero if nonzero else math.inf
 
     def _lambda_args(self) -> tuple[float | Tensor, float | Tensor]:
         if self.config.cvgrad.per_layer:

@@ -51,6 +51,7 @@ def summary_table(report: dict[str, Any]) -> str:
         f"FLOPs {report['flops_effective']:,} / {report['flops_dense']:,} "
         f"({_ratio(report['flops_dense'], report['flops_effective'])} fewer)",
         *_budget_line(report),
+        *_floor_line(report),
         "",
         f"{'tensor':<28}{'shape':>20}{'nonzero':>12}{'pruned %':>10}{'units off':>12}",
     ]
@@ -78,6 +79,16 @@ def _budget_line(report: dict[str, Any]) -> list[str]:
     epoch = report["budget_met_at_epoch"]
     status = "NOT met" if epoch is None else f"met after epoch {epoch}"
     return [f"budget {' or '.join(targets)}: {status}"]
+
+
+def _floor_line(report: dict[str, Any]) -> list[str]:
+    """``["floor compression >= Cx: met" | "... NOT met"]`` for a cvgrad run with a
+    ``min_compression`` floor, judged on the final network; else ``[]``."""
+    floor = report["config"].get("cvgrad", {}).get("min_compression")
+    if report["config"]["method"] != "cvgrad" or floor is None:
+        return []
+    status = "met" if report["compression_rate"] >= floor else "NOT met"
+    return [f"floor compression >= {floor:g}x: {status}"]
 
 
 def comparison_table(reports: dict[str, dict[str, Any]]) -> str:
