@@ -15,7 +15,7 @@ def test_ramp_grows_geometrically_to_the_target_and_stays():
     floor = CompressionFloor(100.0, ramp_epochs=4)
     levels = [floor.level(t) for t in range(7)]
     assert levels[3:] == [100.0] * 4                      # reached at the ramp's last epoch
-    ratios = [b / a for a, b in zip(levels[:4], levels[1:4])]
+    ratios = [b / a for a, b in zip(levels[:3], levels[1:4], strict=True)]
     assert ratios == pytest.approx([levels[0]] * 3)        # one factor per epoch, from 1
     assert levels[0] ** 4 == pytest.approx(100.0)
 
