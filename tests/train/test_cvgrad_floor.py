@@ -27,24 +27,26 @@ def floor_config(**overrides):
     return tiny_config(**{**BASE, **overrides})
 
 
-def test_floor_lifts_the_compression_the_validation_gradient_settles_below(tmp_path):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["global", "per_layer"])
+def test_floor_lifts_the_compression_the_validation_gradient_settles_below(tmp_path, per_layer):
     """Oracle: the same run without a floor ends under it; with the floor it ends above it,
-    and at every hyper step where the floor binds and its multiplier rises, λ1 does not fall
-    (the validation gradient alone lowers it: see the free run)."""
-    free = Trainer(floor_config(), tmp_path / "free", progress=False)
+    and at every hyper step where the floor binds and its multiplier rises, no λ1 falls (the
+    validation gradient alone lowers them: see the free run)."""
+    layered = {"cvgrad.per_layer": per_layer}
+    free = Trainer(floor_config(**layered), tmp_path / "free", progress=False)
     free.run()
     free_rates = [float(r["compression_rate"]) for r in rows(tmp_path / "free")]
     assert free_rates[-1] < FLOOR["cvgrad.min_compression"]
 
-    trainer = Trainer(floor_config(**FLOOR), tmp_path / "floor", progress=False)
+    trainer = Trainer(floor_config(**FLOOR, **layered), tmp_path / "floor", progress=False)
     method = trainer.method
-    steps: list[tuple[float, float, float, bool]] = []
+    steps: list[tuple[torch.Tensor, torch.Tensor, float, bool]] = []
     hyper_step = method._hyper_step
 
     def recording(batch):
-        before, nu = float(method.lambdas.lambda1), method.floor.nu
+        before, nu = method.lambdas.lambda1.clone(), method.floor.nu
         hyper_step(batch)
-        steps.append((before, float(method.lambdas.lambda1), method.floor.nu - nu,
+        steps.append((before, method.lambdas.lambda1.clone(), method.floor.nu - nu,
                       method.floor.binding))
 
     method._hyper_step = recording
@@ -55,7 +57,7 @@ def test_floor_lifts_the_compression_the_validation_gradient_settles_below(tmp_p
     assert float(metrics[-1]["compression_rate"]) == report["compression_rate"]
     rising = [(b, a) for b, a, d_nu, binding in steps if binding and d_nu > 0]
     assert len(rising) > 10
-    assert all(after > before for before, after in rising)
+    assert all(bool((after > before).all()) for before, after in rising)
     assert [float(r["floor"]) for r in metrics] == pytest.approx(
         [6.0 ** ((e + 1) / 6) for e in range(6)])           # ramp: the whole L1 phase
     assert max(float(r["floor_nu"]) for r in metrics) > 0
