@@ -89,7 +89,7 @@ class CVGradConfig:
     target_check_every: int = 0      # also check the budget every k training steps (0: epoch ends)
     min_compression: float | None = None  # floor: λ1 is held up until compression reaches this
     min_compression_epochs: int | None = None  # … ramped over these epochs (None: L1 phase)
-    floor_gain: float = 0.05         # dual step of the floor's multiplier (hyper/compression_floor)
+    floor_gain: float = 0.1          # dual step of the floor's multiplier (hyper/compression_floor)
 
 
 @dataclass

@@ -35,7 +35,7 @@ class CompressionFloor:
         gain: ``ρ`` > 0, the dual step per hyper step and unit of log shortfall.
     """
 
-    def __init__(self, target: float, ramp_epochs: int, gain: float = 0.05) -> None:
+    def __init__(self, target: float, ramp_epochs: int, gain: float = 0.1) -> None:
         if not (isinstance(target, (int, float)) and 1 <= target < math.inf):
             raise ValueError(f"target must be a finite compression rate >= 1, got {target!r}")
         if isinstance(ramp_epochs, bool) or not isinstance(ramp_epochs, int) or ramp_epochs < 1:
