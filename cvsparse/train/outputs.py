@@ -143,7 +143,11 @@ def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Pa
     ax.plot(epochs, [r["pruned_pct"] for r in rows], marker="o", ms=3, color="C3")
     ax.set(xlabel="epoch", ylabel="pruned weights (%)", title="Sparsity", ylim=(0, 100))
     ax2 = ax.twinx()
-    ax2.plot(epochs, [r["compression_rate"] for r in rows], ls="--", color="C0")
+    ax2.plot(epochs, [r["compression_rate"] for r in rows], ls="--", color="C0",
+             label="compression")
+    if rows and "floor" in rows[0]:   # cvgrad's compression floor, where one is set
+        ax2.plot(epochs, [r["floor"] for r in rows], ls=":", color="C7", label="floor")
+        ax2.legend(loc="lower right")
     ax2.set_ylabel("compression rate (x)", color="C0")
     ax.grid(alpha=0.3)
     save(fig, "sparsity.png")
