@@ -133,9 +133,9 @@ class CVGradMethod(CompressionMethod):
             if self.stopped_at is None:   # the outer iterations ran out before any budget
                 warn_if_budget_missed("cvgrad", self.model, self.input_shape(),
                                       cv.target_compression, cv.target_flops, self._epoch)
-            if self.floor is not None and self._compression() < cv.min_compression:
+            if self.floor is not None and (reached := self._compression()) < cv.min_compression:
                 warnings.warn(f"cvgrad: the L1 phase ended after epoch {self._epoch} at "
-                              f"{self._compression():.1f}x, below min_compression "
+                              f"{reached:.1f}x, below min_compression "
                               f"{cv.min_compression:g}; the remaining epochs fine-tune the "
                               "support as it is", stacklevel=2)
         group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
@@ -303,9 +303,13 @@ class CVGradMethod(CompressionMethod):
 
     @torch.no_grad()
     def _compression(self) -> float:
-        """Compression rate of the regularized tensors (SPEC §7: elements / nonzeros)."""
+        """Compression rate of the regularized tensors (SPEC §7: elements / nonzeros), from the
+        nonzeros the latest fused step or prune counted (``ProxSGD.last_nonzero``); counted
+        here only before the first of them."""
+        counts = self.optimizer.last_nonzero[0]
+        nonzero = (int(counts.sum()) if counts is not None
+                   else sum(int(torch.count_nonzero(p)) for p in self.weights))
         total = sum(p.numel() for p in self.weights)
-        nonzero = sum(int(torch.count_nonzero(p)) for p in self.weights)
         return total / nonzero if nonzero else math.inf
 
     def _lambda_args(self) -> tuple[float | Tensor, float | Tensor]:
