@@ -1,7 +1,7 @@
 """What a compressed model costs: parameters, nonzeros, FLOPs, dead units; and its accuracy.
 
-FLOP convention (SPEC §7: a multiply and an add count one each), for Conv and Linear layers only
-(normalization, activations, pooling and additions are not counted):
+FLOP convention (docs/method.md §7: a multiply and an add count one each), for Conv and Linear
+layers only (normalization, activations, pooling and additions are not counted):
 
 - dense FLOPs of a layer = 2 · ``weight.numel()`` · output positions, where output positions is
   H_out·W_out for a Conv2d (likewise for Conv1d/3d) and 1 for a Linear on ``(N, F)`` inputs,

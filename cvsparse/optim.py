@@ -1,4 +1,4 @@
-"""ProxSGD: proximal SGD with momentum for L1 + L2 regularized weights (SPEC §2, §4).
+"""ProxSGD: proximal SGD with momentum for L1 + L2 regularized weights (docs/method.md §2, §4).
 
 Each ``step()`` runs, per param group, one fused :func:`cvsparse.ops.prox_sgd_` call over the
 group's parameters that have gradients (one call per dtype/device if the group mixes them),

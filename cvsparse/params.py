@@ -1,4 +1,4 @@
-"""Which tensors of a model are regularized (SPEC: weights of Conv and Linear layers)."""
+"""Which tensors of a model are regularized (docs/method.md §1: Conv and Linear weights)."""
 
 from __future__ import annotations
 

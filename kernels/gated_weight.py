@@ -1,4 +1,5 @@
-"""``cvsparse_triton::gated_weight`` and its backward: AutoPrune's ``w · 1[m > 0]`` (SPEC §6).
+"""``cvsparse_triton::gated_weight`` and its backward: AutoPrune's ``w · 1[m > 0]``
+(docs/method.md §6).
 
 ``aux`` (``m``) is shaped like ``weight`` (one gate per weight) or ``(weight.shape[0],)`` (one
 gate per output unit, broadcast over the other dims).  Forward: one elementwise launch.

@@ -1,4 +1,5 @@
-"""``cvsparse_triton::mixed_partial_dot``: ``[Σ c·v·sign(w), Σ c·v·w]`` per tensor (SPEC §3).
+"""``cvsparse_triton::mixed_partial_dot``: ``[Σ c·v·sign(w), Σ c·v·w]`` per tensor
+(docs/method.md §3).
 
 Two launches, both deterministic (no floating-point atomics):
 

@@ -1,4 +1,4 @@
-"""``cvsparse_triton::prox_sgd_``: fused proximal SGD step with momentum (SPEC §2).
+"""``cvsparse_triton::prox_sgd_``: fused proximal SGD step with momentum (docs/method.md §2).
 
 One launch updates every tensor of the list (see ``_launch.py``); each program updates one block
 of one tensor in opmath, stores ``w`` (and ``v``) back in the tensor dtype, and adds the block's

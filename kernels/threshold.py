@@ -1,4 +1,5 @@
-"""``cvsparse_triton::threshold_``: magnitude pruning of a tensor list, in place (SPEC §4).
+"""``cvsparse_triton::threshold_``: magnitude pruning of a tensor list, in place
+(docs/method.md §4).
 
 One multi-tensor launch (see ``_launch.py``): each program computes ``keep = |w| ≥ τ and mask``
 for one block of one tensor, multiplies ``w`` (and ``v``) by it, rewrites the mask, and adds

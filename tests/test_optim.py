@@ -41,7 +41,7 @@ def _assert_same_params(a: nn.Module, b: nn.Module, **tol) -> None:
 
 
 def _oracle_step(params, bufs, *, lr, momentum, lambda1, lambda2, masks=None):
-    """SPEC §2 written out per tensor in float64."""
+    """docs/method.md §2 written out per tensor in float64."""
     with torch.no_grad():
         for i, (p, v) in enumerate(zip(params, bufs, strict=True)):
             v.mul_(momentum).add_(p.grad + lambda2[i] * p)

@@ -1,4 +1,4 @@
-// CPU kernels of AutoPrune's gated weight (SPEC §6):
+// CPU kernels of AutoPrune's gated weight (docs/method.md §6):
 //   gated_weight:           out = w · h(m),  h(m) = 1[m > 0]
 //   gated_weight_backward:  grad_w = g · h(m)
 //                           grad_m = [Σ over non-output dims of] g · (sgn(w) | w) · s'(m)

@@ -1,4 +1,5 @@
-// mixed_partial_dot on CPU: per tensor [Σ c·v·sign(w), Σ c·v·w] over a whole list (SPEC §3).
+// mixed_partial_dot on CPU: per tensor [Σ c·v·sign(w), Σ c·v·w] over a whole list
+// (docs/method.md §3).
 // One read-only pass over w, v (and c).  Products are formed in the math type (float for
 // float32 / float16 / bfloat16), summed per lane over blocks of kBlock elements, and every block
 // sum is added into double: the error stays within ~(kBlock / lanes)·ε·Σ|terms of a block| per

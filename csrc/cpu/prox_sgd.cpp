@@ -1,5 +1,5 @@
 // prox_sgd_ on CPU: fused proximal SGD step with momentum over a whole list of tensors
-// (SPEC §2).  One pass per element: read w, g, v (if bufs), mask (if masks); write w, v;
+// (docs/method.md §2).  One pass per element: read w, g, v (if bufs), mask (if masks); write w, v;
 // count the nonzeros of the stored w on the way.
 #include <torch/library.h>
 

@@ -1,4 +1,4 @@
-// threshold_ on CPU: magnitude pruning over a whole list of tensors (SPEC §4).  One pass:
+// threshold_ on CPU: magnitude pruning over a whole list of tensors (docs/method.md §4).  One pass:
 // keep = |w| >= τ and mask;  w, v = keep ? (w, v) : 0;  mask = keep;  count the kept elements.
 // An empty masks list means "no masks" (keep = |w| >= τ), like an empty momentum_bufs list.
 // |w| >= τ is evaluated in the math type (τ rounded to float for float32 / float16 / bfloat16),

@@ -1,4 +1,4 @@
-// CUDA kernels of cvsparse::gated_weight and cvsparse::gated_weight_backward (SPEC §6).
+// CUDA kernels of cvsparse::gated_weight and cvsparse::gated_weight_backward (docs/method.md §6).
 //
 // Forward: ŵ = w · 1[m > 0].  `aux` (m) is shaped like the weight ("weight" granularity) or is
 // (weight.shape[0],) ("neuron" granularity: one gate per output row, broadcast over the row).

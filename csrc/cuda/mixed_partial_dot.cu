@@ -1,4 +1,4 @@
-// CUDA kernel of cvsparse::mixed_partial_dot (SPEC §3): for every tensor l of a list,
+// CUDA kernel of cvsparse::mixed_partial_dot (docs/method.md §3): for every tensor l of a list,
 // row l of the (n, 2) result is [Σ c·v·sign(w), Σ c·v·w] (c = precond, or 1).
 //
 // Deterministic two-pass reduction, no floating-point atomics:

@@ -1,5 +1,5 @@
-// CUDA kernel of cvsparse::prox_sgd_ (SPEC §2): one fused proximal SGD step with momentum on a
-// whole list of tensors, in place, counting the nonzeros of every updated tensor.
+// CUDA kernel of cvsparse::prox_sgd_ (docs/method.md §2): one fused proximal SGD step with
+// momentum on a whole list of tensors, in place, counting the nonzeros of every updated tensor.
 //
 // Per element, in opmath (float32 for half / bfloat16, the dtype itself otherwise), with each
 // product and sum rounded separately like the eager reference:

@@ -1,5 +1,5 @@
-// CUDA kernel of cvsparse::threshold_ (SPEC §4): magnitude pruning of a whole list of tensors,
-// in place, counting the kept elements of every tensor.
+// CUDA kernel of cvsparse::threshold_ (docs/method.md §4): magnitude pruning of a whole list of
+// tensors, in place, counting the kept elements of every tensor.
 //
 // Per element: keep = |w| >= τ (compared in opmath) and mask; w *= keep; v *= keep; mask = keep.
 // `w *= keep` multiplies like the reference's `mul_` (so a NaN weight stays NaN).  An empty

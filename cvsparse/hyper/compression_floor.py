@@ -1,14 +1,14 @@
 """A compression floor on the learned λ1: the validation loss decides, down to a stated size.
 
-The validation loss of SPEC §1 may prefer a network denser than the one a user needs (on
+The validation loss of docs/method.md §1 may prefer a network denser than the one a user needs (on
 LeNet-5 it settles near 9x–35x, RESULTS.md).  With a floor, λ1 solves
 
     min_λ cv(λ)   subject to   log c ≥ log C(t)
 
-where ``c`` is the compression rate (regularized weights / nonzero ones, SPEC §7) and the floor
-``C(t) = C^min(1, (t + 1) / R)`` grows geometrically over the first ``R`` epochs (global epoch
-``t``), so that pruning is spread over training instead of done at once.  The constraint's
-multiplier ``ν ≥ 0`` follows dual ascent at every hyper step,
+where ``c`` is the compression rate (regularized weights / nonzero ones, docs/method.md §7) and
+the floor ``C(t) = C^min(1, (t + 1) / R)`` grows geometrically over the first ``R`` epochs
+(global epoch ``t``), so that pruning is spread over training instead of done at once.  The
+constraint's multiplier ``ν ≥ 0`` follows dual ascent at every hyper step,
 
     ν ← max(0, ν + ρ · s · (log C(t) − log c)),        s = current lr / base lr,
 

@@ -1,4 +1,5 @@
-"""Gradient steps on the regularization strengths λ = (λ1, λ2) from hypergradients (SPEC §3)."""
+"""Gradient steps on the regularization strengths λ = (λ1, λ2) from hypergradients
+(docs/method.md §5.3)."""
 
 from __future__ import annotations
 

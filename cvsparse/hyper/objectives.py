@@ -1,10 +1,11 @@
 """Validation objectives ``cv`` whose hypergradient drives λ.
 
-``ce`` is SPEC §1's ``CE_val``.  ``calibrated_ce`` is ``min_a CE_val(a·logits)``: the
-cross-entropy at the best single temperature ``1/a`` of the batch.  Shrinking the weights of an
-overconfident network lowers ``CE_val`` through the logit scale alone (a temperature effect)
-even while its error rises; at the optimal ``a`` the derivative along the scale vanishes
-(envelope theorem), so the hypergradient of the calibrated loss no longer rewards that.
+``ce`` is the plain ``CE_val`` (docs/method.md §1).  ``calibrated_ce`` is
+``min_a CE_val(a·logits)``: the cross-entropy at the best single temperature ``1/a`` of the
+batch.  Shrinking the weights of an overconfident network lowers ``CE_val`` through the logit
+scale alone (a temperature effect) even while its error rises; at the optimal ``a`` the
+derivative along the scale vanishes (envelope theorem), so the hypergradient of the calibrated
+loss no longer rewards that.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Drop-in layers: AutoPrune's gated Conv2d / Linear (SPEC §6) and model conversion.
+"""Drop-in layers: AutoPrune's gated Conv2d / Linear (docs/method.md §6) and model conversion.
 
     from cvsparse.nn import GatedConv2d, convert, strip, aux_parameters
 """

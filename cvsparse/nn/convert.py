@@ -76,7 +76,7 @@ def gated_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def aux_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``(qualified name, aux)`` of every gated layer of ``model``: the AutoPrune gate
-    parameters (trained with their own optimizer and an L1 penalty, SPEC §6)."""
+    parameters (trained with their own optimizer and an L1 penalty, docs/method.md §6)."""
     return [(f"{name}.aux" if name else "aux", m.aux) for name, m in gated_layers(model)]
 
 

@@ -1,6 +1,6 @@
-"""AutoPrune's gated layers (SPEC §6): ``nn.Conv2d`` / ``nn.Linear`` whose weight is used as
-``ŵ = w ⊙ h(m)``, ``h(m) = 1[m > 0]``, with one auxiliary parameter ``m`` (``aux``) per weight
-or per output unit.
+"""AutoPrune's gated layers (docs/method.md §6): ``nn.Conv2d`` / ``nn.Linear`` whose weight is
+used as ``ŵ = w ⊙ h(m)``, ``h(m) = 1[m > 0]``, with one auxiliary parameter ``m`` (``aux``) per
+weight or per output unit.
 
 They are drop-in subclasses: same constructor arguments, same ``weight`` / ``bias`` parameters
 and state_dict keys plus ``aux``.  The gate is computed by :func:`cvsparse.ops.gated_weight`,

@@ -1,4 +1,4 @@
-"""Fused per-parameter operators of sparse training (SPEC §2–4, §6).
+"""Fused per-parameter operators of sparse training (docs/method.md §2–4, §6).
 
 Every operator takes *lists* of tensors — all regularized tensors of a model in one call — and
 is also available as ``torch.ops.cvsparse.<name>``.  Arguments are validated here, once, before
@@ -39,7 +39,8 @@ def prox_sgd_(
     lambda2: Lambda,
     masks: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """One proximal SGD step with momentum on every tensor of ``params``, in place (SPEC §2).
+    """One proximal SGD step with momentum on every tensor of ``params``, in place
+    (docs/method.md §2).
 
     Per element: ``d = g + λ2·w``; ``v = μ·v + d``; ``z = w − lr·v``;
     ``w = sign(z)·max(|z| − lr·λ1, 0)``; then ``w, v *= mask`` where a mask is given.
@@ -79,7 +80,7 @@ def prox_sgd_(
 def mixed_partial_dot(
     params: Sequence[Tensor], vectors: Sequence[Tensor], precond: Sequence[Tensor] | None = None
 ) -> Tensor:
-    """Mixed partials ``∂²e/∂W∂λ`` reduced against ``vectors`` (SPEC §3).
+    """Mixed partials ``∂²e/∂W∂λ`` reduced against ``vectors`` (docs/method.md §3).
 
     Returns a ``(n, 2)`` tensor whose row l is ``[Σ c·v·sign(w), Σ c·v·w]`` over the nonzero
     elements of ``params[l]`` (``c = precond[l]``, or 1).  float64 for float64 inputs, float32
@@ -101,7 +102,7 @@ def threshold_(
     masks: Sequence[Tensor],
     tau: float,
 ) -> Tensor:
-    """Magnitude pruning, in place (SPEC §4): ``keep = |w| ≥ τ and mask``;
+    """Magnitude pruning, in place (docs/method.md §4): ``keep = |w| ≥ τ and mask``;
     ``w, v *= keep``; ``mask = keep``.
 
     Args:
@@ -127,7 +128,8 @@ def gated_weight(
     weight: Tensor, aux: Tensor, *, ste: str = "linear", slope: float = 0.01,
     update: str = "proposed",
 ) -> Tensor:
-    """AutoPrune's gated weight ``w · 1[m > 0]`` (SPEC §6), differentiable in ``w`` and ``m``.
+    """AutoPrune's gated weight ``w · 1[m > 0]`` (docs/method.md §6), differentiable in ``w``
+    and ``m``.
 
     ``aux`` is shaped like ``weight`` (one gate per weight) or ``(weight.shape[0],)`` (one gate per
     output channel / neuron).  Backward: ``∂w = g·h(m)``, ``∂m = Σ g·sgn(w)·s'(m)`` for

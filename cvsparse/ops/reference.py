@@ -2,9 +2,9 @@
 
 Each function takes the operator's *normalized* arguments (the ones of its schema in
 ``schemas.py``: empty lists for absent optionals, ``lambda1``/``lambda2`` as float64 tensors of
-shape ``(n,)``) and follows ``SPEC.md`` literally.  They are the test oracle for the C++, CUDA and
-Triton backends and the fallback when the compiled library is unavailable.  Reduced-precision
-inputs are computed in float32 and stored back in their own dtype.
+shape ``(n,)``) and follows ``docs/method.md`` literally.  They are the test oracle for the C++,
+CUDA and Triton backends and the fallback when the compiled library is unavailable.
+Reduced-precision inputs are computed in float32 and stored back in their own dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def prox_sgd_(
     lr: float,
     momentum: float,
 ) -> Tensor:
-    """Proximal SGD step with momentum (SPEC §2), in place; returns nonzeros per tensor, int64."""
+    """Proximal SGD step with momentum (docs/method.md §2), in place; returns nonzeros per
+    tensor, int64."""
     counts = []
     for i, p in enumerate(params):
         w = _opmath(p)
@@ -53,7 +54,8 @@ def prox_sgd_(
 
 
 def mixed_partial_dot(params: list[Tensor], vectors: list[Tensor], precond: list[Tensor]) -> Tensor:
-    """Per tensor ``[Σ c·v·sign(w), Σ c·v·w]`` over nonzero ``w`` (SPEC §3); shape ``(n, 2)``.
+    """Per tensor ``[Σ c·v·sign(w), Σ c·v·w]`` over nonzero ``w`` (docs/method.md §3); shape
+    ``(n, 2)``.
 
     The result is float64 for float64 inputs, float32 otherwise; sums accumulate in float64.
     """
@@ -74,7 +76,8 @@ def mixed_partial_dot(params: list[Tensor], vectors: list[Tensor], precond: list
 def threshold_(
     params: list[Tensor], momentum_bufs: list[Tensor], masks: list[Tensor], tau: float
 ) -> Tensor:
-    """Magnitude pruning at ``tau`` (SPEC §4), in place; returns kept elements per tensor."""
+    """Magnitude pruning at ``tau`` (docs/method.md §4), in place; returns kept elements per
+    tensor."""
     counts = []
     for i, p in enumerate(params):
         keep = (_opmath(p).abs() >= tau) & masks[i]
@@ -89,7 +92,7 @@ def threshold_(
 def gated_weight(
     weight: Tensor, aux: Tensor, ste: int, slope: float, sign_rule: bool
 ) -> Tensor:
-    """``weight · 1[aux > 0]`` (SPEC §6); ``aux`` is shaped like ``weight`` or ``(out,)``.
+    """``weight · 1[aux > 0]`` (docs/method.md §6); ``aux`` is shaped like ``weight`` or ``(out,)``.
 
     ``ste``, ``slope`` and ``sign_rule`` only shape the backward (:func:`gated_weight_backward`).
     """
@@ -99,7 +102,7 @@ def gated_weight(
 def gated_weight_backward(
     grad: Tensor, weight: Tensor, aux: Tensor, ste: int, slope: float, sign_rule: bool
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`gated_weight` w.r.t. ``weight`` and ``aux`` (SPEC §6).
+    """Gradients of :func:`gated_weight` w.r.t. ``weight`` and ``aux`` (docs/method.md §6).
 
     ``ste`` is a code of ``STE_CODES``; ``slope`` the LeakyReLU slope for ``m <= 0``;
     ``sign_rule`` selects the proposed rule (``sgn(w)``) over the BNN rule (``w``).

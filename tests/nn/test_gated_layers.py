@@ -1,4 +1,4 @@
-"""AutoPrune's gated layers and the convert / strip model transformations (SPEC §6)."""
+"""AutoPrune's gated layers and the convert / strip model transformations (docs/method.md §6)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_layer_gradients(kind, granularity, update):
     x, mask = torch.randn(x_shape), unit_mask(layer)
     upstream = torch.randn_like(layer(x))
     (layer(x) * upstream).sum().backward()
-    # ∂L/∂ŵ from a plain layer evaluated at ŵ, then SPEC §6 by hand.
+    # ∂L/∂ŵ from a plain layer evaluated at ŵ, then docs/method.md §6 by hand.
     w_hat = (layer.weight.detach() * mask).requires_grad_()
     out = (F.conv2d(x, w_hat, layer.bias, stride=2, padding=1) if kind == "conv"
            else F.linear(x, w_hat, layer.bias))

@@ -1,5 +1,5 @@
-"""The gated-weight operator (SPEC §6) on every backend: values and gradients against the SPEC
-formulas, the C++ kernels against the reference for all dtypes and awkward sizes, opcheck, and
+"""The gated-weight operator (docs/method.md §6) on every backend: values and gradients against
+those formulas, the C++ kernels against the reference for all dtypes and awkward sizes, opcheck, and
 argument validation."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ STES = ["linear", "leaky_relu", "softplus"]
 UPDATES = ["proposed", "bnn"]
 GRANULARITIES = ["weight", "neuron"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# The straight-through functions s whose derivative s' stands in for h' (SPEC §6).
+# The straight-through functions s whose derivative s' stands in for h' (docs/method.md §6).
 STE_FUNCTIONS = {
     "linear": lambda m, slope: m,
     "leaky_relu": lambda m, slope: F.leaky_relu(m, slope),
@@ -44,7 +44,8 @@ def make_inputs(shape, granularity, dtype=torch.float32, seed=0):
 
 
 def spec_gated(grad, weight, aux, ste, slope, update):
-    """SPEC §6 written out in float64: (ŵ, ∂L/∂w, ∂L/∂m) for upstream gradient ``grad``."""
+    """docs/method.md §6 written out in float64: (ŵ, ∂L/∂w, ∂L/∂m) for upstream gradient
+    ``grad``."""
     g, w, m = grad.double(), weight.double(), aux.double()
     unit_m = m.reshape(m.shape + (1,) * (w.dim() - m.dim()))  # neuron gates broadcast
     h = (unit_m > 0).double()

@@ -1,8 +1,9 @@
 """``optim.finetune_weight_l2``: the weight L2 of the fine-tuning phase, for every method.
 
 Oracle: one fine-tuning step of the method's weight optimizer against the hand-written update
-of SPEC §2 with λ1 = 0 (``d = g + λ2·w; v = μ·v + d; w = (w − lr·v)·mask``), computed from the
-same batch's gradients, with λ2 the fine-tuning value; the training-phase value must not fit.
+of docs/method.md §2 with λ1 = 0 (``d = g + λ2·w; v = μ·v + d; w = (w − lr·v)·mask``), computed
+from the same batch's gradients, with λ2 the fine-tuning value; the training-phase value must
+not fit.
 """
 
 from __future__ import annotations
