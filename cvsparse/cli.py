@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from cvsparse.config import AUGMENT_PHASES, ESTIMATORS, METHODS, RunConfig, load_yaml
@@ -159,7 +160,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as ``warning: MESSAGE`` lines (no source file, no code excerpt)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``cvsparse`` command; returns its exit code (0 done, 1 failed, 2 refused)."""
+    warnings.formatwarning = _one_line_warning
     args = _parser().parse_args(argv)
     if args.command in ("summary", "compare"):
         from cvsparse.train.outputs import comparison_table, summary_table

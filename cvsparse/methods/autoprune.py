@@ -182,16 +182,24 @@ def aux_l1_at(ap: AutoPruneConfig, epoch: int) -> float:
 def load_weights(path: str | Path) -> dict[str, Tensor]:
     """A plain model state_dict from a run folder, its ``checkpoint.pt``, or a state_dict file.
 
-    Gated keys (``*.aux``) of a checkpoint of an AutoPrune run are dropped: gates restart from
-    their initial distribution."""
+    Files are read with ``weights_only=True`` (a pickle asking for code is refused, never run)
+    and a cvsparse checkpoint must pass its checksum; ValueError (one line) otherwise.  Gated
+    keys (``*.aux``) of a checkpoint of an AutoPrune run are dropped: gates restart from their
+    initial distribution."""
+    from cvsparse.train import checkpoint  # here: cvsparse.train imports the methods
+
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / checkpoint.CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"autoprune.pretrained: no file at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    state = checkpoint.read_weights_only(path)
+    if isinstance(state, dict) and state.get("format") == checkpoint.FORMAT:
+        state = checkpoint.load(path).get("model")
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"autoprune.pretrained: {path} holds neither a cvsparse checkpoint "
+                         "nor a state_dict of tensors")
     return {k: v for k, v in state.items() if not k.endswith(".aux")}
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cvsparse import metrics
-from cvsparse.config import RunConfig, validate
+from cvsparse.config import RunConfig, from_dict, validate
 from cvsparse.data import (
     CROP_PADDING,
     BatchLoader,
@@ -34,6 +34,10 @@ from cvsparse.models import build_model
 from . import checkpoint, outputs
 from .averaging import WeightAverage
 
+#: Keys every checkpoint state holds (a state without one of them is incomplete).
+_STATE_KEYS = ("epoch", "model", "method", "generator", "hyper_generator", "rng", "split",
+               "average", "rows", "wall_time_s", "config")
+
 
 class Trainer:
     """Runs ``config`` and writes its outputs into ``out_dir``."""
@@ -44,9 +48,11 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress
-        state = checkpoint.load(self.out_dir / checkpoint.CHECKPOINT_NAME) if resume else None
+        self.checkpoints = checkpoint.CheckpointStore(self.out_dir, required=_STATE_KEYS)
+        state = self.checkpoints.load() if resume else None
         if state is not None:
-            self.config = config = state["config_obj"]
+            self.config = config = from_dict(state["config"])
+            validate(config)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = _device(config.device)
@@ -97,7 +103,7 @@ class Trainer:
             outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
             if self.epoch == self.config.total_epochs and self.average.count:
                 self.average.copy_to_model()   # the finished model is the weight average
-            checkpoint.save_atomic(self._state(), self.out_dir / checkpoint.CHECKPOINT_NAME)
+            self.checkpoints.save(self._state())
         report = self.report()
         outputs.write_json(report, self.out_dir / "report.json")
         outputs.write_plots(self.rows, report, self.out_dir / "plots")
@@ -242,14 +248,12 @@ class Trainer:
             "rows": self.rows,
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
-            "config_obj": self.config,
         }
 
     def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
-        if "average" in state:   # checkpoints written before weight averaging existed lack it
-            self.average.load_state_dict(state["average"])
+        self.average.load_state_dict(state["average"])
         self.generator.set_state(state["generator"])
         hyper_generator.set_state(state["hyper_generator"])
         checkpoint.set_rng_state(state["rng"])
