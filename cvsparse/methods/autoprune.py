@@ -1,5 +1,5 @@
-"""AutoPrune (SPEC §6): gates ``h(m) = 1[m > 0]`` on weights or whole units, learned by
-straight-through gradients on auxiliary parameters ``m``.
+"""AutoPrune (docs/method.md §6): gates ``h(m) = 1[m > 0]`` on weights or whole units, learned
+by straight-through gradients on auxiliary parameters ``m``.
 
 The training split is halved: weights take a step on a batch of the first half, then the
 auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``weight_l2``),
