@@ -181,6 +181,13 @@ def test_torch_is_pinned_in_the_requirements():
 
 
 @pytest.mark.parametrize("path", [README, CLI_DOC], ids=lambda p: p.name)
+def test_relative_links_resolve(path):
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text())
+    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    assert not missing, f"{path.name} links to missing files: {missing}"
+
+
+@pytest.mark.parametrize("path", [README, CLI_DOC], ids=lambda p: p.name)
 def test_no_paths_of_a_particular_machine(path):
     text = path.read_text()
     for fragment in ("/work/", "/root/", "/home/", "/tmp/"):
