@@ -1,0 +1,219 @@
+"""The ``cvsparse`` command.
+
+    cvsparse train --model lenet300 --dataset mnist --method cvgrad --out runs/lenet300
+    cvsparse train --resume runs/lenet300
+    cvsparse summary runs/lenet300
+
+Settings come from the built-in defaults, then ``--config FILE.yaml``, then the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from cvsparse.config import AUGMENT_PHASES, ESTIMATORS, METHODS, RunConfig, load_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvsparse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="compress a model (writes report, metrics, plots)")
+    train.add_argument("--config", type=Path, help="YAML recipe (see configs/)")
+    train.add_argument("--model", help="lenet300, lenet5, vgg16, resnet20/32/56/110, densenet40")
+    train.add_argument("--dataset", help="mnist, cifar10, cifar100")
+    train.add_argument("--method", choices=METHODS)
+    train.add_argument("--data-root", help="folder with <dataset>.npz or torchvision layouts "
+                       "(default: $CVSPARSE_DATA, ../shared/data, torchvision's root)")
+    train.add_argument("--download", action="store_true", default=None,
+                       help="let torchvision download the dataset if it is not found")
+    train.add_argument("--epochs", type=int, help="inner epochs per outer iteration")
+    train.add_argument("--outer", type=int, help="outer iterations (cvgrad)")
+    train.add_argument("--estimator", choices=ESTIMATORS)
+    train.add_argument("--per-layer-lambda", action="store_true", default=None,
+                       help="learn one (λ1, λ2) per regularized tensor")
+    train.add_argument("--lambda1", type=float, help="initial λ1")
+    train.add_argument("--lambda2", type=float, help="initial λ2")
+    train.add_argument("--hyper-lr", type=float, help="λ optimizer step size")
+    train.add_argument("--online-every", type=int, help="hyper step every k training steps")
+    train.add_argument("--granularity", choices=("weight", "neuron"),
+                       help="autoprune: one gate per weight or per output channel/neuron")
+    train.add_argument("--ste", choices=("linear", "leaky_relu", "softplus"),
+                       help="autoprune: straight-through estimator of the gate")
+    train.add_argument("--slope", type=float,
+                       help="autoprune: LeakyReLU STE slope for closed gates (default 0.01)")
+    train.add_argument("--update", choices=("proposed", "bnn"), help="autoprune: gate update rule")
+    train.add_argument("--aux-lr", type=float, help="autoprune: learning rate of the gates")
+    train.add_argument("--aux-l1", type=float, help="autoprune: L1 strength on the gates")
+    train.add_argument("--aux-l1-ramp-epochs", type=int, metavar="R",
+                       help="autoprune: the gate L1 grows linearly to --aux-l1 over R epochs")
+    train.add_argument("--weight-l2", type=float,
+                       help="autoprune / magnitude: L2 (weight decay) on the weights")
+    train.add_argument("--target-compression", type=float,
+                       help="autoprune / cvgrad: end the pruning phase (freeze the gates or the "
+                       "support) and fine-tune once this rate is reached; magnitude: the rate "
+                       "of the one cut")
+    train.add_argument("--target-flops", type=float,
+                       help="autoprune / cvgrad: ... once effective/dense FLOPs falls to this "
+                       "fraction")
+    train.add_argument("--target-check-every", type=int, metavar="K",
+                       help="autoprune / cvgrad: also check the target every K gate (training) "
+                       "steps, not only at epoch ends (0, the default: epoch ends only)")
+    train.add_argument("--min-compression", type=float, metavar="C",
+                       help="cvgrad: a floor on the compression rate; λ1 is held up (and "
+                       "raised) while the network is below it")
+    train.add_argument("--min-compression-epochs", type=int, metavar="R",
+                       help="cvgrad: the floor grows geometrically from 1 to --min-compression "
+                       "over R epochs (default: the whole L1 phase)")
+    train.add_argument("--finetune-epochs", type=int,
+                       help="fine-tune epochs on the pruned support (every method)")
+    train.add_argument("--finetune-lr", type=float,
+                       help="cvgrad, autoprune: first learning rate of fine-tuning "
+                       "(default lr·gamma)")
+    train.add_argument("--finetune-weight-l2", type=float,
+                       help="weight L2 of fine-tuning (default: the training phase's; "
+                       "cvgrad: the learned λ2)")
+    train.add_argument("--swa-epochs", type=int, metavar="K",
+                       help="average the weights over the last K fine-tuning epochs, run at "
+                       "the constant --swa-lr (SWA; default 0: no averaging)")
+    train.add_argument("--swa-lr", type=float,
+                       help="learning rate of the averaging epochs (default: the fine-tuning "
+                       "phase's first lr)")
+    train.add_argument("--skip-layers", nargs="+", metavar="NAME",
+                       help="autoprune: Conv2d/Linear layers to leave ungated (e.g. body.0)")
+    train.add_argument("--pretrained", help="autoprune: start from this run folder or weights")
+    train.add_argument("--lr", type=float, help="weight learning rate")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--mnist-shift", type=int, metavar="PIXELS",
+                       help="MNIST: shift training images randomly by up to this many pixels "
+                       "(default 0: no augmentation)")
+    train.add_argument("--augment-phase", choices=AUGMENT_PHASES,
+                       help="augment (CIFAR crop + flip, --mnist-shift) every training batch "
+                       "(all, the default) or only those of the fine-tuning phase (finetune)")
+    train.add_argument("--max-steps-per-epoch", type=int, help="cap steps (smoke runs)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--out", type=Path,
+                       help="output folder (refused if it holds another run, see --overwrite)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out (its checkpoints, report, metrics, plots)")
+    train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    train.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    summary = sub.add_parser("summary", help="print the summary table of a finished run")
+    summary.add_argument("run_dir", type=Path)
+    compare = sub.add_parser("compare", help="markdown table of error vs compression of runs")
+    compare.add_argument("run_dirs", type=Path, nargs="+")
+    return parser
+
+
+_FLAGS = {  # flag attribute → config path
+    "model": "model", "method": "method", "seed": "seed", "device": "device",
+    "threads": "threads", "dataset": "data.dataset", "data_root": "data.root",
+    "download": "data.download", "batch_size": "data.batch_size",
+    "mnist_shift": "data.mnist_shift", "augment_phase": "data.augment_phase",
+    "epochs": "optim.epochs",
+    "lr": "optim.lr", "finetune_lr": "optim.finetune_lr",
+    "finetune_weight_l2": "optim.finetune_weight_l2",
+    "swa_epochs": "optim.swa_epochs", "swa_lr": "optim.swa_lr",
+    "max_steps_per_epoch": "optim.max_steps_per_epoch",
+    "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
+    "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",
+    "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",
+    "online_every": "cvgrad.online_every", "min_compression": "cvgrad.min_compression",
+    "min_compression_epochs": "cvgrad.min_compression_epochs",
+    "granularity": "autoprune.granularity",
+    "ste": "autoprune.ste", "slope": "autoprune.slope", "update": "autoprune.update",
+    "aux_lr": "autoprune.aux_lr",
+    "aux_l1": "autoprune.aux_l1", "aux_l1_ramp_epochs": "autoprune.aux_l1_ramp_epochs",
+    "target_compression": "autoprune.target_compression",
+    "target_flops": "autoprune.target_flops",
+    "target_check_every": "autoprune.target_check_every", "weight_l2": "autoprune.weight_l2",
+    "finetune_epochs": "autoprune.finetune_epochs",
+    "pretrained": "autoprune.pretrained", "skip_layers": "autoprune.skip_layers",
+}
+_METHOD_FLAGS = {  # flags whose meaning depends on the method
+    "magnitude": {"target_compression": "magnitude.target_compression",
+                  "weight_l2": "magnitude.weight_l2",
+                  "finetune_epochs": "magnitude.finetune_epochs"},
+    "cvgrad": {"finetune_epochs": "cvgrad.finetune_epochs",
+               "target_compression": "cvgrad.target_compression",
+               "target_flops": "cvgrad.target_flops",
+               "target_check_every": "cvgrad.target_check_every"},
+}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then ``--config``, then explicit flags."""
+    config = load_yaml(args.config) if args.config else RunConfig()
+    flags = {**_FLAGS, **_METHOD_FLAGS.get(args.method or config.method, {})}
+    for flag, path in flags.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        *parents, leaf = path.split(".")
+        target = config
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+    return config
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as ``warning: MESSAGE`` lines (no source file, no code excerpt)."""
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``cvsparse`` command; returns its exit code (0 done, 1 failed, 2 refused)."""
+    warnings.formatwarning = _one_line_warning
+    args = _parser().parse_args(argv)
+    if args.command in ("summary", "compare"):
+        from cvsparse.train.outputs import comparison_table, summary_table
+
+        dirs = [args.run_dir] if args.command == "summary" else args.run_dirs
+        missing = [d for d in dirs if not (d / "report.json").is_file()]
+        if missing:
+            print(f"error: no report.json in {', '.join(map(str, missing))}", file=sys.stderr)
+            return 2
+        reports = {str(d): json.loads((d / "report.json").read_text()) for d in dirs}
+        if args.command == "summary":
+            print(summary_table(reports[str(args.run_dir)]))
+        else:
+            print(comparison_table(reports))
+        return 0
+
+    from cvsparse.train import Trainer
+    from cvsparse.train.rundir import RunDirError
+
+    try:
+        if args.resume is not None:
+            trainer = Trainer(RunConfig(), args.resume, resume=True, progress=not args.quiet)
+        else:
+            if args.out is None:
+                print("error: --out DIR is required (or --resume DIR)", file=sys.stderr)
+                return 2
+            trainer = Trainer(config_from_args(args), args.out, overwrite=args.overwrite,
+                              progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trainer.run()
+    except RunDirError as exc:   # the folder is locked by another process, or was taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. a diverging run (NaN gradients): nothing was updated
+        print(f"error: {exc}\nthe last good epoch is in {trainer.out_dir}/checkpoint.pt",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""The one configuration tree of a run: dataclasses, loaded from YAML, overridden by CLI flags.
+
+The resolved tree is stored in every report and checkpoint (``to_dict``).  ``validate`` rejects a
+bad configuration before any data is loaded or any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("cvgrad", "autoprune", "magnitude")
+ESTIMATORS = ("identity", "diagonal", "neumann", "cg")
+AUGMENT_PHASES = ("all", "finetune")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split and batched."""
+
+    dataset: str = "mnist"
+    root: str | None = None          # None: $CVSPARSE_DATA, ../shared/data, torchvision root
+    download: bool = False           # let torchvision download when nothing is found locally
+    val_size: int | None = None      # images held out of training; None = per-dataset default
+    split_seed: int = 0
+    batch_size: int = 64
+    val_batch_size: int = 1000
+    augment: bool = True             # pad-4 crop + flip on CIFAR training batches; false also
+                                     # turns mnist_shift off
+    mnist_shift: int = 0             # MNIST training batches: random shift by up to this many
+                                     # pixels each way (zero fill, no flip); 0 = none
+    augment_phase: str = "all"       # "all": augment every training batch; "finetune": only
+                                     # those of the fine-tuning phase (after the cut / freeze)
+
+
+@dataclass
+class OptimConfig:
+    """Weight optimizer (ProxSGD) and its schedule within one outer iteration."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    epochs: int = 4                  # inner epochs per outer iteration
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
+    gamma: float = 0.1
+    finetune_lr: float | None = None  # first lr of a fine-tuning phase (cvgrad, autoprune);
+                                      # None = lr·gamma
+    finetune_weight_l2: float | None = None  # weight L2 of a fine-tuning phase (every method);
+                                      # None = the training phase's (cvgrad: the learned λ2)
+    swa_epochs: int = 0              # last epochs of the fine-tuning phase at the constant
+                                     # swa_lr, with the weights averaged (SWA); 0 = none
+    swa_lr: float | None = None      # None = the fine-tuning phase's first lr
+    max_steps_per_epoch: int | None = None   # cap for smoke runs; None = full epochs
+
+
+@dataclass
+class CVGradConfig:
+    """Cross-validation-gradient compression (SPEC §1–5)."""
+
+    outer: int = 3                   # outer iterations T
+    lambda1: float = 1e-4            # initial guesses; learned from here on
+    lambda2: float = 1e-4
+    per_layer: bool = False          # one (λ1, λ2) per regularized tensor, not one global pair
+    learn_lambda2: bool = True
+    estimator: str = "identity"
+    estimator_opts: dict[str, Any] = field(default_factory=dict)
+    val_objective: str = "ce"        # "ce" (SPEC's CE_val) | "calibrated_ce" (best temperature)
+    hyper_lr: float = 0.5            # step size of the λ optimizer
+    hyper_method: str = "adam"       # "adam" | "sgd"
+    hyper_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (β1, β2)
+    log_space: bool = True           # optimize log λ (keeps λ > 0)
+    hyper_clip: float | None = 1.0
+    hyper_batches: int | None = None  # validation batches per hyper pass; None = the whole split
+    online_every: int = 0            # > 0: also a hyper step every k training steps (T1–T2 style)
+    lr_scaled_hyper: bool = False    # hypergradient × (weight lr / optim.lr): see CVGradMethod
+    hyper_warmup_epochs: int = 0     # no λ step before this global epoch (λ at its initial guess)
+    threshold: float = 1e-4          # τ of kernel 3
+    threshold_start_epoch: int = 1   # global epoch from which thresholding runs
+    release_masks: bool = False      # recoverable pruning: see CVGradMethod.release_masks
+    release_batches: int = 100       # training batches averaged for that gradient test
+    reinit: bool = False             # strict form: restart W from its init every outer iteration
+    finetune_epochs: int = 0         # then epochs without L1 on the pruned support (λ fixed)
+    target_compression: float | None = None  # budget: fine-tune from the epoch after it is met
+    target_flops: float | None = None        # … or once FLOPs ≤ this fraction of dense
+    target_check_every: int = 0      # also check the budget every k training steps (0: epoch ends)
+    min_compression: float | None = None  # floor: λ1 is held up until compression reaches this
+    min_compression_epochs: int | None = None  # … ramped over these epochs (None: L1 phase)
+    floor_gain: float = 0.1          # dual step of the floor's multiplier (hyper/compression_floor)
+
+
+@dataclass
+class AutoPruneConfig:
+    """AutoPrune (SPEC §6)."""
+
+    granularity: str = "weight"
+    ste: str = "leaky_relu"
+    slope: float = 0.01              # LeakyReLU STE slope for closed gates (m ≤ 0)
+    update: str = "proposed"
+    aux_lr: float = 0.1
+    aux_l1: float = 1e-4
+    aux_l1_ramp_epochs: int = 0      # aux L1 grows linearly to aux_l1 over these epochs (0: none)
+    weight_l2: float = 5e-4
+    target_compression: float | None = None
+    target_flops: float | None = None
+    target_check_every: int = 0      # also check the target every k gate steps (0: epoch ends)
+    finetune_epochs: int = 2
+    pretrained: str | None = None    # a run folder, its checkpoint.pt, or a state_dict file
+    skip_layers: list[str] = field(default_factory=list)  # Conv2d/Linear names left ungated
+
+
+@dataclass
+class MagnitudeConfig:
+    """Baseline: global magnitude pruning (``torch.nn.utils.prune``) after dense training."""
+
+    target_compression: float = 10.0
+    weight_l2: float = 5e-4
+    finetune_epochs: int = 2
+
+
+@dataclass
+class RunConfig:
+    """A whole run."""
+
+    model: str = "lenet300"
+    method: str = "cvgrad"
+    seed: int = 0
+    device: str = "auto"             # "auto" picks cuda when available
+    threads: int | None = None       # torch.set_num_threads; None leaves torch's default
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cvgrad: CVGradConfig = field(default_factory=CVGradConfig)
+    autoprune: AutoPruneConfig = field(default_factory=AutoPruneConfig)
+    magnitude: MagnitudeConfig = field(default_factory=MagnitudeConfig)
+
+    @property
+    def finetune_epochs(self) -> int:
+        """Fine-tuning epochs the method's schedule guarantees at the end of the run (AutoPrune
+        and cvgrad fine-tune longer when a budget ends their pruning phase early)."""
+        return getattr(self, self.method).finetune_epochs
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs of the whole run."""
+        if self.method == "cvgrad":
+            return self.cvgrad.outer * self.optim.epochs + self.finetune_epochs
+        return self.optim.epochs + self.finetune_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def from_dict(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """``base`` (defaults if None) updated by a nested dict; unknown keys raise ``ValueError``."""
+    config = base if base is not None else RunConfig()
+    _update(config, values, "")
+    return config
+
+
+def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
+    """A config read from a YAML file of the same nesting as :class:`RunConfig`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return from_dict(values, base)
+
+
+def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
+    known = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {prefix}{key!r}; known: {', '.join(known)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {prefix}{key} must be a mapping")
+            _update(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _coerced(f"{prefix}{key}", str(known[key].type), value))
+
+
+def _coerced(name: str, annotation: str, value: Any) -> Any:
+    """``value`` for a field annotated ``annotation``: YAML 1.1 reads ``1e-3`` (no dot) as a
+    string, so a numeric string for an int or float field becomes that number; any other
+    string there is an error naming the key."""
+    if not isinstance(value, str) or annotation.startswith(("str", "list", "dict")):
+        return value
+    kind = int if "int" in annotation else float if "float" in annotation else None
+    if kind is None:
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"config key {name} must be {'an integer' if kind is int else 'a number'}"
+                         f", got {value!r}") from None
+
+
+def validate(config: RunConfig, *, n_train: int | None = None) -> None:
+    """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size)."""
+    from cvsparse.data import DATASETS, IMAGE_SHAPES
+    from cvsparse.hyper.objectives import OBJECTIVES
+    from cvsparse.models import MODELS
+
+    def fail(message: str) -> None:
+        raise ValueError(f"bad config: {message}")
+
+    if config.model not in MODELS:
+        fail(f"unknown model {config.model!r}; choose one of {', '.join(sorted(MODELS))}")
+    if config.method not in METHODS:
+        fail(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.data.dataset not in DATASETS:
+        fail(f"unknown dataset {config.data.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if config.optim.epochs < 1:
+        fail(f"optim.epochs must be >= 1, got {config.optim.epochs}")
+    if config.optim.lr <= 0 or config.optim.momentum < 0:
+        fail("optim.lr must be > 0 and optim.momentum >= 0")
+    if config.optim.finetune_lr is not None and not config.optim.finetune_lr > 0:
+        fail(f"optim.finetune_lr must be > 0, got {config.optim.finetune_lr}")
+    ft_l2 = config.optim.finetune_weight_l2
+    if ft_l2 is not None and not 0 <= ft_l2 < float("inf"):
+        fail(f"optim.finetune_weight_l2 must be a finite number >= 0, got {ft_l2}")
+    if config.data.batch_size < 1 or config.data.val_batch_size < 1:
+        fail("batch sizes must be >= 1")
+    shift, max_shift = config.data.mnist_shift, IMAGE_SHAPES["mnist"][1] // 2 - 1
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= max_shift:
+        fail(f"data.mnist_shift must be an int in [0, {max_shift}] (pixels), got {shift!r}")
+    if shift and config.data.dataset != "mnist":
+        fail(f"data.mnist_shift applies to MNIST only, not {config.data.dataset!r} "
+             "(CIFAR's augmentation is data.augment)")
+    if config.data.augment_phase not in AUGMENT_PHASES:
+        fail(f"data.augment_phase must be one of {', '.join(AUGMENT_PHASES)}, "
+             f"got {config.data.augment_phase!r}")
+    cv = config.cvgrad
+    if cv.outer < 1:
+        fail(f"cvgrad.outer must be >= 1, got {cv.outer}")
+    for name in ("lambda1", "lambda2", "threshold", "hyper_lr"):
+        value = getattr(cv, name)
+        if not value >= 0:
+            fail(f"cvgrad.{name} must be >= 0, got {value}")
+    if cv.log_space and (cv.lambda1 <= 0 or (cv.learn_lambda2 and cv.lambda2 <= 0)):
+        fail("cvgrad.log_space needs initial lambda1/lambda2 > 0")
+    if cv.estimator not in ESTIMATORS:
+        fail(f"unknown estimator {cv.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if cv.val_objective not in OBJECTIVES:
+        fail(f"unknown cvgrad.val_objective {cv.val_objective!r}; choose one of "
+             f"{', '.join(OBJECTIVES)}")
+    if cv.hyper_method not in ("adam", "sgd"):
+        fail(f"cvgrad.hyper_method must be 'adam' or 'sgd', got {cv.hyper_method!r}")
+    if cv.online_every < 0 or cv.finetune_epochs < 0 or cv.hyper_warmup_epochs < 0:
+        fail("cvgrad.online_every, finetune_epochs and hyper_warmup_epochs must be >= 0")
+    if cv.release_batches < 1:
+        fail(f"cvgrad.release_batches must be >= 1, got {cv.release_batches}")
+    _check_budget("cvgrad", cv.target_compression, cv.target_flops, cv.target_check_every, fail)
+    _check_floor(cv, fail)
+    betas = cv.hyper_betas
+    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        fail(f"cvgrad.hyper_betas must be two numbers in [0, 1), got {betas!r}")
+    ap = config.autoprune
+    if ap.granularity not in ("weight", "neuron"):
+        fail(f"autoprune.granularity must be 'weight' or 'neuron', got {ap.granularity!r}")
+    if ap.ste not in ("linear", "leaky_relu", "softplus"):
+        fail(f"autoprune.ste must be linear, leaky_relu or softplus, got {ap.ste!r}")
+    if ap.update not in ("proposed", "bnn"):
+        fail(f"autoprune.update must be 'proposed' or 'bnn', got {ap.update!r}")
+    for name in ("aux_lr", "aux_l1", "weight_l2", "slope"):
+        if not getattr(ap, name) >= 0:
+            fail(f"autoprune.{name} must be >= 0, got {getattr(ap, name)}")
+    _check_budget("autoprune", ap.target_compression, ap.target_flops, ap.target_check_every,
+                  fail)
+    if ap.finetune_epochs < 0:
+        fail(f"autoprune.finetune_epochs must be >= 0, got {ap.finetune_epochs}")
+    if ap.aux_l1_ramp_epochs < 0:
+        fail(f"autoprune.aux_l1_ramp_epochs must be >= 0, got {ap.aux_l1_ramp_epochs}")
+    mg = config.magnitude
+    if not mg.target_compression >= 1 or mg.finetune_epochs < 0 or not mg.weight_l2 >= 0:
+        fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")
+    swa, finetune_epochs = config.optim.swa_epochs, config.finetune_epochs
+    if isinstance(swa, bool) or not isinstance(swa, int) or not 0 <= swa <= finetune_epochs:
+        fail(f"optim.swa_epochs must be an int in [0, {finetune_epochs}] (the {config.method} "
+             f"fine-tuning epochs), got {swa!r}")
+    if config.optim.swa_lr is not None and not 0 < config.optim.swa_lr < float("inf"):
+        fail(f"optim.swa_lr must be a finite number > 0, got {config.optim.swa_lr}")
+    val = config.data.val_size
+    if val is not None and val < 1:
+        fail(f"data.val_size must be >= 1, got {val}")
+    if n_train is not None and val is not None and val >= n_train:
+        fail(f"validation split of {val} images is not smaller than the training set "
+             f"({n_train} images)")
+
+
+def _check_budget(section: str, compression: float | None, flops: float | None,
+                  check_every: int, fail: Callable[[str], None]) -> None:
+    """The compression budget keys shared by cvgrad and AutoPrune."""
+    if compression is not None and not compression >= 1:
+        fail(f"{section}.target_compression must be >= 1, got {compression}")
+    if flops is not None and not 0 < flops <= 1:
+        fail(f"{section}.target_flops is a fraction of dense FLOPs in (0, 1], got {flops}")
+    if check_every < 0:
+        fail(f"{section}.target_check_every must be >= 0, got {check_every}")
+
+
+def _check_floor(cv: CVGradConfig, fail: Callable[[str], None]) -> None:
+    """cvgrad's compression floor: a rate >= 1, not above a compression budget, an integer
+    ramp >= 1 and a positive gain."""
+    floor, ramp = cv.min_compression, cv.min_compression_epochs
+    if floor is None:
+        if ramp is not None:
+            fail("cvgrad.min_compression_epochs needs cvgrad.min_compression")
+        return
+    if not 1 <= floor < float("inf"):
+        fail(f"cvgrad.min_compression must be a finite rate >= 1, got {floor}")
+    if cv.target_compression is not None and cv.target_compression < floor:
+        fail(f"cvgrad.target_compression ({cv.target_compression}) is below "
+             f"cvgrad.min_compression ({floor}): the budget would end pruning under the floor")
+    if ramp is not None and (isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 1):
+        fail(f"cvgrad.min_compression_epochs must be an int >= 1, got {ramp!r}")
+    if not 0 < cv.floor_gain < float("inf"):
+        fail(f"cvgrad.floor_gain must be a finite number > 0, got {cv.floor_gain}")

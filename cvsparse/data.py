@@ -1,0 +1,512 @@
+"""Datasets held in memory as uint8 tensors, train/validation splits, and a fast batch loader.
+
+Loading (:func:`load_dataset`) searches these roots in order (:func:`search_roots`):
+
+1. the explicit ``root`` argument;
+2. ``$CVSPARSE_DATA``;
+3. ``../shared/data`` relative to the current working directory;
+4. ``../shared/data`` relative to the repository (the parent of the ``cvsparse`` package);
+5. ``~/.cache/torchvision`` (:data:`DEFAULT_DOWNLOAD_ROOT`, also where ``download=True`` puts
+   the files when neither ``root`` nor ``$CVSPARSE_DATA`` is given).
+
+In each root it accepts, first match wins:
+
+- ``<name>.npz`` with keys ``x_train, y_train, x_test, y_test`` (images NHWC, NCHW or, for
+  MNIST, N×H×W uint8; labels integer);
+- torchvision's layouts, read without importing torchvision: ``cifar-10-batches-py/``
+  (``data_batch_1..5``, ``test_batch``), ``cifar-100-python/`` (``train``, ``test``; fine labels)
+  and ``MNIST/raw/`` (or the root itself) with the four idx files, gzipped or not.
+
+The CIFAR pickles are read with an unpickler that only admits the numpy array constructors, so
+a tampered file cannot run code.  Decoded datasets are cached per process (keyed by the file or
+directory they came from); treat their tensors as read-only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import math
+import os
+import pickle
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DATASETS = ("mnist", "cifar10", "cifar100")
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+#: ``../shared/data`` next to the repository holding this package.
+REPO_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DEFAULT_DOWNLOAD_ROOT = Path("~/.cache/torchvision")
+#: Zero padding (pixels per side) of the random-crop augmentation.
+CROP_PADDING = 4
+
+_CIFAR_DIRS = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]),
+    "cifar100": ("cifar-100-python", ["train"], ["test"]),
+}
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A whole dataset in memory.
+
+    ``x_train``/``x_test``: uint8 ``(N, C, H, W)``; ``y_train``/``y_test``: int64 ``(N,)`` in
+    ``[0, num_classes)``; ``mean``/``std``: per-channel statistics of the training images on the
+    [0, 1] scale (population std over all training pixels); ``source``: the file or directory
+    the data was read from.
+    """
+
+    name: str
+    x_train: Tensor = field(repr=False)
+    y_train: Tensor = field(repr=False)
+    x_test: Tensor = field(repr=False)
+    y_test: Tensor = field(repr=False)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    source: Path
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        _, c, h, w = self.x_train.shape
+        return (c, h, w)
+
+
+_CACHE: dict[tuple[str, str], Dataset] = {}
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+
+
+def search_roots(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The directories :func:`load_dataset` searches, in order, without duplicates (see the
+    module docstring).  Paths are absolute; they need not exist."""
+    candidates = []
+    if root is not None:
+        candidates.append(Path(root))
+    if os.environ.get("CVSPARSE_DATA"):
+        candidates.append(Path(os.environ["CVSPARSE_DATA"]))
+    candidates += [
+        Path.cwd() / ".." / "shared" / "data",
+        REPO_DATA_ROOT,
+        DEFAULT_DOWNLOAD_ROOT,
+    ]
+    roots: list[Path] = []
+    for path in candidates:
+        path = Path(os.path.abspath(path.expanduser()))
+        if path not in roots:
+            roots.append(path)
+    return roots
+
+
+def _download_root(root: str | os.PathLike[str] | None) -> Path:
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get("CVSPARSE_DATA"):
+        return Path(os.environ["CVSPARSE_DATA"]).expanduser()
+    return DEFAULT_DOWNLOAD_ROOT.expanduser()
+
+
+# --------------------------------------------------------------------------- locating
+
+def _existing(path: Path) -> Path | None:
+    """``path`` or ``path.gz``, whichever exists (plain first)."""
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _layout_candidates(name: str, root: Path) -> list[tuple[Path, str]]:
+    """``(path, format)`` pairs that could hold ``name`` under ``root``, in preference order."""
+    out = [(root / f"{name}.npz", "npz")]
+    if name in _CIFAR_DIRS:
+        out.append((root / _CIFAR_DIRS[name][0], "cifar"))
+    else:
+        out += [(root / "MNIST" / "raw", "idx"), (root, "idx")]
+    return out
+
+
+def _present(name: str, path: Path, fmt: str) -> bool:
+    if fmt == "npz":
+        return path.is_file()
+    if fmt == "cifar":
+        _, train, test = _CIFAR_DIRS[name]
+        return all((path / f).is_file() for f in train + test)
+    return all(_existing(path / f) is not None for f in _MNIST_FILES)
+
+
+def _describe(name: str, path: Path, fmt: str) -> str:
+    if fmt == "npz":
+        return str(path)
+    if fmt == "cifar":
+        _, train, test = _CIFAR_DIRS[name]
+        return f"{path}/{{{','.join(train + test)}}}"
+    return f"{path}/{{{','.join(_MNIST_FILES)}}}[.gz]"
+
+
+def _locate(name: str, roots: Sequence[Path]) -> tuple[Path, str] | None:
+    for root in roots:
+        for path, fmt in _layout_candidates(name, root):
+            if _present(name, path, fmt):
+                return path, fmt
+    return None
+
+
+# --------------------------------------------------------------------------- readers
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _read_npz(path: Path) -> Arrays:
+    with np.load(path, allow_pickle=False) as archive:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
+        if missing:
+            raise ValueError(f"{path}: missing keys {sorted(missing)}")
+        return archive["x_train"], archive["y_train"], archive["x_test"], archive["y_test"]
+
+
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler admitting only the globals that pickled numpy arrays need."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return getattr(importlib.import_module(module), name)
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = _ArrayUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR batch (expected a dict)")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or label_key not in batch:
+        raise ValueError(f"{path}: CIFAR batch without 'data' or {label_key!r}")
+    data = np.asarray(batch["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+    return data.reshape(-1, 3, 32, 32), np.asarray(batch[label_key])
+
+
+def _read_cifar(name: str, directory: Path) -> Arrays:
+    _, train_files, test_files = _CIFAR_DIRS[name]
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    parts = []
+    for files in (train_files, test_files):
+        batches = [_read_cifar_batch(directory / f, label_key) for f in files]
+        parts.append(np.concatenate([b[0] for b in batches]))
+        parts.append(np.concatenate([b[1] for b in batches]))
+    return parts[0], parts[1], parts[2], parts[3]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An unsigned-byte idx array (the MNIST file format)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + math.prod(dims):
+        raise ValueError(f"{path}: {len(raw) - header} data bytes, header says {dims}")
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_mnist(directory: Path) -> Arrays:
+    arrays = []
+    for stem in _MNIST_FILES:
+        path = _existing(directory / stem)
+        assert path is not None  # _present checked it
+        arrays.append(_read_idx(path))
+    return arrays[0], arrays[1], arrays[2], arrays[3]
+
+
+def _images_nchw(x: np.ndarray, name: str, where: Path) -> Tensor:
+    """uint8 ``(N, C, H, W)`` from N×H×W, NHWC or NCHW, checked against the dataset's shape."""
+    c, h, w = IMAGE_SHAPES[name]
+    if x.dtype != np.uint8:
+        raise ValueError(f"{where}: images must be uint8, got {x.dtype}")
+    if x.ndim == 3 and c == 1 and x.shape[1:] == (h, w):
+        return torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(1)
+    if x.ndim == 4 and x.shape[1:] == (h, w, c):
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    if x.ndim == 4 and x.shape[1:] == (c, h, w):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise ValueError(f"{where}: images of shape {x.shape} do not fit {name} ({c}x{h}x{w})")
+
+
+def _labels(y: np.ndarray, n: int, num_classes: int, where: Path) -> Tensor:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be {n} integers, got {y.dtype} {y.shape}")
+    if n and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"{where}: labels outside [0, {num_classes})")
+    return torch.from_numpy(y.astype(np.int64))
+
+
+def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of uint8 ``(N, C, H, W)`` images on the [0, 1]
+    scale, computed exactly (float64) from a 256-bin histogram of each channel."""
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for ch in range(images.shape[1]):
+        hist = torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64)
+        total = hist.sum()
+        mean = (hist * values).sum() / total
+        var = (hist * (values - mean) ** 2).sum() / total
+        means.append(float(mean))
+        stds.append(float(var.sqrt()))
+    return tuple(means), tuple(stds)
+
+
+def _decode(name: str, path: Path, fmt: str) -> Dataset:
+    if fmt == "npz":
+        arrays = _read_npz(path)
+    elif fmt == "cifar":
+        arrays = _read_cifar(name, path)
+    else:
+        arrays = _read_mnist(path)
+    x_train, y_train, x_test, y_test = arrays
+    num_classes = NUM_CLASSES[name]
+    x_train_t = _images_nchw(x_train, name, path)
+    x_test_t = _images_nchw(x_test, name, path)
+    if len(x_train_t) == 0:
+        raise ValueError(f"{path}: no training images")
+    mean, std = channel_stats(x_train_t)
+    return Dataset(
+        name=name,
+        x_train=x_train_t,
+        y_train=_labels(y_train, len(x_train_t), num_classes, path),
+        x_test=x_test_t,
+        y_test=_labels(y_test, len(x_test_t), num_classes, path),
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        source=path,
+    )
+
+
+def _download(name: str, root: Path) -> None:
+    try:
+        datasets = importlib.import_module("torchvision.datasets")
+    except ImportError as exc:
+        raise ImportError(
+            f"download=True for {name!r} needs torchvision (pip install 'cvsparse[vision]')"
+        ) from exc
+    cls = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}[name]
+    for train in (True, False):
+        getattr(datasets, cls)(root=str(root), train=train, download=True)
+
+
+def load_dataset(
+    name: str, root: str | os.PathLike[str] | None = None, download: bool = False
+) -> Dataset:
+    """Load dataset ``name`` (one of :data:`DATASETS`) into memory from the first root of
+    :func:`search_roots` that holds it in an accepted layout (see the module docstring).
+
+    With ``download=True`` and the set found nowhere, torchvision downloads it into ``root``
+    (else ``$CVSPARSE_DATA``, else :data:`DEFAULT_DOWNLOAD_ROOT`) and it is read from there.
+    Raises FileNotFoundError listing every path tried if the set is missing, ValueError if a
+    found file is malformed.
+    """
+    _check_name(name)
+    roots = search_roots(root)
+    found = _locate(name, roots)
+    if found is None and download:
+        target = _download_root(root)
+        _download(name, target)
+        found = _locate(name, [Path(os.path.abspath(target))])
+    if found is None:
+        tried = "\n".join(
+            f"  {_describe(name, path, fmt)}"
+            for r in roots
+            for path, fmt in _layout_candidates(name, r)
+        )
+        raise FileNotFoundError(
+            f"dataset {name!r} not found; looked for:\n{tried}\n"
+            f"Get it with load_dataset({name!r}, download=True) (CLI: --download; needs "
+            f"torchvision and internet), or put {name}.npz (keys x_train, y_train, x_test, "
+            f"y_test) or torchvision's layout into one of the directories above "
+            f"(e.g. the one named by $CVSPARSE_DATA)."
+        )
+    path, fmt = found
+    key = (name, str(path))
+    if key not in _CACHE:
+        _CACHE[key] = _decode(name, path, fmt)
+    return _CACHE[key]
+
+
+# --------------------------------------------------------------------------- splits
+
+def _check_int(value: object, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{arg} must be an int, got {value!r}")
+    return value
+
+
+def split_indices(n_train: int, n_val: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Split ``range(n_train)`` into disjoint sorted int64 index tensors ``(train, val)`` with
+    ``len(val) == n_val``, a deterministic function of ``(n_train, n_val, seed)``."""
+    _check_int(n_train, "n_train")
+    _check_int(n_val, "n_val")
+    _check_int(seed, "seed")
+    if n_val < 0 or n_val >= n_train:
+        raise ValueError(f"n_val must be in [0, n_train={n_train}), got {n_val}")
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def default_val_size(name: str) -> int:
+    """Validation split size: 5000 images for CIFAR, 6000 (10%) for MNIST."""
+    _check_name(name)
+    return 6000 if name == "mnist" else 5000
+
+
+# --------------------------------------------------------------------------- loader
+
+def random_crop_flip(
+    images: Tensor,
+    padding: int = CROP_PADDING,
+    generator: torch.Generator | None = None,
+    *,
+    flip: bool = True,
+) -> Tensor:
+    """Standard CIFAR augmentation of a whole uint8 ``(N, C, H, W)`` batch: zero-pad by
+    ``padding`` pixels, crop a random H×W window, then (``flip``) flip horizontally with
+    probability 1/2; independent draws per image (from ``generator``; three ``randint`` calls
+    per batch, two without ``flip``).  Without ``flip`` this is a random translation by up to
+    ``padding`` pixels in each direction (MNIST's digit-safe augmentation).
+    Returns a new ``(N, C, H, W)`` tensor."""
+    n, c, h, w = images.shape
+    span = 2 * padding + 1
+    dy = torch.randint(0, span, (n,), generator=generator)
+    dx = torch.randint(0, span, (n,), generator=generator)
+    cols = torch.arange(w).expand(n, w)
+    if flip:
+        flipped = torch.randint(0, 2, (n,), generator=generator).bool()
+        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
+    cols = cols + dx[:, None]
+    rows = dy[:, None] + torch.arange(h)
+    flat = rows[:, :, None] * (w + 2 * padding) + cols[:, None, :]
+    padded = F.pad(images, (padding, padding, padding, padding)).reshape(n, c, -1)
+    out = padded.gather(2, flat.reshape(n, 1, h * w).expand(n, c, h * w))
+    return out.view(n, c, h, w)
+
+
+class BatchLoader:
+    """Mini-batches ``(x, y)`` from in-memory data: ``x`` float32 ``(B, C, H, W)`` normalized
+    as ``(pixel / 255 − mean) / std`` per channel, ``y`` int64 ``(B,)``.
+
+    ``images_u8`` uint8 ``(N, C, H, W)``, ``labels`` int64 ``(N,)``, ``indices`` the int64
+    positions to serve (e.g. one side of :func:`split_indices`).  Each pass covers every index
+    once: in the given order, or, with ``shuffle``, in an order drawn (``randperm``) from
+    ``generator`` when the pass starts.  ``augment`` applies :func:`random_crop_flip` (padding
+    ``crop_padding`` ≥ 0 pixels, horizontal flips if ``flip``) to each batch, drawing from the
+    same generator.  Restoring the generator's state before a pass therefore reproduces that
+    pass exactly.  ``generator=None`` uses torch's global generator.  Batches stay on the CPU.
+    """
+
+    def __init__(
+        self,
+        images_u8: Tensor,
+        labels: Tensor,
+        indices: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        crop_padding: int = CROP_PADDING,
+        flip: bool = True,
+    ) -> None:
+        if not isinstance(images_u8, Tensor) or images_u8.dtype != torch.uint8:
+            raise ValueError("images_u8 must be a uint8 tensor")
+        if images_u8.dim() != 4:
+            raise ValueError(f"images_u8 must be (N, C, H, W), got shape {tuple(images_u8.shape)}")
+        n, c = images_u8.shape[:2]
+        if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (n,):
+            raise ValueError(f"labels must be an int64 tensor of shape ({n},)")
+        if (
+            not isinstance(indices, Tensor)
+            or indices.dim() != 1
+            or indices.dtype not in (torch.int64, torch.int32)
+        ):
+            raise ValueError("indices must be a 1-D int64 (or int32) tensor")
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n):
+            raise ValueError(f"indices must lie in [0, {n})")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+            raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
+        if len(mean) != c or len(std) != c:
+            raise ValueError(f"mean and std must have {c} entries (one per channel)")
+        if any(not s > 0 for s in std):
+            raise ValueError(f"std entries must be positive, got {tuple(std)}")
+        if generator is not None and (
+            not isinstance(generator, torch.Generator) or generator.device.type != "cpu"
+        ):
+            raise ValueError("generator must be a CPU torch.Generator or None")
+        self.images = images_u8
+        self.labels = labels
+        self.indices = indices.to(torch.int64, copy=True)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.generator = generator
+        self.drop_last = drop_last
+        std_t = torch.tensor(std, dtype=torch.float64)
+        mean_t = torch.tensor(mean, dtype=torch.float64)
+        self._scale = (1.0 / (255.0 * std_t)).float().view(1, c, 1, 1)
+        self._shift = (-mean_t / std_t).float().view(1, c, 1, 1)
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(len(order), generator=self.generator)]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.images.index_select(0, idx)
+            if self.augment:
+                x = random_crop_flip(x, self.crop_padding, self.generator, flip=self.flip)
+            yield torch.addcmul(self._shift, x.float(), self._scale), self.labels.index_select(
+                0, idx
+            )

@@ -1,0 +1,15 @@
+"""Hypergradients of the validation loss w.r.t. the regularization strengths (SPEC §3) and the
+optimizer that follows them.
+
+- :func:`hypergradient` — ``(dcv/dλ1, dcv/dλ2)`` by the implicit function theorem, with the
+  ``identity``, ``diagonal``, ``neumann`` or ``cg`` estimator of ``H_F⁻¹ ∇cv``.
+- :class:`LambdaOptimizer` — SGD / Adam steps on λ or log λ, clipped, kept ≥ 0.
+- :class:`CompressionFloor` — the multiplier of an optional "compression ≥ C" constraint on λ1.
+"""
+
+from .compression_floor import CompressionFloor
+from .estimators import ESTIMATORS
+from .hypergradient import hypergradient
+from .lambda_optimizer import LambdaOptimizer
+
+__all__ = ["hypergradient", "CompressionFloor", "LambdaOptimizer", "ESTIMATORS"]

@@ -1,0 +1,15 @@
+"""Compression methods, each behind :class:`cvsparse.methods.base.CompressionMethod`."""
+
+from .autoprune import AutoPruneMethod
+from .base import CompressionMethod, RunData
+from .cvgrad import CVGradMethod
+from .magnitude import MagnitudeMethod
+
+METHOD_CLASSES: dict[str, type[CompressionMethod]] = {
+    "cvgrad": CVGradMethod,
+    "autoprune": AutoPruneMethod,
+    "magnitude": MagnitudeMethod,
+}
+
+__all__ = ["METHOD_CLASSES", "AutoPruneMethod", "CompressionMethod", "CVGradMethod",
+           "MagnitudeMethod", "RunData"]

@@ -1,0 +1,215 @@
+"""AutoPrune (docs/method.md §6): gates ``h(m) = 1[m > 0]`` on weights or whole units, learned
+by straight-through gradients on auxiliary parameters ``m``.
+
+The training split is halved: weights take a step on a batch of the first half, then the
+auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``weight_l2``),
+``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m`` reaches exactly 0 and the
+unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  With
+``aux_l1_ramp_epochs = R`` the L1 grows linearly over the first R epochs, so that the pruning
+follows the ramp rather than the gates' learning rate.  Once the
+compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
+training data from the next epoch on (the target is checked at every epoch end and, with
+``target_check_every = k``, every k gate steps; once met, the rest of the epoch takes no gate
+step); fine-tuning also runs for ``finetune_epochs`` after ``optim.epochs``.  Fine-tuning
+restarts the learning-rate schedule at ``optim.finetune_lr`` (default ``lr·gamma``) over the
+epochs that remain, with weight L2 ``optim.finetune_weight_l2`` (default: ``weight_l2``).
+If ``optim.epochs`` end before the target is met, the gates freeze there with a warning, and
+the report's ``budget_met_at_epoch`` is None.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cvsparse.config import AutoPruneConfig, RunConfig
+from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
+from cvsparse.optim import ProxSGD
+from cvsparse.params import other_parameters, regularized_parameters
+
+from .base import (
+    CompressionMethod,
+    RunData,
+    budget_met,
+    finetune_base_lr,
+    finetune_lr,
+    finetune_weight_l2,
+    stepped_lr,
+    supervised_step,
+    warn_if_budget_missed,
+)
+
+
+class AutoPruneMethod(CompressionMethod):
+    """Auxiliary-parameter pruning of every Conv2d / Linear layer."""
+
+    name = "autoprune"
+
+    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
+        super().__init__(config, model, data)
+        ap = config.autoprune
+        if data.second_half is None:
+            raise ValueError("autoprune needs the second half of the training split")
+        if ap.pretrained:
+            model.load_state_dict(load_weights(ap.pretrained))
+        convert(model, granularity=ap.granularity, ste=ap.ste,
+                layers=gated_names(model, ap.skip_layers),
+                slope=ap.slope, update=ap.update)
+        aux = [p for _, p in aux_parameters(model)]
+        aux_ids = {id(p) for p in aux}
+        weights = [p for _, p in regularized_parameters(model)]
+        others = [p for _, p in other_parameters(model) if id(p) not in aux_ids]
+        self.weight_opt = ProxSGD(
+            [{"params": weights, "lambda2": ap.weight_l2},
+             {"params": others, "lambda2": 0.0}],
+            lr=config.optim.lr, momentum=config.optim.momentum,
+        )
+        self.aux_opt = ProxSGD(aux, lr=ap.aux_lr, momentum=config.optim.momentum,
+                               lambda1=ap.aux_l1)
+        self.frozen_at: int | None = None   # epoch at which the gates froze
+        self.history: list[dict[str, float]] = []
+        self._second: Iterator | None = None
+        self._epoch = 0
+        self._gate_steps = 0        # gate steps taken in this epoch
+        self._target_met = False    # met within this epoch: the gates stop until it ends
+
+    @staticmethod
+    def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        half = len(train_idx) // 2
+        return train_idx[:half], train_idx[half:]
+
+    def set_epoch(self, epoch: int) -> float:
+        opt = self.config.optim
+        self._epoch = epoch
+        if epoch >= opt.epochs and self.frozen_at is None:   # the gating budget has ended
+            self.frozen_at = epoch
+            ap = self.config.autoprune
+            warn_if_budget_missed("autoprune", self.measured_model(), self.input_shape(),
+                                  ap.target_compression, ap.target_flops, epoch)
+        weight_l2 = self.config.autoprune.weight_l2
+        if self.frozen_at is None:
+            lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
+        else:  # fine-tuning restarts the schedule one step down, over the epochs that remain
+            remaining = self.config.total_epochs - self.frozen_at
+            lr = finetune_lr(self.config, finetune_base_lr(self.config),
+                             epoch - self.frozen_at, remaining)
+            weight_l2 = finetune_weight_l2(self.config, weight_l2)
+        for group in self.weight_opt.param_groups:
+            group["lr"] = lr
+        self.weight_opt.param_groups[0]["lambda2"] = weight_l2
+        self.finetuning = self.frozen_at is not None
+        self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.config.autoprune, epoch)
+        self._second = None
+        self._gate_steps, self._target_met = 0, False
+        return lr
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss, logits = supervised_step(self.model, self.weight_opt, x, y)
+        if self.frozen_at is not None:  # fine-tuning: the second half trains the weights too
+            xb, yb = (t.to(x.device) for t in self._second_batch())
+            supervised_step(self.model, self.weight_opt, xb, yb)
+        elif not self._target_met:
+            xb, yb = (t.to(x.device) for t in self._second_batch())
+            supervised_step(self.model, self.aux_opt, xb, yb)
+            self._gate_steps += 1
+            every = self.config.autoprune.target_check_every
+            if every and self._gate_steps % every == 0:
+                self._target_met = self._target_reached()
+        return loss, logits
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        if self.frozen_at is None and (self._target_met or self._target_reached()):
+            self.frozen_at = epoch + 1
+        gates = torch.cat([(p.detach() > 0).flatten() for _, p in aux_parameters(self.model)])
+        record = {"epoch": epoch, "gates_open": float(gates.float().mean()),
+                  "frozen": float(self.frozen_at is not None)}
+        self.history.append(record)
+        return {"gates_open": record["gates_open"], "frozen": record["frozen"]}
+
+    def measured_model(self) -> nn.Module:
+        return strip(copy.deepcopy(self.model))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight_opt": self.weight_opt.state_dict(), "aux_opt": self.aux_opt.state_dict(),
+                "frozen_at": self.frozen_at, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weight_opt.load_state_dict(state["weight_opt"])
+        self.aux_opt.load_state_dict(state["aux_opt"])
+        self.frozen_at = state["frozen_at"]
+        self.history = state["history"]
+
+    def report(self) -> dict[str, Any]:
+        # the frozen gates keep the support, so it meets the target now iff it did at the freeze
+        met = self.frozen_at is not None and self._target_reached()
+        return {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at,
+                "budget_met_at_epoch": self.frozen_at if met else None}
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _target_reached(self) -> bool:
+        """Whether the gated model, as :meth:`measured_model` reports it, meets
+        ``target_compression`` or ``target_flops``."""
+        ap = self.config.autoprune
+        if ap.target_compression is None and ap.target_flops is None:
+            return False
+        return budget_met(self.measured_model(), self.input_shape(), ap.target_compression,
+                          ap.target_flops)
+
+    def _second_batch(self) -> tuple[Tensor, Tensor]:
+        loader = self.data.second_half
+        if self._second is None:
+            self._second = iter(loader)
+        try:
+            return next(self._second)
+        except StopIteration:
+            self._second = iter(loader)
+            return next(self._second)
+
+
+def aux_l1_at(ap: AutoPruneConfig, epoch: int) -> float:
+    """The aux L1 strength of global epoch ``epoch``: ``aux_l1 · min(1, (epoch + 1) / R)`` with
+    ``R = aux_l1_ramp_epochs`` (``aux_l1`` throughout when R = 0)."""
+    ramp = ap.aux_l1_ramp_epochs
+    return ap.aux_l1 if ramp == 0 else ap.aux_l1 * min(1.0, (epoch + 1) / ramp)
+
+
+def load_weights(path: str | Path) -> dict[str, Tensor]:
+    """A plain model state_dict from a run folder, its ``checkpoint.pt``, or a state_dict file.
+
+    Files are read with ``weights_only=True`` (a pickle asking for code is refused, never run)
+    and a cvsparse checkpoint must pass its checksum; ValueError (one line) otherwise.  Gated
+    keys (``*.aux``) of a checkpoint of an AutoPrune run are dropped: gates restart from their
+    initial distribution."""
+    from cvsparse.train import checkpoint  # here: cvsparse.train imports the methods
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / checkpoint.CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"autoprune.pretrained: no file at {path}")
+    state = checkpoint.read_weights_only(path)
+    if isinstance(state, dict) and state.get("format") == checkpoint.FORMAT:
+        state = checkpoint.load(path).get("model")
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"autoprune.pretrained: {path} holds neither a cvsparse checkpoint "
+                         "nor a state_dict of tensors")
+    return {k: v for k, v in state.items() if not k.endswith(".aux")}
+
+
+def gated_names(model: nn.Module, skip: list[str]) -> list[str] | None:
+    """Qualified names of the Conv2d / Linear layers to gate: all but ``skip`` (None = all)."""
+    if not skip:
+        return None
+    names = convertible_layers(model)
+    unknown = sorted(set(skip) - set(names))
+    if unknown:
+        raise ValueError(f"autoprune.skip_layers: {unknown} are not Conv2d / Linear layers of "
+                         f"the model; its layers: {names}")
+    return [n for n in names if n not in skip]

@@ -1,0 +1,177 @@
+"""The interface between the training loop and a compression method.
+
+The loop (``cvsparse.train.loop``) owns data order, epochs, evaluation, checkpoints and reports;
+a method owns everything that makes the model sparse: its optimizers, regularization strengths
+and any extra passes.  A new method is one new module implementing :class:`CompressionMethod`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvsparse import metrics
+from cvsparse.config import RunConfig
+from cvsparse.data import BatchLoader
+
+
+@dataclass
+class RunData:
+    """The batches a method may draw on besides the training batch it is handed.
+
+    ``val`` iterates the held-out validation split (no augmentation); ``train_for_hvp`` yields
+    training batches for curvature estimates; ``hyper_generator`` drives their order;
+    ``second_half`` iterates the training images a method reserved with
+    :meth:`CompressionMethod.split_training` (None when it reserved none).
+    """
+
+    val: BatchLoader
+    train_for_hvp: BatchLoader
+    hyper_generator: torch.Generator
+    second_half: BatchLoader | None = None
+
+
+class CompressionMethod(ABC):
+    """One compression method driven by :class:`cvsparse.train.Trainer`.
+
+    ``finetuning`` is True from the epoch on which the method trains the weights of a fixed
+    support (after cvgrad's last outer iteration, AutoPrune's freeze, the magnitude cut); each
+    method sets it in :meth:`set_epoch`, and the loop reads it after that call.
+    """
+
+    name: str = ""
+    finetuning: bool = False
+
+    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
+        self.config = config
+        self.model = model
+        self.data = data
+
+    @abstractmethod
+    def set_epoch(self, epoch: int) -> float:
+        """Prepare global epoch ``epoch`` (0-based); returns the weight learning rate used."""
+
+    @abstractmethod
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One optimization step on a training batch; returns ``(loss, logits)`` (detached)."""
+
+    @abstractmethod
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """Work after global epoch ``epoch`` (e.g. a hyper pass); returns values to log."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the method exactly."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def report(self) -> dict[str, Any]:
+        """Method-specific entries of ``report.json``."""
+        return {}
+
+    @staticmethod
+    def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Indices the loop trains weights on, and indices reserved for the method's own use
+        (served as ``RunData.second_half``).  Default: all for the weights, none reserved."""
+        return train_idx, None
+
+    def measured_model(self) -> nn.Module:
+        """The model as it would be exported, on which sparsity and FLOPs are reported."""
+        return self.model
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One input image's shape ``(C, H, W)``, as the validation split holds it."""
+        return tuple(self.data.val.images.shape[1:])
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
+                    y: Tensor) -> tuple[Tensor, Tensor]:
+    """One cross-entropy step of ``optimizer`` on ``(x, y)``; returns detached loss and logits."""
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],
+               gamma: float) -> float:
+    """Learning rate at ``epoch`` of a phase of ``epochs`` epochs: ``base`` times ``gamma`` for
+    every milestone (a fraction of ``epochs``) already passed."""
+    drops = sum(0 < int(f * epochs) <= epoch for f in milestones)
+    return base * gamma**drops
+
+
+def finetune_weight_l2(config: RunConfig, training: float | Tensor) -> float | Tensor:
+    """Weight L2 of a fine-tuning phase: ``optim.finetune_weight_l2``, else ``training`` (the
+    training phase's value).  The shrinkage that served the pruning can cost accuracy once the
+    support is fixed (~0.1 points on a few thousand weights, RESULTS.md)."""
+    value = config.optim.finetune_weight_l2
+    return training if value is None else value
+
+
+def finetune_lr(config: RunConfig, base: float, epoch: int, epochs: int) -> float:
+    """Learning rate of epoch ``epoch`` (0-based) of a fine-tuning phase of ``epochs`` epochs
+    that starts at ``base``: the stepped schedule over the first ``epochs − optim.swa_epochs``,
+    then the constant ``optim.swa_lr`` (default ``base``) over the weight-averaging window."""
+    opt = config.optim
+    stepped = epochs - opt.swa_epochs
+    if epoch >= stepped:
+        return opt.swa_lr if opt.swa_lr is not None else base
+    return stepped_lr(base, epoch, stepped, opt.milestones, opt.gamma)
+
+
+def finetune_base_lr(config: RunConfig) -> float:
+    """First learning rate of a fine-tuning phase: ``optim.finetune_lr``, else ``lr·gamma``."""
+    opt = config.optim
+    return opt.finetune_lr if opt.finetune_lr is not None else opt.lr * opt.gamma
+
+
+def budget_met(model: nn.Module, input_shape: tuple[int, ...], compression: float | None,
+               flops: float | None) -> bool:
+    """Whether ``model``, as the report measures it, meets a compression budget: compression
+    rate ``>= compression`` or effective FLOPs ``<= flops`` (a fraction of the dense FLOPs).
+    False when both are None.  ``input_shape`` is one image's ``(C, H, W)``."""
+    if compression is None and flops is None:
+        return False
+    return _meets(metrics.summarize(metrics.layer_table(model, input_shape)), compression, flops)
+
+
+def warn_if_budget_missed(method: str, model: nn.Module, input_shape: tuple[int, ...],
+                          compression: float | None, flops: float | None, epochs: int) -> None:
+    """At the end of ``method``'s pruning phase, after ``epochs`` epochs: warn, saying how far
+    ``model`` got, if it does not meet the budget as :func:`budget_met` reads it; nothing when
+    there is no budget.  The run goes on: the epochs left fine-tune the support as it is."""
+    if compression is None and flops is None:
+        return
+    totals = metrics.summarize(metrics.layer_table(model, input_shape))
+    if _meets(totals, compression, flops):
+        return
+    missed = []
+    if compression is not None:
+        missed.append(f"target_compression {compression:g} (reached "
+                      f"{totals['compression_rate']:.1f}x)")
+    if flops is not None:
+        kept = totals["flops_effective"] / totals["flops_dense"]
+        missed.append(f"target_flops {flops:g} (reached {kept:.4f} of the dense FLOPs)")
+    warnings.warn(f"{method}: the pruning phase ended after epoch {epochs} without meeting "
+                  f"{' or '.join(missed)}; the remaining epochs fine-tune the support as it is",
+                  stacklevel=3)
+
+
+def _meets(totals: dict[str, Any], compression: float | None, flops: float | None) -> bool:
+    """Whether the totals of :func:`cvsparse.metrics.summarize` meet a budget (see
+    :func:`budget_met`)."""
+    return (
+        (compression is not None and totals["compression_rate"] >= compression)
+        or (flops is not None and totals["flops_effective"] <= flops * totals["flops_dense"])
+    )

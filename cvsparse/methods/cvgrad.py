@@ -1,0 +1,344 @@
+"""Cross-validation-gradient compression (SPEC §1–5, Algorithm 1).
+
+Weights are trained by :class:`cvsparse.optim.ProxSGD` on ``CE + λ1‖W‖₁ + λ2/2‖W‖²`` with λ
+fixed; after every ``optim.epochs`` epochs (one outer iteration) a pass over the validation split
+moves λ along the implicit-function hypergradient of the validation loss.  ``online_every = k``
+adds a hyper step every k training steps.
+
+With a budget (``target_compression`` or ``target_flops``) the L1 phase ends at the first epoch
+end, from ``threshold_start_epoch`` on, that meets it; with ``target_check_every = k`` also at
+the first of every k training steps that does, and the rest of that epoch runs without L1,
+thresholding or hyper steps on the support it reached.  The epochs left in the run (those of
+the remaining outer iterations and ``finetune_epochs``) fine-tune that support.
+
+With a floor (``min_compression``) λ1 is learned subject to "compression ≥ a floor that ramps
+up to ``min_compression`` over ``min_compression_epochs``": at every hyper step the floor's
+multiplier (:class:`cvsparse.hyper.CompressionFloor`) raises λ1 where the network is below it
+and keeps the hypergradient from lowering λ1 there.  A budget above the floor then ends the L1
+phase near the size asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvsparse.config import RunConfig
+from cvsparse.hyper import CompressionFloor, LambdaOptimizer, hypergradient
+from cvsparse.hyper.objectives import validation_loss
+from cvsparse.optim import ProxSGD
+from cvsparse.params import other_parameters, regularized_parameters
+
+from .base import (
+    CompressionMethod,
+    RunData,
+    budget_met,
+    finetune_base_lr,
+    finetune_lr,
+    finetune_weight_l2,
+    stepped_lr,
+    supervised_step,
+    warn_if_budget_missed,
+)
+
+
+class CVGradMethod(CompressionMethod):
+    """Learned-λ elastic-net compression."""
+
+    name = "cvgrad"
+
+    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
+        super().__init__(config, model, data)
+        cv = config.cvgrad
+        named = regularized_parameters(model)
+        self.names = [n for n, _ in named]
+        self.weights = [p for _, p in named]
+        size = len(self.weights) if cv.per_layer else 1
+        self.lambdas = LambdaOptimizer(
+            torch.full((size,), cv.lambda1, dtype=torch.float64),
+            torch.full((size,), cv.lambda2, dtype=torch.float64),
+            cv.hyper_lr,
+            method=cv.hyper_method,
+            betas=(float(cv.hyper_betas[0]), float(cv.hyper_betas[1])),
+            log_space=cv.log_space,
+            clip=cv.hyper_clip,
+        )
+        self.optimizer = ProxSGD(
+            [
+                {"params": self.weights},
+                {"params": [p for _, p in other_parameters(model)],
+                 "lambda1": 0.0, "lambda2": 0.0},
+            ],
+            lr=config.optim.lr,
+            momentum=config.optim.momentum,
+        )
+        self.floor = None if cv.min_compression is None else CompressionFloor(
+            cv.min_compression,
+            cv.min_compression_epochs or cv.outer * config.optim.epochs,
+            cv.floor_gain,
+        )
+        self._push_lambdas()
+        self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
+        self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
+        self.steps = 0
+        self.finetuning = False
+        self.stopped_at: int | None = None   # first fine-tuning epoch, once the budget is met
+        self._epoch = 0
+        self.released = 0
+        self.hyper_active = cv.hyper_warmup_epochs == 0
+        self._online_val: Iterator | None = None
+
+    # ---- the loop's hooks -----------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> float:
+        cv, opt = self.config.cvgrad, self.config.optim
+        start = cv.outer * opt.epochs if self.stopped_at is None else self.stopped_at
+        self.finetuning = epoch >= start
+        self.hyper_active = epoch >= cv.hyper_warmup_epochs and not self.finetuning
+        self._online_val = None
+        self._epoch = epoch
+        if self.finetuning:
+            return self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
+        inner = epoch % opt.epochs
+        if inner == 0 and epoch > 0 and cv.reinit:
+            self.model.load_state_dict(self.initial_state)
+            self.optimizer.state.clear()
+        elif inner == 0 and epoch > 0 and cv.release_masks:
+            self.released = self.release_masks(cv.release_batches)
+        lr = stepped_lr(opt.lr, inner, opt.epochs, opt.milestones, opt.gamma)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.param_groups[0]["threshold"] = (
+            cv.threshold if epoch >= cv.threshold_start_epoch else None
+        )
+        return lr
+
+    def _set_finetune_epoch(self, epoch: int, epochs: int) -> float:
+        """Epoch ``epoch`` of ``epochs`` fine-tuning epochs (after the last outer iteration or
+        the budget): no L1 (the support is fixed by the masks, pruned weights stay at zero),
+        λ2 ``optim.finetune_weight_l2`` (default: the learned λ2), schedule restarted at
+        ``optim.finetune_lr`` (default ``lr·gamma``)."""
+        lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch, epochs)
+        group = self.optimizer.param_groups[0]
+        if epoch == 0:
+            self._fix_support()
+            cv = self.config.cvgrad
+            if self.stopped_at is None:   # the outer iterations ran out before any budget
+                warn_if_budget_missed("cvgrad", self.model, self.input_shape(),
+                                      cv.target_compression, cv.target_flops, self._epoch)
+            if self.floor is not None and (reached := self._compression()) < cv.min_compression:
+                warnings.warn(f"cvgrad: the L1 phase ended after epoch {self._epoch} at "
+                              f"{reached:.1f}x, below min_compression "
+                              f"{cv.min_compression:g}; the remaining epochs fine-tune the "
+                              "support as it is", stacklevel=2)
+        group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
+        group["lambda2"] = finetune_weight_l2(self.config, self._lambda_args()[1])
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss, logits = supervised_step(self.model, self.optimizer, x, y)
+        self.steps += 1
+        cv = self.config.cvgrad
+        k = cv.online_every
+        if k and self.steps % k == 0 and self.hyper_active:
+            self._hyper_step(self._next_online_val_batch())
+            self.model.train()
+        every = cv.target_check_every
+        if (every and self.steps % every == 0 and not self.finetuning
+                and self.stopped_at is None and self._budget_reached()):
+            self.stopped_at = self._epoch + 1
+            self.hyper_active = False
+            self._fix_support()
+        return loss, logits
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        cv = self.config.cvgrad
+        if (epoch + 1) % self.config.optim.epochs == 0 and not self.finetuning:
+            if self.hyper_active:
+                for i, batch in enumerate(self.data.val):
+                    if cv.hyper_batches is not None and i >= cv.hyper_batches:
+                        break
+                    self._hyper_step(batch)
+                self.model.train()
+            self.history.append(self._lambda_record(outer=(epoch + 1) // self.config.optim.epochs))
+        if not self.finetuning and self.stopped_at is None and self._budget_reached():
+            self.stopped_at = epoch + 1
+        row = {
+            "lambda1": float(self.lambdas.lambda1.mean()),
+            "lambda2": float(self.lambdas.lambda2.mean()),
+            "released": self.released,
+        }
+        if self.floor is not None:
+            row["floor"] = self.floor.level(epoch)
+            row["floor_nu"] = self.floor.nu
+        self.released = 0
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lambdas": self.lambdas.state_dict(),
+            "history": self.history,
+            "steps": self.steps,
+            "initial_state": self.initial_state,
+            "stopped_at": self.stopped_at,
+            "floor": None if self.floor is None else self.floor.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lambdas.load_state_dict(state["lambdas"])
+        self.history = state["history"]
+        self.steps = state["steps"]
+        self.initial_state = state["initial_state"]
+        self.stopped_at = state.get("stopped_at")   # absent in checkpoints before budgets
+        if self.floor is not None:
+            self.floor.load_state_dict(state["floor"])
+        self._push_lambdas()
+
+    def report(self) -> dict[str, Any]:
+        return {"lambda_history": self.history, "regularized_tensors": self.names,
+                "budget_met_at_epoch": self.stopped_at}
+
+    @torch.no_grad()
+    def release_masks(self, batches: int) -> int:
+        """Make pruning recoverable where the L1 optimality condition fails.
+
+        A pruned weight ``w = 0`` is optimal for ``CE + λ1‖W‖₁`` only while the training
+        gradient satisfies ``|g| ≤ λ1``.  ``g`` is averaged over ``batches`` training batches
+        (model in eval mode, nothing else changes); masked weights with ``|g| > λ1_l`` get their
+        mask back to True, so the next proximal steps may grow them again (and thresholding may
+        prune them again).  An early λ overshoot therefore does not prune for good.
+
+        Returns:
+            The number of weights released.
+        """
+        masks = [self.optimizer.state[p].get("mask") for p in self.weights]
+        if all(m is None for m in masks):
+            return 0
+        device = self.weights[0].device
+        sums = [torch.zeros_like(p) for p in self.weights]
+        used = 0
+        self.model.eval()
+        for batch in self.data.train_for_hvp:
+            if used == batches:
+                break
+            x, y = (t.to(device) for t in batch)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(F.cross_entropy(self.model(x), y), self.weights)
+            torch._foreach_add_(sums, grads)
+            used += 1
+        self.model.train()
+        lam1 = self.lambdas.lambda1.expand(len(self.weights))
+        released = 0
+        for mask, total, level in zip(masks, sums, lam1.tolist(), strict=True):
+            if mask is None:
+                continue
+            grow = ~mask & (total.abs() > level * used)
+            released += int(grow.sum())
+            mask |= grow
+        return released
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _fix_support(self) -> None:
+        """End the L1 phase: mask the weights below τ (zero from now on) and stop L1 and
+        thresholding; λ2 and the learning rate stay as they are until the next epoch."""
+        group = self.optimizer.param_groups[0]
+        self.optimizer.prune(self.config.cvgrad.threshold)
+        group["lambda1"], group["threshold"] = 0.0, None
+
+    def _budget_reached(self) -> bool:
+        """Whether the budget is met; never before ``threshold_start_epoch``, whose proximal
+        zeros are not yet held by masks (early on they come and go by the thousand)."""
+        cv = self.config.cvgrad
+        if self.optimizer.param_groups[0]["threshold"] is None:
+            return False
+        return budget_met(self.model, self.input_shape(), cv.target_compression, cv.target_flops)
+
+    def _hyper_step(self, val_batch: tuple[Tensor, Tensor]) -> None:
+        """One λ update from a validation batch (model in eval mode: BN uses running stats).
+
+        With ``lr_scaled_hyper`` the hypergradient is multiplied by the current weight learning
+        rate relative to ``optim.lr``, as in the one-step unrolled derivative of T1–T2: λ acts on
+        the weights only through ``lr·λ``, so while the learning rate is decayed λ barely moves
+        (instead of running away on the greedy signal of nearly frozen weights)."""
+        cv = self.config.cvgrad
+        device = self.weights[0].device
+        xv, yv = (t.to(device) for t in val_batch)
+        self.model.eval()
+
+        def val_loss() -> Tensor:
+            return validation_loss(self.model(xv), yv, cv.val_objective)
+
+        def train_loss() -> Tensor:
+            xt, yt = (t.to(device) for t in self._train_batch())
+            return F.cross_entropy(self.model(xt), yt)
+
+        lam1, lam2 = self._lambda_args()
+        d1, d2 = hypergradient(self.weights, lam1, lam2, train_loss, val_loss,
+                               estimator=cv.estimator, **cv.estimator_opts)
+        d1 = torch.as_tensor(d1, dtype=torch.float64).reshape(-1).cpu()
+        d2 = torch.as_tensor(d2, dtype=torch.float64).reshape(-1).cpu()
+        if not cv.learn_lambda2:
+            d2 = torch.zeros_like(d2)
+        lr_scale = self.optimizer.param_groups[0]["lr"] / self.config.optim.lr
+        if cv.lr_scaled_hyper:  # one unrolled step: dw/dλ1 = −η·sign(w), dw/dλ2 = −η·w
+            d1, d2 = d1 * lr_scale, d2 * lr_scale
+        before = self.lambdas.lambda1.clone()
+        self.lambdas.step(d1, d2)
+        if self.floor is not None:
+            factor = self.floor.update(self._compression(), self._epoch, lr_scale)
+            self.lambdas.rescale_lambda1_(factor, before if self.floor.binding else None)
+        self._push_lambdas()
+
+    @torch.no_grad()
+    def _compression(self) -> float:
+        """Compression rate of the regularized tensors (SPEC §7: elements / nonzeros), from the
+        nonzeros the latest fused step or prune counted (``ProxSGD.last_nonzero``); counted
+        here only before the first of them."""
+        counts = self.optimizer.last_nonzero[0]
+        nonzero = (int(counts.sum()) if counts is not None
+                   else sum(int(torch.count_nonzero(p)) for p in self.weights))
+        total = sum(p.numel() for p in self.weights)
+        return total / nonzero if nonzero else math.inf
+
+    def _lambda_args(self) -> tuple[float | Tensor, float | Tensor]:
+        if self.config.cvgrad.per_layer:
+            return self.lambdas.lambda1.clone(), self.lambdas.lambda2.clone()
+        return float(self.lambdas.lambda1), float(self.lambdas.lambda2)
+
+    def _push_lambdas(self) -> None:
+        group = self.optimizer.param_groups[0]
+        lam1, lam2 = self._lambda_args()
+        group["lambda1"], group["lambda2"] = lam1, lam2
+
+    def _train_batch(self) -> tuple[Tensor, Tensor]:
+        """A training batch for curvature estimates, drawn with the hyper generator."""
+        loader = self.data.train_for_hvp
+        return next(iter(loader))
+
+    def _next_online_val_batch(self) -> tuple[Tensor, Tensor]:
+        if self._online_val is None:
+            self._online_val = iter(self.data.val)
+        try:
+            return next(self._online_val)
+        except StopIteration:
+            self._online_val = iter(self.data.val)
+            return next(self._online_val)
+
+    def _lambda_record(self, outer: int) -> dict[str, Any]:
+        return {
+            "outer": outer,
+            "lambda1": self.lambdas.lambda1.tolist(),
+            "lambda2": self.lambdas.lambda2.tolist(),
+        }

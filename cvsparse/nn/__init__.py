@@ -1,0 +1,12 @@
+"""Drop-in layers: AutoPrune's gated Conv2d / Linear (docs/method.md §6) and model conversion.
+
+    from cvsparse.nn import GatedConv2d, convert, strip, aux_parameters
+"""
+
+from .convert import aux_parameters, convert, convertible_layers, gated_layers, strip
+from .gated import GATED_LAYERS, GatedConv2d, GatedLinear
+
+__all__ = [
+    "GatedConv2d", "GatedLinear", "GATED_LAYERS",
+    "convert", "convertible_layers", "strip", "gated_layers", "aux_parameters",
+]

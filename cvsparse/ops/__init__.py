@@ -1,0 +1,196 @@
+"""Fused per-parameter operators of sparse training (docs/method.md §2–4, §6).
+
+Every operator takes *lists* of tensors — all regularized tensors of a model in one call — and
+is also available as ``torch.ops.cvsparse.<name>``.  Arguments are validated here, once, before
+any backend runs (a rejected call modifies nothing); :func:`set_backend` chooses the
+implementation (see ``_backend.py``).  Tensors must be contiguous and share one dtype
+(float32, float64, float16 or bfloat16; reduced precision computes in float32) and one device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _checks as checks
+from . import _library, reference
+from ._backend import available_backends, get_backend, resolve, set_backend
+from .schemas import STE_CODES
+
+__all__ = [
+    "prox_sgd_", "mixed_partial_dot", "threshold_", "gated_weight",
+    "set_backend", "get_backend", "available_backends", "compiled_library_loaded", "STE_CODES",
+]
+
+compiled_library_loaded = _library.compiled_library_loaded
+Lambda = float | Tensor
+
+
+def prox_sgd_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_bufs: Sequence[Tensor] | None,
+    *,
+    lr: float,
+    momentum: float,
+    lambda1: Lambda,
+    lambda2: Lambda,
+    masks: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """One proximal SGD step with momentum on every tensor of ``params``, in place
+    (docs/method.md §2).
+
+    Per element: ``d = g + λ2·w``; ``v = μ·v + d``; ``z = w − lr·v``;
+    ``w = sign(z)·max(|z| − lr·λ1, 0)``; then ``w, v *= mask`` where a mask is given.
+
+    Args:
+        params: n weight tensors (updated in place).
+        grads: n gradients, shaped like ``params``.
+        momentum_bufs: n buffers (updated in place; start them at zero), or ``None`` when
+            ``momentum == 0``.
+        lr, momentum: learning rate ≥ 0 and momentum ≥ 0.
+        lambda1, lambda2: L1 and L2 strengths ≥ 0, a float or a 1-D tensor of n values.
+        masks: optional n bool tensors; False entries are held at zero.
+
+    Returns:
+        int64 tensor ``(n,)``: the nonzero count of each updated tensor.
+    """
+    params = checks.tensor_list("params", params)
+    grads = checks.tensor_list("grads", grads)
+    bufs = checks.tensor_list("momentum_bufs", momentum_bufs, allow_none=True)
+    masks = checks.tensor_list("masks", masks, allow_none=True)
+    lr = checks.nonnegative_scalar("lr", lr)
+    momentum = checks.nonnegative_scalar("momentum", momentum)
+    checks.params_list("params", params)
+    checks.companion_list("grads", grads, params)
+    if bufs or momentum != 0:
+        checks.companion_list("momentum_bufs", bufs, params)
+    if masks:
+        checks.companion_list("masks", masks, params, dtype=torch.bool)
+    checks.no_aliasing({"params": params, "momentum_bufs": bufs})
+    device = _device(params)
+    values = checks.checking_values()
+    l1 = checks.per_tensor_lambda("lambda1", lambda1, len(params), device, values)
+    l2 = checks.per_tensor_lambda("lambda2", lambda2, len(params), device, values)
+    return resolve("prox_sgd_", device)(params, grads, bufs, masks, l1, l2, lr, momentum)
+
+
+def mixed_partial_dot(
+    params: Sequence[Tensor], vectors: Sequence[Tensor], precond: Sequence[Tensor] | None = None
+) -> Tensor:
+    """Mixed partials ``∂²e/∂W∂λ`` reduced against ``vectors`` (docs/method.md §3).
+
+    Returns a ``(n, 2)`` tensor whose row l is ``[Σ c·v·sign(w), Σ c·v·w]`` over the nonzero
+    elements of ``params[l]`` (``c = precond[l]``, or 1).  float64 for float64 inputs, float32
+    otherwise (sums accumulate in at least float32).  The hypergradient is minus this.
+    """
+    params = checks.tensor_list("params", params)
+    vectors = checks.tensor_list("vectors", vectors)
+    precond = checks.tensor_list("precond", precond, allow_none=True)
+    checks.params_list("params", params)
+    checks.companion_list("vectors", vectors, params)
+    if precond:
+        checks.companion_list("precond", precond, params)
+    return resolve("mixed_partial_dot", _device(params))(params, vectors, precond)
+
+
+def threshold_(
+    params: Sequence[Tensor],
+    momentum_bufs: Sequence[Tensor] | None,
+    masks: Sequence[Tensor],
+    tau: float,
+) -> Tensor:
+    """Magnitude pruning, in place (docs/method.md §4): ``keep = |w| ≥ τ and mask``;
+    ``w, v *= keep``; ``mask = keep``.
+
+    Args:
+        params: n weight tensors; momentum_bufs: n buffers or ``None``;
+        masks: n bool tensors (read and rewritten); tau: threshold ≥ 0.
+
+    Returns:
+        int64 tensor ``(n,)``: kept elements per tensor.
+    """
+    params = checks.tensor_list("params", params)
+    bufs = checks.tensor_list("momentum_bufs", momentum_bufs, allow_none=True)
+    masks = checks.tensor_list("masks", masks)
+    tau = checks.nonnegative_scalar("tau", tau)
+    checks.params_list("params", params)
+    if bufs:
+        checks.companion_list("momentum_bufs", bufs, params)
+    checks.companion_list("masks", masks, params, dtype=torch.bool)
+    checks.no_aliasing({"params": params, "momentum_bufs": bufs, "masks": masks})
+    return resolve("threshold_", _device(params))(params, bufs, masks, tau)
+
+
+def gated_weight(
+    weight: Tensor, aux: Tensor, *, ste: str = "linear", slope: float = 0.01,
+    update: str = "proposed",
+) -> Tensor:
+    """AutoPrune's gated weight ``w · 1[m > 0]`` (docs/method.md §6), differentiable in ``w``
+    and ``m``.
+
+    ``aux`` is shaped like ``weight`` (one gate per weight) or ``(weight.shape[0],)`` (one gate per
+    output channel / neuron).  Backward: ``∂w = g·h(m)``, ``∂m = Σ g·sgn(w)·s'(m)`` for
+    ``update="proposed"`` (``w`` instead of ``sgn(w)`` for ``"bnn"``), ``s'`` given by ``ste``
+    (``linear``: 1, ``leaky_relu``: 1 or ``slope``, ``softplus``: sigmoid(m)).
+
+    Args:
+        weight: floating tensor, e.g. a Conv2d weight ``(out, in, kh, kw)``.
+        aux: the gate parameters ``m``, same dtype and device, shaped like ``weight`` or
+            ``(weight.shape[0],)``.  Non-contiguous inputs are made contiguous (differentiably).
+        ste: ``"linear"``, ``"leaky_relu"`` or ``"softplus"``; slope: LeakyReLU slope ≥ 0;
+        update: ``"proposed"`` or ``"bnn"``.
+
+    Returns:
+        A tensor shaped like ``weight`` (same dtype): ``weight`` with gated-off entries zeroed.
+    """
+    for name, value in (("weight", weight), ("aux", aux)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+    if weight.dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"weight has dtype {weight.dtype}; supported: float32, float64, "
+                        "float16, bfloat16")
+    if aux.dtype != weight.dtype:
+        raise TypeError(f"aux has dtype {aux.dtype} but weight has {weight.dtype}")
+    if aux.device != weight.device:
+        raise ValueError(f"aux is on {aux.device} but weight is on {weight.device}")
+    neuron_shape = tuple(weight.shape[:1])
+    if aux.shape != weight.shape and tuple(aux.shape) != neuron_shape:
+        raise ValueError(f"aux must have weight's shape {tuple(weight.shape)} (one gate per "
+                         f"weight) or {neuron_shape} (one per output unit), got "
+                         f"{tuple(aux.shape)}")
+    if not isinstance(ste, str) or ste not in STE_CODES:
+        raise ValueError(f"ste must be one of {', '.join(STE_CODES)}, got {ste!r}")
+    slope = checks.nonnegative_scalar("slope", slope)
+    if not isinstance(update, str) or update not in ("proposed", "bnn"):
+        raise ValueError(f"update must be 'proposed' or 'bnn', got {update!r}")
+    kernel = resolve("gated_weight", weight.device)
+    if kernel is reference.gated_weight:
+        kernel = _ReferenceGatedWeight.apply  # the plain reference function has no aux gradient
+    return kernel(weight.contiguous(), aux.contiguous(), STE_CODES[ste], slope,
+                  update == "proposed")
+
+
+class _ReferenceGatedWeight(torch.autograd.Function):
+    """:func:`reference.gated_weight` with :func:`reference.gated_weight_backward` as its
+    gradient (what ``torch.ops.cvsparse.gated_weight`` gets from ``_library.py``)."""
+
+    @staticmethod
+    def forward(ctx, weight, aux, ste, slope, sign_rule):
+        ctx.save_for_backward(weight, aux)
+        ctx.ste, ctx.slope, ctx.sign_rule = ste, slope, sign_rule
+        return reference.gated_weight(weight, aux, ste, slope, sign_rule)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, aux = ctx.saved_tensors
+        grad_weight, grad_aux = reference.gated_weight_backward(
+            grad, weight, aux, ctx.ste, ctx.slope, ctx.sign_rule
+        )
+        return grad_weight, grad_aux, None, None, None
+
+
+def _device(params: list[Tensor]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")

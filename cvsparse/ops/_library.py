@@ -1,0 +1,103 @@
+"""Loading of the compiled core and registration of what every backend shares.
+
+``cvsparse._C`` registers the schemas (``csrc/ops.cpp``) and the CPU / CUDA kernels.  If it is
+missing or fails to load, the same schemas are defined here with the reference implementations
+as their kernels, a warning says why, and everything keeps working on the reference backend.
+Fake (meta) implementations and autograd formulas are registered here in both cases.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .schemas import SCHEMAS
+
+LOAD_ERROR: str | None = None
+try:
+    from cvsparse import _C  # noqa: F401  (importing runs the static registrations)
+except Exception as exc:  # pragma: no cover - exercised only on broken installs
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+    warnings.warn(
+        f"cvsparse: the compiled library could not be loaded ({LOAD_ERROR}); falling back to "
+        "the pure-PyTorch reference operators. Reinstall with `pip install --no-build-isolation "
+        "-e .` to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    _fallback = torch.library.Library("cvsparse", "DEF")  # kept alive for the process
+    for _name, _schema in SCHEMAS.items():
+        _fallback.define(_schema)
+        _fallback.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+def compiled_library_loaded() -> bool:
+    """True when ``cvsparse._C`` (the C++ kernels) is loaded."""
+    return LOAD_ERROR is None
+
+
+@torch.compiler.assume_constant_result
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """True when ``cvsparse::op`` has a kernel registered for ``dispatch_key`` (e.g. "CUDA").
+
+    A constant for torch.compile (Dynamo cannot trace the dispatcher query), so backend choice
+    inside compiled code costs nothing."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"cvsparse::{op}", dispatch_key)
+
+
+# ---- fakes: output metadata only, for torch.compile / FakeTensor / meta tensors -------------
+
+def _counts_like(params: list[Tensor]) -> Tensor:
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty(len(params), dtype=torch.int64, device=device)
+
+
+@torch.library.register_fake("cvsparse::prox_sgd_")
+def _prox_sgd_fake(params, grads, momentum_bufs, masks, lambda1, lambda2, lr, momentum):
+    return _counts_like(params)
+
+
+@torch.library.register_fake("cvsparse::mixed_partial_dot")
+def _mixed_partial_dot_fake(params, vectors, precond):
+    dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty(len(params), 2, dtype=dtype, device=device)
+
+
+@torch.library.register_fake("cvsparse::threshold_")
+def _threshold_fake(params, momentum_bufs, masks, tau):
+    return _counts_like(params)
+
+
+@torch.library.register_fake("cvsparse::gated_weight")
+def _gated_weight_fake(weight, aux, ste, slope, sign_rule):
+    return torch.empty_like(weight)
+
+
+@torch.library.register_fake("cvsparse::gated_weight_backward")
+def _gated_weight_backward_fake(grad, weight, aux, ste, slope, sign_rule):
+    return torch.empty_like(weight), torch.empty_like(aux)
+
+
+# ---- autograd: the gated weight is differentiable in both inputs ---------------------------
+
+def _gated_setup_context(ctx, inputs, output):
+    weight, aux, ste, slope, sign_rule = inputs
+    ctx.save_for_backward(weight, aux)
+    ctx.ste, ctx.slope, ctx.sign_rule = ste, slope, sign_rule
+
+
+def _gated_backward(ctx, grad):
+    weight, aux = ctx.saved_tensors
+    grad_weight, grad_aux = torch.ops.cvsparse.gated_weight_backward(
+        grad.contiguous(), weight, aux, ctx.ste, ctx.slope, ctx.sign_rule
+    )
+    return grad_weight, grad_aux, None, None, None
+
+
+torch.library.register_autograd(
+    "cvsparse::gated_weight", _gated_backward, setup_context=_gated_setup_context
+)

@@ -1,0 +1,312 @@
+"""The training loop shared by every compression method (Algorithm 1's outer shell).
+
+Per epoch: train on the training split (tqdm bar), let the method finish the epoch (e.g. a
+hyper pass), evaluate on validation and test, append a ``metrics.csv`` row and write
+``checkpoint.pt`` atomically.  At the end: ``report.json``, ``plots/*.png`` and a summary table.
+``Trainer(..., resume=True)`` continues a run from its checkpoint bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cvsparse import metrics
+from cvsparse.config import RunConfig, from_dict, validate
+from cvsparse.data import (
+    CROP_PADDING,
+    BatchLoader,
+    default_val_size,
+    load_dataset,
+    split_indices,
+)
+from cvsparse.methods import METHOD_CLASSES
+from cvsparse.methods.base import RunData
+from cvsparse.models import build_model
+
+from . import checkpoint, outputs, rundir
+from .averaging import WeightAverage
+
+#: Keys every checkpoint state holds (a state without one of them is incomplete).
+_STATE_KEYS = ("epoch", "model", "method", "generator", "hyper_generator", "rng", "split",
+               "average", "rows", "wall_time_s", "config")
+
+
+class Trainer:
+    """Runs ``config`` and writes its outputs into ``out_dir``."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, *, resume: bool = False,
+                 overwrite: bool = False, progress: bool = True) -> None:
+        """``resume``: continue the run in ``out_dir`` (``config`` is ignored); else a new run
+        of ``config``, refused if ``out_dir`` holds another run's files unless ``overwrite``
+        (which removes them when the run starts).  The folder is checked before any data is
+        loaded; RunDirError / CheckpointError / ValueError name the problem."""
+        self.out_dir = Path(out_dir)
+        if not resume:
+            validate(config)
+        rundir.check_writable(self.out_dir)
+        rundir.check_unlocked(self.out_dir)
+        if not resume:
+            rundir.check_free(self.out_dir, overwrite)
+        self.config = config
+        self.progress = progress
+        self._overwrite = overwrite
+        self._owns_folder = resume   # a new run claims the folder when it first runs
+        self.checkpoints = checkpoint.CheckpointStore(self.out_dir, required=_STATE_KEYS)
+        state = self.checkpoints.load() if resume else None
+        if state is not None:
+            self.config = config = from_dict(state["config"])
+            validate(config)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = _device(config.device)
+        _seed_everything(config.seed)
+
+        self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download)
+        n_train = len(self.dataset.y_train)
+        val_size = config.data.val_size or default_val_size(config.data.dataset)
+        config.data.val_size = val_size
+        validate(config, n_train=n_train)
+        if state is not None:
+            self.train_idx, self.val_idx = state["split"]
+        else:
+            self.train_idx, self.val_idx = split_indices(n_train, val_size, config.data.split_seed)
+
+        self.model = build_model(config.model, num_classes=self.dataset.num_classes,
+                                 in_channels=self.dataset.x_train.shape[1]).to(self.device)
+        self.input_shape = tuple(self.dataset.x_train.shape[1:])
+        self.generator = torch.Generator().manual_seed(config.seed)
+        hyper_generator = torch.Generator().manual_seed(config.seed + 1)
+        method_class = METHOD_CLASSES[config.method]
+        run_data = self._build_loaders(method_class, hyper_generator)
+        self.method = method_class(config, self.model, run_data)
+        self.average = WeightAverage(self.model, self.bn_loader, self.device)
+        self.rows: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.wall_time = 0.0
+        if state is not None:
+            self._restore(state, hyper_generator)
+        self._set_augmentation()
+
+    # ---- public -------------------------------------------------------------------------------
+
+    def run(self, max_epochs: int | None = None) -> dict[str, Any]:
+        """Train to the end of the schedule (or to global epoch ``max_epochs``, leaving a
+        checkpoint to resume from); returns the report, also written to report.json.
+
+        The folder is locked while the run writes (RunDirError if another process holds it)."""
+        with rundir.RunLock(self.out_dir):
+            self._claim_folder()
+            return self._run_locked(max_epochs)
+
+    def _claim_folder(self) -> None:
+        """On a new run's first :meth:`run`: refuse (or, with ``overwrite``, clear) another
+        run's files, checked again now that the folder is locked."""
+        if self._owns_folder:
+            return
+        rundir.check_free(self.out_dir, self._overwrite)
+        rundir.clear(self.out_dir)
+        self._owns_folder = True
+
+    def _run_locked(self, max_epochs: int | None) -> dict[str, Any]:
+        total = self.config.total_epochs
+        if max_epochs is not None:
+            total = min(total, max_epochs)
+        while self.epoch < total:
+            start = time.perf_counter()
+            row = self._run_epoch(self.epoch)
+            self.wall_time += time.perf_counter() - start
+            row["wall_time_s"] = round(self.wall_time, 3)
+            self.rows.append(row)
+            self.epoch += 1
+            outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
+            if self.epoch == self.config.total_epochs and self.average.count:
+                self.average.copy_to_model()   # the finished model is the weight average
+            self.checkpoints.save(self._state())
+        report = self.report()
+        outputs.write_json(report, self.out_dir / "report.json")
+        outputs.write_plots(self.rows, report, self.out_dir / "plots")
+        if self.progress:
+            print(outputs.summary_table(report))
+        return report
+
+    def report(self) -> dict[str, Any]:
+        """The SPEC §7 report of the model as it is now (its weight average, once averaging
+        has begun)."""
+        with self._evaluated():
+            measured = self.method.measured_model()
+        layers = metrics.layer_table(measured, self.input_shape)
+        totals = metrics.summarize(layers, measured)
+        last = self.rows[-1] if self.rows else {}
+        return {
+            "test_acc": last.get("test_acc"),
+            "val_acc": last.get("val_acc"),
+            **totals,
+            **self.method.report(),
+            "layers": layers,
+            "epochs": self.rows and self.rows[-1]["epoch"] + 1,
+            "config": self.config.to_dict(),
+            "wall_time_s": self.wall_time,
+        }
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _build_loaders(self, method_class: type, hyper_generator: torch.Generator) -> RunData:
+        """Training, validation and test loaders (``self.*_loader``) and the method's extras.
+
+        Validation batches come from the held-out part of the training set, never augmented;
+        ``self.generator`` orders the weight batches, ``hyper_generator`` everything else."""
+        ds, dc = self.dataset, self.config.data
+        if ds.name.startswith("cifar"):
+            augment, padding, flip = dc.augment, CROP_PADDING, True
+        else:
+            augment, padding, flip = dc.augment and dc.mnist_shift > 0, dc.mnist_shift, False
+
+        def loader(images, labels, indices, batch_size, *, shuffle, augment, generator):
+            return BatchLoader(images, labels, indices, batch_size, shuffle=shuffle,
+                               augment=augment, mean=ds.mean, std=ds.std, generator=generator,
+                               crop_padding=padding, flip=flip)
+
+        self._augment = augment   # what the data config asks for; _set_augmentation applies it
+        weight_idx, reserved_idx = method_class.split_training(self.train_idx)
+        self.train_loader = loader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,
+                                   shuffle=True, augment=augment, generator=self.generator)
+        self.val_loader = loader(ds.x_train, ds.y_train, self.val_idx, dc.val_batch_size,
+                                 shuffle=False, augment=False, generator=None)
+        self.test_loader = loader(ds.x_test, ds.y_test, torch.arange(len(ds.y_test)),
+                                  dc.val_batch_size, shuffle=False, augment=False, generator=None)
+        self.bn_loader = loader(ds.x_train, ds.y_train, self.train_idx, dc.val_batch_size,
+                                shuffle=False, augment=False, generator=None)
+        return RunData(
+            val=self.val_loader,
+            train_for_hvp=loader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
+                                 shuffle=True, augment=False, generator=hyper_generator),
+            hyper_generator=hyper_generator,
+            second_half=None if reserved_idx is None else loader(
+                ds.x_train, ds.y_train, reserved_idx, dc.batch_size, shuffle=True,
+                augment=augment, generator=hyper_generator),
+        )
+
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        lr = self.method.set_epoch(epoch)
+        self._set_augmentation()
+        averaging = self._averages(epoch)
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        cap = self.config.optim.max_steps_per_epoch
+        n_steps = len(self.train_loader) if cap is None else min(cap, len(self.train_loader))
+        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.config.total_epochs}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(self.train_loader):
+            if step >= n_steps:
+                break
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss, logits = self.method.train_step(x, y)
+            if averaging:
+                self.average.update()
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        extra = self.method.end_epoch(epoch)
+        with self._evaluated():
+            val = metrics.evaluate(self.model, self.val_loader, self.device)
+            test = metrics.evaluate(self.model, self.test_loader, self.device)
+            totals = metrics.summarize(
+                metrics.layer_table(self.method.measured_model(), self.input_shape))
+        row = {
+            "epoch": epoch, "lr": lr,
+            "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"],
+            "test_loss": test["loss"], "test_acc": test["acc"],
+            "params_nonzero": totals["params_nonzero"],
+            "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
+            **extra,
+        }
+        if self.progress:
+            tqdm.write(f"epoch {epoch + 1}: train acc {row['train_acc']:.4f}  val acc "
+                       f"{row['val_acc']:.4f}  test acc {row['test_acc']:.4f}  compression "
+                       f"{row['compression_rate']:.1f}x  " +
+                       "  ".join(f"{k} {v:.3g}" for k, v in extra.items()))
+        return row
+
+    def _averages(self, epoch: int) -> bool:
+        """Whether ``epoch`` lies in the weight-averaging window: the last ``optim.swa_epochs``
+        epochs of the run, all of them fine-tuning epochs (``validate`` sees to that)."""
+        window = self.config.optim.swa_epochs
+        return window > 0 and epoch >= self.config.total_epochs - window
+
+    def _evaluated(self) -> AbstractContextManager[None]:
+        """The weights evaluation and the report see: the mean once averaging has begun (the
+        training iterate comes back after the block), else the model as it is.  A finished run's
+        model already holds the mean (``run`` copied it in), so it is not swapped in again."""
+        finished = self.epoch >= self.config.total_epochs
+        return self.average.applied() if self.average.count and not finished else nullcontext()
+
+    def _set_augmentation(self) -> None:
+        """Switch the training batches' augmentation for the epoch about to run: always on with
+        ``data.augment_phase = "all"``, only while the method fine-tunes with ``"finetune"``."""
+        phase = self.config.data.augment_phase
+        on = self._augment and (phase == "all" or self.method.finetuning)
+        for loader in (self.train_loader, self.method.data.second_half):
+            if loader is not None:
+                loader.augment = on
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "generator": self.generator.get_state(),
+            "hyper_generator": self.method.data.hyper_generator.get_state(),
+            "rng": checkpoint.rng_state(),
+            "split": (self.train_idx, self.val_idx),
+            "average": self.average.state_dict(),
+            "rows": self.rows,
+            "wall_time_s": self.wall_time,
+            "config": self.config.to_dict(),
+        }
+
+    def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.average.load_state_dict(state["average"])
+        self.generator.set_state(state["generator"])
+        hyper_generator.set_state(state["hyper_generator"])
+        checkpoint.set_rng_state(state["rng"])
+        self.rows = state["rows"]
+        self.epoch = state["epoch"]
+        self.wall_time = state["wall_time_s"]
+
+
+class CVTrainer(Trainer):
+    """:class:`Trainer` for the cross-validation-gradient method (``method="cvgrad"``)."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, **kwargs: Any) -> None:
+        if config.method != "cvgrad":
+            raise ValueError(f"CVTrainer runs method 'cvgrad', got {config.method!r}")
+        super().__init__(config, out_dir, **kwargs)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,468 @@
+"""Datasets (real MNIST / CIFAR-10 statistics, torchvision layouts, lookup), splits, loader."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvsparse import data
+from cvsparse.data import BatchLoader, load_dataset, split_indices
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset("mnist")
+
+
+@pytest.fixture(scope="module")
+def cifar10():
+    return load_dataset("cifar10")
+
+
+def test_mnist_matches_published_facts(mnist):
+    assert mnist.x_train.shape == (60000, 1, 28, 28) and mnist.x_train.dtype == torch.uint8
+    assert mnist.x_test.shape == (10000, 1, 28, 28)
+    assert mnist.y_train.dtype == torch.int64 and mnist.y_test.shape == (10000,)
+    assert mnist.y_train[:5].tolist() == [5, 0, 4, 1, 9]
+    assert mnist.mean[0] == pytest.approx(0.1307, abs=5e-5)
+    assert mnist.std[0] == pytest.approx(0.3081, abs=5e-5)
+    assert mnist.num_classes == 10 and mnist.name == "mnist"
+    assert mnist.source.exists()
+
+
+def test_cifar10_matches_published_facts(cifar10):
+    assert cifar10.x_train.shape == (50000, 3, 32, 32) and cifar10.x_train.is_contiguous()
+    assert cifar10.x_test.shape == (10000, 3, 32, 32)
+    # channel order and NHWC -> NCHW conversion: the published RGB means differ per channel
+    assert cifar10.mean == pytest.approx((0.4914, 0.4822, 0.4465), abs=5e-5)
+    assert cifar10.std == pytest.approx((0.2470, 0.2435, 0.2616), abs=5e-5)
+    assert torch.bincount(cifar10.y_train).tolist() == [5000] * 10
+    assert torch.bincount(cifar10.y_test).tolist() == [1000] * 10
+    assert cifar10.image_shape == (3, 32, 32)
+
+
+def test_loaded_once_per_process(cifar10):
+    assert load_dataset("cifar10") is cifar10
+
+
+def test_normalized_cifar_has_zero_mean_unit_std(cifar10):
+    loader = BatchLoader(cifar10.x_train, cifar10.y_train, torch.arange(50000), 5000,
+                         shuffle=False, augment=False, mean=cifar10.mean, std=cifar10.std)
+    s = torch.zeros(3, dtype=torch.float64)
+    s2 = torch.zeros(3, dtype=torch.float64)
+    for x, _ in loader:
+        s += x.sum(dim=(0, 2, 3)).double()
+        s2 += x.square().sum(dim=(0, 2, 3)).double()
+    n = 50000 * 32 * 32
+    assert torch.allclose(s / n, torch.zeros(3, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(s2 / n, torch.ones(3, dtype=torch.float64), atol=1e-4)
+
+
+def test_channel_stats_match_direct_computation():
+    images = torch.randint(0, 256, (7, 3, 5, 4), dtype=torch.uint8)
+    mean, std = data.channel_stats(images)
+    scaled = images.double() / 255
+    assert mean == pytest.approx(scaled.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
+    assert std == pytest.approx(scaled.std(dim=(0, 2, 3), correction=0).tolist(), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- file layouts
+
+
+def cifar_row(image_chw: np.ndarray) -> np.ndarray:
+    """One row of a CIFAR batch as the format describes it: 1024 red values, then 1024 green,
+    then 1024 blue, each channel row-major."""
+    return np.concatenate([image_chw[0].ravel(), image_chw[1].ravel(), image_chw[2].ravel()])
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, **labels: np.ndarray) -> None:
+    """A batch file as the CIFAR pickles hold it (bytes keys, labels as Python lists)."""
+    batch = {
+        b"batch_label": b"synthetic batch",
+        b"data": np.stack([cifar_row(im) for im in images]),
+        b"filenames": [f"img_{i}.png".encode() for i in range(len(images))],
+    }
+    for key, values in labels.items():
+        batch[key.encode()] = [int(v) for v in values]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The idx format: two zero bytes, type 0x08 (unsigned byte), number of dimensions, then each
+    dimension as a big-endian uint32, then the data in row-major order."""
+    payload = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload += array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def random_split(rng, n, shape, classes):
+    return rng.integers(0, 256, (n, *shape), dtype=np.uint8), rng.integers(0, classes, n)
+
+
+def write_mnist_raw(directory: Path, rng, n_train=6, n_test=4, gz=(True, False, True, False)):
+    xs = random_split(rng, n_train, (28, 28), 10) + random_split(rng, n_test, (28, 28), 10)
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    for name, array, zipped in zip(names, xs, gz, strict=True):
+        write_idx(directory / (name + (".gz" if zipped else "")), array)
+    return xs
+
+
+def assert_loaded(ds, x_train, y_train, x_test, y_test, nchw=lambda x: x):
+    assert torch.equal(ds.x_train, torch.from_numpy(nchw(x_train)))
+    assert torch.equal(ds.y_train, torch.from_numpy(y_train.astype(np.int64)))
+    assert torch.equal(ds.x_test, torch.from_numpy(nchw(x_test)))
+    assert torch.equal(ds.y_test, torch.from_numpy(y_test.astype(np.int64)))
+
+
+def test_torchvision_cifar10_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    train = [random_split(rng, 3, (3, 32, 32), 10) for _ in range(5)]
+    test = random_split(rng, 4, (3, 32, 32), 10)
+    folder = tmp_path / "cifar-10-batches-py"
+    for i, (x, y) in enumerate(train, start=1):
+        write_cifar_batch(folder / f"data_batch_{i}", x, labels=y)
+    write_cifar_batch(folder / "test_batch", test[0], labels=test[1])
+    ds = load_dataset("cifar10", root=tmp_path)
+    x_train = np.concatenate([x for x, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    assert_loaded(ds, x_train, y_train, *test)
+    assert ds.source == folder and ds.num_classes == 10
+    assert ds.mean == pytest.approx(data.channel_stats(torch.from_numpy(x_train))[0])
+
+
+def test_torchvision_cifar100_layout_uses_fine_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    train, test = random_split(rng, 5, (3, 32, 32), 100), random_split(rng, 3, (3, 32, 32), 100)
+    folder = tmp_path / "cifar-100-python"
+    for part, (x, y) in (("train", train), ("test", test)):
+        write_cifar_batch(folder / part, x, fine_labels=y, coarse_labels=y // 5)
+    ds = load_dataset("cifar100", root=tmp_path)
+    assert_loaded(ds, *train, *test)
+    assert ds.num_classes == 100
+
+
+@pytest.mark.parametrize("subdir", ["MNIST/raw", "."])
+def test_torchvision_mnist_layout_gz_and_plain(tmp_path, subdir):
+    xs = write_mnist_raw(tmp_path / subdir, np.random.default_rng(2))
+    ds = load_dataset("mnist", root=tmp_path)
+    assert_loaded(ds, *xs, nchw=lambda x: x[:, None])
+
+
+def test_npz_layouts(tmp_path):
+    rng = np.random.default_rng(3)
+    x_tr, y_tr = random_split(rng, 4, (3, 32, 32), 10)
+    x_te, y_te = random_split(rng, 2, (3, 32, 32), 10)
+    for layout, to_file in (("nhwc", lambda x: x.transpose(0, 2, 3, 1)), ("nchw", lambda x: x)):
+        root = tmp_path / layout
+        root.mkdir()
+        np.savez(root / "cifar10.npz", x_train=to_file(x_tr), y_train=y_tr,
+                 x_test=to_file(x_te), y_test=y_te)
+        assert_loaded(load_dataset("cifar10", root=root), x_tr, y_tr, x_te, y_te)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"x_train": np.zeros((4, 30, 30), np.uint8)}, "do not fit"),
+        ({"x_train": np.zeros((4, 28, 28), np.float32)}, "uint8"),
+        ({"y_train": np.array([0, 1, 2, 10])}, "outside"),
+        ({"y_test": np.array([0, 1, 2])}, "labels must be"),
+    ],
+)
+def test_malformed_npz_is_rejected_naming_the_file(tmp_path, change, match):
+    arrays = {"x_train": np.zeros((4, 28, 28), np.uint8), "y_train": np.arange(4),
+              "x_test": np.zeros((2, 28, 28), np.uint8), "y_test": np.arange(2)}
+    arrays.update(change)
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    with pytest.raises(ValueError, match=match) as info:
+        load_dataset("mnist", root=tmp_path)
+    assert str(tmp_path / "mnist.npz") in str(info.value)
+
+
+def test_bad_idx_header_is_rejected(tmp_path):
+    write_mnist_raw(tmp_path, np.random.default_rng(4), gz=(False,) * 4)
+    raw = bytearray((tmp_path / "train-images-idx3-ubyte").read_bytes())
+    raw[2] = 0x0D  # float data type
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="idx"):
+        load_dataset("mnist", root=tmp_path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_cifar_pickle_with_foreign_code_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "cifar-100-python"
+    x, y = random_split(rng, 2, (3, 32, 32), 100)
+    write_cifar_batch(folder / "test", x, fine_labels=y)
+    with open(folder / "train", "wb") as f:
+        pickle.dump({b"data": _Payload(), b"fine_labels": [0]}, f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="print"):
+        load_dataset("cifar100", root=tmp_path)
+    assert "never run" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """Every search root points into tmp_path (explicit, env, cwd-relative, repo, cache)."""
+    monkeypatch.setenv("CVSPARSE_DATA", str(tmp_path / "env"))
+    monkeypatch.setattr(data, "REPO_DATA_ROOT", tmp_path / "repo" / "shared" / "data")
+    monkeypatch.setattr(data, "DEFAULT_DOWNLOAD_ROOT", tmp_path / "cache")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return tmp_path
+
+
+def test_search_roots_order(isolated):
+    t = isolated
+    expected = [t / "explicit", t / "env", t / "shared" / "data", t / "repo" / "shared" / "data",
+                t / "cache"]
+    assert data.search_roots(t / "explicit") == expected
+    assert data.search_roots() == expected[1:]
+    assert data.search_roots(t / "env") == expected[1:]  # duplicates dropped
+
+
+def test_missing_dataset_error_lists_every_place(isolated):
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar10", root=isolated / "explicit")
+    message = str(info.value)
+    for root in data.search_roots(isolated / "explicit"):
+        assert str(root / "cifar10.npz") in message
+        assert str(root / "cifar-10-batches-py") in message
+    assert "download=True" in message and "--download" in message
+
+
+def test_roots_are_searched_in_order(isolated, monkeypatch):
+    rng = np.random.default_rng(6)
+    as_nchw = {"nchw": lambda x: x[:, None]}
+    env = write_mnist_raw(isolated / "env" / "MNIST" / "raw", rng)
+    cwd_relative = write_mnist_raw(isolated / "shared" / "data", rng)
+    explicit = write_mnist_raw(isolated / "explicit", rng)
+    assert_loaded(load_dataset("mnist"), *env, **as_nchw)
+    assert_loaded(load_dataset("mnist", root=isolated / "explicit"), *explicit, **as_nchw)
+    assert load_dataset("mnist", root=isolated / "nowhere").source == isolated / "env/MNIST/raw"
+    monkeypatch.delenv("CVSPARSE_DATA")
+    assert_loaded(load_dataset("mnist"), *cwd_relative, **as_nchw)
+
+
+def test_download_goes_to_env_root_and_is_read_back(isolated, monkeypatch):
+    calls = []
+
+    def fake_download(name, root):  # what torchvision.datasets.MNIST(download=True) leaves
+        calls.append((name, root))
+        fake_download.arrays = write_mnist_raw(root / "MNIST" / "raw", np.random.default_rng(7))
+
+    monkeypatch.setattr(data, "_download", fake_download)
+    with pytest.raises(FileNotFoundError):
+        load_dataset("mnist")
+    assert calls == []
+    ds = load_dataset("mnist", download=True)
+    assert calls == [("mnist", isolated / "env")]
+    assert_loaded(ds, *fake_download.arrays, nchw=lambda x: x[:, None])
+    load_dataset("mnist", download=True)  # found now: no second download
+    assert len(calls) == 1
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(ValueError, match="cifar100"):
+        load_dataset("svhn")
+    with pytest.raises(ValueError, match="mnist"):
+        data.default_val_size("imagenet")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_indices_deterministic_disjoint_complete():
+    train, val = split_indices(1000, 100, seed=0)
+    again_train, again_val = split_indices(1000, 100, seed=0)
+    assert torch.equal(train, again_train) and torch.equal(val, again_val)
+    assert train.dtype == val.dtype == torch.int64
+    assert len(val) == 100 and len(train) == 900
+    assert torch.equal(torch.cat([train, val]).sort().values, torch.arange(1000))
+    assert not torch.equal(split_indices(1000, 100, seed=1)[1], val)
+    # not just the first or last block
+    assert 0 < val.float().mean().item() / 1000 < 1 and val.max() - val.min() > 500
+
+
+def test_split_indices_edge_cases():
+    train, val = split_indices(10, 0, seed=0)
+    assert len(val) == 0 and torch.equal(train, torch.arange(10))
+    for n_val in (10, 11, -1):
+        with pytest.raises(ValueError, match="n_val"):
+            split_indices(10, n_val, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        split_indices(10, 2, seed=0.5)
+
+
+def test_default_val_size():
+    assert data.default_val_size("cifar10") == data.default_val_size("cifar100") == 5000
+    assert data.default_val_size("mnist") == 6000
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def make_loader(n=50, shape=(3, 6, 6), **kwargs):
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8)
+    labels = torch.arange(n)
+    args = {"shuffle": False, "augment": False, "mean": (0.1, 0.2, 0.3)[: shape[0]],
+            "std": (0.5, 0.25, 0.2)[: shape[0]], "generator": None}
+    args.update(kwargs)
+    indices = args.pop("indices", torch.arange(n))
+    batch_size = args.pop("batch_size", 8)
+    return BatchLoader(images, labels, indices, batch_size, **args), images
+
+
+def test_loader_normalizes_and_keeps_order():
+    loader, images = make_loader()
+    xs, ys = zip(*loader, strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    mean = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor([0.5, 0.25, 0.2], dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (images.double() / 255 - mean) / std
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.allclose(x.double(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(y, torch.arange(50))
+
+
+def test_loader_covers_every_index_once_per_pass():
+    train, _ = split_indices(103, 20, seed=3)
+    g = torch.Generator().manual_seed(0)
+    loader, _ = make_loader(n=103, indices=train, batch_size=16, shuffle=True, generator=g)
+    assert len(loader) == 6
+    for _ in range(2):
+        ys = [y for _, y in loader]
+        assert [len(y) for y in ys] == [16] * 5 + [3]
+        assert torch.equal(torch.cat(ys).sort().values, train)
+    dropped, _ = make_loader(n=103, indices=train, batch_size=16, shuffle=True, generator=g,
+                             drop_last=True)
+    ys = torch.cat([y for _, y in dropped])
+    assert len(dropped) == 5 and len(ys) == 80 and len(ys.unique()) == 80
+    assert torch.isin(ys, train).all()
+
+
+def test_loader_shuffle_is_reproducible_from_generator_state():
+    g = torch.Generator().manual_seed(11)
+    loader, _ = make_loader(shuffle=True, augment=True, generator=g)
+    global_state = torch.get_rng_state()
+    state = g.get_state()
+    first = list(loader)
+    second = list(loader)
+    g.set_state(state)
+    replay = list(loader)
+    assert torch.equal(torch.get_rng_state(), global_state)  # only the given generator is used
+    assert not torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in second]))
+    for (x1, y1), (x2, y2) in zip(first, replay, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def all_crops(image: torch.Tensor, pad: int) -> torch.Tensor:
+    """Every pad-and-crop window of ``image`` (C, H, W), unflipped and flipped: (2·(2p+1)², C,
+    H, W), built by slicing (independent of the loader's gather)."""
+    c, h, w = image.shape
+    padded = F.pad(image, (pad, pad, pad, pad))
+    crops = [padded[:, dy : dy + h, dx : dx + w] for dy in range(2 * pad + 1)
+             for dx in range(2 * pad + 1)]
+    crops += [crop.flip(-1) for crop in crops]
+    return torch.stack(crops)
+
+
+def test_augmentation_is_a_random_crop_and_flip_of_the_right_image():
+    n, h, w = 300, 8, 8
+    position = (torch.arange(h * w) + 1).view(1, h, w).expand(n, h, w)
+    marker = (torch.arange(n) % 250 + 1).view(n, 1, 1).expand(n, h, w)
+    images = torch.stack([position, marker], dim=1).to(torch.uint8).contiguous()
+    labels = torch.arange(n)
+    kwargs = {"mean": (0.0, 0.0), "std": (1.0, 1.0), "generator": torch.Generator().manual_seed(0)}
+
+    plain = BatchLoader(images, labels, torch.arange(n), 64, shuffle=True, augment=False, **kwargs)
+    for x, y in plain:
+        assert torch.equal((x * 255).round().to(torch.uint8), images[y])
+
+    loader = BatchLoader(images, labels, torch.arange(n), 64, shuffle=True, augment=True, **kwargs)
+    seen = []
+    for x, y in loader:
+        out = (x * 255).round().to(torch.uint8)
+        for image, label in zip(out, y, strict=True):
+            matches = (all_crops(images[label], data.CROP_PADDING) == image).flatten(1).all(1)
+            assert matches.sum() == 1, "output is not a crop/flip of the image its label names"
+            seen.append(int(matches.nonzero()))
+    flips = sum(k >= 81 for k in seen)
+    assert 0.35 * n < flips < 0.65 * n
+    assert len({k % 81 for k in seen}) > 60  # offsets are drawn, not fixed
+
+
+def test_unflipped_augmentation_is_a_shift_of_the_right_image():
+    """``flip=False`` with ``crop_padding=2`` (MNIST's ``data.mnist_shift``): every image is a
+    translation by at most 2 pixels each way, never mirrored; all 25 offsets occur."""
+    n, h, w, pad = 200, 7, 7, 2
+    position = (torch.arange(h * w) + 1).view(1, h, w).expand(n, h, w)  # asymmetric
+    marker = (torch.arange(n) % 250 + 1).view(n, 1, 1).expand(n, h, w)
+    images = torch.stack([position, marker], dim=1).to(torch.uint8).contiguous()
+    loader = BatchLoader(images, torch.arange(n), torch.arange(n), 50, shuffle=True,
+                         augment=True, mean=(0.0, 0.0), std=(1.0, 1.0), crop_padding=pad,
+                         flip=False, generator=torch.Generator().manual_seed(1))
+    offsets = []
+    for x, y in loader:
+        out = (x * 255).round().to(torch.uint8)
+        for image, label in zip(out, y, strict=True):
+            matches = (all_crops(images[label], pad) == image).flatten(1).all(1)
+            assert matches.sum() == 1, "output is not a shift of the image its label names"
+            offsets.append(int(matches.nonzero()))
+    assert max(offsets) < (2 * pad + 1) ** 2, "an image was flipped"
+    assert len(set(offsets)) == (2 * pad + 1) ** 2
+
+
+@pytest.mark.parametrize("padding", [-1, 1.5, True])
+def test_loader_rejects_bad_crop_padding(padding):
+    with pytest.raises(ValueError, match="crop_padding"):
+        make_loader(crop_padding=padding)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"images_u8": torch.zeros(4, 3, 6, 6)}, "images_u8"),
+        ({"images_u8": torch.zeros(4, 18, 6, dtype=torch.uint8)}, "images_u8"),
+        ({"labels": torch.zeros(3, dtype=torch.int64)}, "labels"),
+        ({"labels": torch.zeros(4, dtype=torch.int32)}, "labels"),
+        ({"indices": torch.tensor([0, 4])}, "indices"),
+        ({"indices": torch.tensor([0.0, 1.0])}, "indices"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"mean": (0.5,)}, "mean"),
+        ({"std": (1.0, 0.0, 1.0)}, "std"),
+        ({"generator": 0}, "generator"),
+    ],
+)
+def test_loader_rejects_bad_arguments(change, match):
+    args = {"images_u8": torch.zeros(4, 3, 6, 6, dtype=torch.uint8),
+            "labels": torch.zeros(4, dtype=torch.int64), "indices": torch.arange(4),
+            "batch_size": 2, "shuffle": False, "augment": False, "mean": (0.0,) * 3,
+            "std": (1.0,) * 3, "generator": None}
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        BatchLoader(**args)
