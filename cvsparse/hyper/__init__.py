@@ -1,5 +1,5 @@
-"""Hypergradients of the validation loss w.r.t. the regularization strengths (SPEC §3) and the
-optimizer that follows them.
+"""Hypergradients of the validation loss w.r.t. the regularization strengths
+(docs/method.md §3) and the optimizer that follows them.
 
 - :func:`hypergradient` — ``(dcv/dλ1, dcv/dλ2)`` by the implicit function theorem, with the
   ``identity``, ``diagonal``, ``neumann`` or ``cg`` estimator of ``H_F⁻¹ ∇cv``.

@@ -1,21 +1,30 @@
-"""Estimators of ``p ≈ H_F⁻¹ ∇cv`` for the implicit hypergradient (SPEC §3).
+"""Estimators of ``p ≈ H_F⁻¹ ∇cv`` for the implicit hypergradient (docs/method.md §3).
 
-``H`` is the Hessian of ``e = train data loss + Σ_l λ2_l/2·‖W_l‖²`` (the L1 term has no
-curvature on the free set) restricted to the free set ``F = {w ≠ 0}``: every vector is zero off
-``F``, and every Hessian-vector product is taken as ``mask ⊙ H (mask ⊙ v)``.
+The inner problem is over every trainable tensor the losses depend on: the regularized weights
+``W`` and the unregularized tensors ``u`` (biases, normalization affine parameters, layers left
+dense).  ``H`` is the Hessian of ``e = train data loss + Σ_l λ2_l/2·‖W_l‖²`` over ``θ = (W, u)``
+(the L1 term has no curvature on the free set), restricted to the free set
+``F = {w ≠ 0} ∪ u``: every vector is zero off ``F``, and every Hessian-vector product is taken
+as ``mask ⊙ H (mask ⊙ v)``.  Solving with the whole of ``H`` gives the regularized block of the
+solution the Schur complement of ``H_uu``; holding ``u`` fixed (solving with ``H_WW`` alone)
+is wrong wherever ``W`` and ``u`` are coupled.
 
-Each estimator takes a :class:`Problem` and the right-hand side ``∇cv`` (a list shaped like the
-parameters, already zero off ``F``) and returns ``(vectors, precond)``: ``p = precond ⊙ vectors``
-(``precond`` is ``None`` except for ``diagonal``, so that the division fuses into
-``mixed_partial_dot``).
+Each estimator takes a :class:`Problem` and the right-hand side ``∇cv`` (a list shaped like
+``Problem.params``, already zero off ``F``) and returns ``(vectors, precond)``:
+``p = precond ⊙ vectors`` on the regularized tensors (the first ``Problem.n_regularized``
+entries; ``precond`` is ``None`` except for ``diagonal``, so that the division fuses into
+``mixed_partial_dot``).  What an estimator had to approximate (clipped curvature, a stopped
+solve) goes into ``Problem.diagnostics``.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,23 +37,37 @@ EXACT_MAX_ELEMENTS = 20_000  # "exact" diagonal: one HVP per free weight, for ti
 
 @dataclass
 class Problem:
-    """The inner problem at the current weights.
+    """The inner problem at the current parameters.
 
     Attributes:
-        params: the regularized tensors (requiring grad), n of them.
-        free: n bool tensors, True on the free set ``w ≠ 0``.
-        lambda2: n floats, the L2 strength of each tensor.
+        params: the tensors of θ (requiring grad): the ``n_regularized`` regularized tensors
+            first, then the unregularized ones.
+        free: one bool tensor per entry of ``params``, True on the free set (``w ≠ 0`` for a
+            regularized tensor; everywhere for an unregularized one).
+        lambda2: one float per entry of ``params``: the L2 strength of each regularized tensor,
+            0 for the unregularized ones.
         train_loss: zero-argument closure returning the scalar training data loss.
+        n_regularized: how many leading entries of ``params`` are regularized.
+        diagnostics: filled by the estimator (see :func:`cvsparse.hyper.hypergradient`).
     """
 
     params: list[Tensor]
     free: list[Tensor]
     lambda2: list[float]
     train_loss: Callable[[], Tensor]
+    n_regularized: int
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
     def mask(self, vectors: Vectors) -> Vectors:
         """``vectors`` with every component off the free set set to zero."""
         return [v * m for v, m in zip(vectors, self.free, strict=True)]
+
+    def regularized_block(self) -> Problem:
+        """The same problem over the regularized tensors alone (the unregularized ones held
+        fixed): what a diagonal curvature needs, since ``diag(H)`` on ``W`` is ``diag(H_WW)``."""
+        n = self.n_regularized
+        return Problem(self.params[:n], self.free[:n], self.lambda2[:n], self.train_loss, n,
+                       self.diagnostics)
 
     def training_gradient(self, *, create_graph: bool) -> tuple[Tensor | None, ...]:
         """Gradient of ``train_loss()`` w.r.t. ``params`` (``None`` for unused tensors)."""
@@ -93,34 +116,44 @@ def diagonal(
     problem: Problem, rhs: Vectors, *, curvature: str = "hutchinson", samples: int = 1,
     damping: float = 1e-3,
 ) -> Estimate:
-    """``p_i = ∇cv_i / (h_i + λ2_l + δ)`` with ``h`` a diagonal curvature of the data loss.
+    """``p_i = ∇cv_i / (h_i + λ2_l + δ)`` on the regularized tensors, ``h`` a diagonal
+    curvature of the training data loss (the coupling with other tensors is ignored).
 
-    ``curvature``: ``"hutchinson"`` — ``mean_s z_s ⊙ H z_s`` over ``samples`` Rademacher
-    vectors (one HVP each; negative estimates are clipped to 0); ``"fisher"`` — ``g²`` of the
-    training mini-batch gradient (no HVP; a cheap Gauss–Newton proxy); ``"exact"`` — the true
-    diagonal by one HVP per free weight (tiny models only, for tests).  ``damping`` δ ≥ 0, and
-    δ > 0 is required when some λ2_l = 0 (the denominator could vanish).
+    ``curvature``:
+
+    - ``"hutchinson"``: ``mean_s z_s ⊙ H z_s`` over ``samples`` Rademacher vectors ``z_s``
+      (one HVP each), an unbiased estimate of ``diag(H)``.  Negative estimates are clipped to 0;
+      their count goes into ``diagnostics["clipped"]``.
+    - ``"fisher"``: the running mean, over ``samples`` evaluations of ``train_loss`` (each may
+      draw its own mini-batch), of the squared mini-batch gradient ``g_s ⊙ g_s``.  No HVP.  It is
+      the Fisher information of the mini-batch mean loss, a Gauss–Newton proxy that is ≥ 0 by
+      construction; near a stationary point it is about the per-sample Fisher divided by the
+      batch size, so it underestimates the curvature and ``λ2 + δ`` dominates where it is small.
+    - ``"exact"``: the true diagonal, one HVP per free weight (tiny models only, for tests).
+
+    ``damping`` δ ≥ 0, and δ > 0 is required when some λ2_l = 0 (the denominator could vanish).
     """
-    if damping <= 0 and min(problem.lambda2) <= 0:
+    if damping <= 0 and min(problem.lambda2[:problem.n_regularized]) <= 0:
         raise ValueError("diagonal estimator: damping must be > 0 when some lambda2 is 0")
+    block = problem.regularized_block()
     if curvature == "hutchinson":
-        h = _hutchinson(problem, samples)
+        h = _hutchinson(block, samples)
     elif curvature == "fisher":
-        grads = problem.training_gradient(create_graph=False)
-        h = problem.mask([torch.zeros_like(p) if g is None else g.detach().square()
-                          for g, p in zip(grads, problem.params, strict=True)])
+        h = _fisher(block, samples)
     else:
-        h = _exact_diagonal(problem)
+        h = _exact_diagonal(block)
+    negative = sum(int(((d < 0) & m).sum()) for d, m in zip(h, block.free, strict=True))
+    problem.diagnostics["clipped"] = negative
     precond = [torch.where(m, 1.0 / (d.clamp(min=0) + lam + damping), torch.zeros_like(d))
-               for d, m, lam in zip(h, problem.free, problem.lambda2, strict=True)]
-    return rhs, precond
+               for d, m, lam in zip(h, block.free, block.lambda2, strict=True)]
+    return rhs[:block.n_regularized], precond
 
 
 def neumann(problem: Problem, rhs: Vectors, *, iters: int = 10, alpha: float = 0.01) -> Estimate:
     """``p = α Σ_{k=0..K} (I − αH)^k ∇cv`` with K = ``iters`` HVPs.
 
     Converges to ``H⁻¹∇cv`` when ``0 < α < 2/λ_max(H)`` and H is positive definite on F (use
-    about the weight learning rate).
+    about the weight learning rate).  ``diagnostics["iterations"]`` is K.
     """
     term = list(rhs)
     total = list(rhs)
@@ -129,6 +162,7 @@ def neumann(problem: Problem, rhs: Vectors, *, iters: int = 10, alpha: float = 0
         for _ in range(iters):
             term = torch._foreach_add(term, hvp(term), alpha=-alpha)
             total = torch._foreach_add(total, term)
+    problem.diagnostics["iterations"] = iters
     return torch._foreach_mul(total, alpha), None
 
 
@@ -136,13 +170,21 @@ def cg(
     problem: Problem, rhs: Vectors, *, iters: int = 20, damping: float = 1e-3, tol: float = 1e-6,
 ) -> Estimate:
     """Solve ``(H + δI) p = ∇cv`` by at most ``iters`` conjugate-gradient steps (one HVP each),
-    stopping when ``‖r‖ ≤ tol·‖∇cv‖``.  On non-positive curvature (a non-convex H) it stops
-    and returns the current iterate (``∇cv`` itself if that happens at the first step).
+    stopping when ``‖r‖ ≤ tol·‖∇cv‖``.
+
+    On non-positive curvature along a search direction (H not positive definite on F) the solve
+    stops and returns the current iterate, or ``∇cv`` itself (the identity estimator) if that
+    happens at the first step; either way a ``RuntimeWarning`` says so and
+    ``diagnostics["fallback"]`` is ``"partial"`` or ``"identity"`` (``"none"`` otherwise).
+    ``diagnostics`` also holds ``iterations``, ``relative_residual`` and ``converged``.
     """
     x = [torch.zeros_like(r) for r in rhs]
     residual = list(rhs)
-    rr = _dot(residual, residual)
+    rr = rr0 = _dot(residual, residual)
     stop = tol * tol * rr
+    report = problem.diagnostics
+    report.update(iterations=0, relative_residual=0.0 if rr == 0 else 1.0,
+                  converged=rr == 0, fallback="none")
     if rr == 0 or iters == 0:
         return x, None
     hvp = HessianVectorProduct(problem)
@@ -151,12 +193,19 @@ def cg(
         product = torch._foreach_add(hvp(direction), direction, alpha=damping)
         curvature = _dot(direction, product)
         if not curvature > 0:
+            report["fallback"] = "partial" if k else "identity"
+            warnings.warn(f"cg: non-positive curvature {curvature:.3g} at step {k + 1}; "
+                          + (f"returning the iterate of step {k}" if k else
+                             "falling back to the identity estimator (p = grad cv)"),
+                          RuntimeWarning, stacklevel=3)
             return (x if k else list(rhs)), None
         step = rr / curvature
         x = torch._foreach_add(x, direction, alpha=step)
         residual = torch._foreach_add(residual, product, alpha=-step)
         rr_next = _dot(residual, residual)
+        report.update(iterations=k + 1, relative_residual=math.sqrt(rr_next / rr0))
         if rr_next <= stop:
+            report["converged"] = True
             break
         direction = torch._foreach_add(residual, direction, alpha=rr_next / rr)
         rr = rr_next
@@ -202,6 +251,16 @@ def _hutchinson(problem: Problem, samples: int) -> Vectors:
         z = problem.mask([torch.randint_like(t, 2).mul_(2).sub_(1) for t in total])
         total = torch._foreach_add(total, torch._foreach_mul(z, hvp.data(z)))
     return torch._foreach_div(total, float(samples))
+
+
+def _fisher(problem: Problem, samples: int) -> Vectors:
+    total = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in problem.params]
+    for _ in range(samples):
+        grads = problem.training_gradient(create_graph=False)
+        squares = [torch.zeros_like(t) if g is None else g.detach().square()
+                   for g, t in zip(grads, total, strict=True)]
+        total = torch._foreach_add(total, squares)
+    return problem.mask(torch._foreach_div(total, float(samples)))
 
 
 def _exact_diagonal(problem: Problem) -> Vectors:

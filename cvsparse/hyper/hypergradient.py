@@ -1,8 +1,9 @@
-"""The implicit hypergradient ``dcv/dλ`` of the validation loss (SPEC §3)."""
+"""The implicit hypergradient ``dcv/dλ`` of the validation loss (docs/method.md §3)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,15 +20,24 @@ def hypergradient(
     lambda2: Lambda,
     train_loss: Callable[[], Tensor],
     val_loss: Callable[[], Tensor],
+    *,
     estimator: str = "identity",
+    unregularized: Sequence[Tensor] = (),
+    diagnostics: dict[str, Any] | None = None,
     **opts: object,
 ) -> tuple[Tensor, Tensor]:
-    """``(dcv/dλ1, dcv/dλ2)`` at the current weights by the implicit function theorem.
+    """``(dcv/dλ1, dcv/dλ2)`` at the current parameters by the implicit function theorem.
 
-    On the free set ``F = {w ≠ 0}``: ``p ≈ H_F⁻¹ ∇cv`` (``H`` the Hessian of the training data
-    loss plus ``Σ λ2_l/2‖W_l‖²``; the L1 term has no curvature on F), then
+    The inner problem is over ``θ = (W, u)``: the regularized tensors ``W`` (``params``) and
+    the tensors ``u`` the losses depend on that carry no penalty (``unregularized``).  On the
+    free set ``F = {w ≠ 0} ∪ u``: ``p ≈ H_F⁻¹ ∇_θ cv`` (``H`` the Hessian over θ of the
+    training data loss plus ``Σ λ2_l/2‖W_l‖²``; the L1 term has no curvature on F), then, since
+    the mixed partial ``∂²e/∂θ∂λ`` is zero on ``u``,
     ``dcv/dλ1_l = −Σ_{i∈l} p_i·sign(w_i)`` and ``dcv/dλ2_l = −Σ_{i∈l} p_i·w_i``
-    (one :func:`cvsparse.ops.mixed_partial_dot` call).  Neither weights nor ``.grad`` change.
+    (one :func:`cvsparse.ops.mixed_partial_dot` call over ``W``).  Leaving out a ``u`` that is
+    coupled to ``W`` (a bias after uncentred inputs, BatchNorm) solves with ``H_WW`` instead of
+    its Schur complement and can be tens of percent off.  Neither parameters nor ``.grad``
+    change.
 
     Args:
         params: the n regularized tensors (requiring grad).
@@ -35,13 +45,23 @@ def hypergradient(
             (global) or n values (one per tensor).  ``lambda1`` only sets the result's shape
             (the formula does not depend on it); ``lambda2`` enters ``H``.
         train_loss, val_loss: zero-argument closures returning the scalar data loss (no
-            regularizer) of a training / validation batch, differentiable w.r.t. ``params``.
-            ``val_loss`` is evaluated once; ``train_loss`` once if the estimator needs
-            curvature (not for ``identity``).  Put the model in the wanted mode beforehand.
+            regularizer) of a training / validation batch, differentiable w.r.t. ``params``
+            and ``unregularized``.  ``val_loss`` is evaluated once; ``train_loss`` once if
+            the estimator needs curvature (not for ``identity``; ``samples`` times for the
+            Fisher curvature).  Put the model in the wanted mode beforehand.
         estimator: ``"identity"``, ``"diagonal"`` (options ``curvature`` =
             ``"hutchinson"|"fisher"|"exact"``, ``samples``, ``damping``), ``"neumann"``
             (``iters``, ``alpha``) or ``"cg"`` (``iters``, ``damping``, ``tol``); see
-            :mod:`cvsparse.hyper.estimators` for defaults.
+            :mod:`cvsparse.hyper.estimators` for defaults.  ``identity`` and ``diagonal``
+            ignore the coupling between tensors, so ``unregularized`` does not change them.
+        unregularized: the trainable tensors without a penalty (requiring grad, none of them
+            in ``params``); they join the linear system of ``neumann`` and ``cg``.
+        diagnostics: if given, a dict that receives what the estimator reports: always
+            ``estimator`` and ``free`` (the size of F); ``cg``: ``iterations``,
+            ``relative_residual``, ``converged`` and ``fallback`` (``"none"``, or
+            ``"partial"`` / ``"identity"`` after non-positive curvature, which also warns);
+            ``neumann``: ``iterations``; ``diagonal``: ``clipped`` (free weights whose
+            curvature estimate was negative and clipped to 0).
 
     Returns:
         Two tensors, each shaped like its λ: a 0-dim float64 tensor for a float λ (on the
@@ -50,31 +70,48 @@ def hypergradient(
 
     Raises:
         ValueError: unknown estimator or option, bad option value, bad λ, empty ``params``, a
-            closure not returning a differentiable scalar.
+            tensor not requiring grad, a tensor both regularized and unregularized, a closure
+            not returning a differentiable scalar.
     """
     fn = check_options(estimator, opts)
-    params = list(params)
+    params = _trainable("params", params)
     if not params:
         raise ValueError("params must hold at least one tensor")
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor) or not p.requires_grad:
-            raise ValueError(f"params[{i}] must be a tensor that requires grad")
+    others = _trainable("unregularized", unregularized)
+    regularized = {id(p) for p in params}
+    if any(id(u) in regularized for u in others):
+        raise ValueError("a tensor is in both params and unregularized")
     n = len(params)
     _per_tensor("lambda1", lambda1, n)
     l2 = _per_tensor("lambda2", lambda2, n)
+    everything = params + others
     with torch.enable_grad():
-        free = [p.detach() != 0 for p in params]
-        problem = Problem(params, free, l2.tolist(), train_loss)
+        free = [p.detach() != 0 for p in params] + [torch.ones_like(u, dtype=torch.bool)
+                                                     for u in others]
+        problem = Problem(everything, free, l2.tolist() + [0.0] * len(others), train_loss, n)
         val = scalar_loss("val_loss", val_loss())
-        grads = torch.autograd.grad(val, params, allow_unused=True)
+        grads = torch.autograd.grad(val, everything, allow_unused=True)
         rhs = problem.mask([torch.zeros_like(p) if g is None else g.detach()
-                            for g, p in zip(grads, params, strict=True)])
+                            for g, p in zip(grads, everything, strict=True)])
         vectors, precond = fn(problem, rhs, **opts)
+    if diagnostics is not None:
+        diagnostics.clear()
+        diagnostics.update(estimator=estimator, free=sum(int(m.sum()) for m in free),
+                           **problem.diagnostics)
     rows = ops.mixed_partial_dot(
-        [p.detach().contiguous() for p in params], [v.contiguous() for v in vectors],
+        [p.detach().contiguous() for p in params], [v.contiguous() for v in vectors[:n]],
         None if precond is None else [c.contiguous() for c in precond],
     )
     return _like(lambda1, -rows[:, 0]), _like(lambda2, -rows[:, 1])
+
+
+def _trainable(name: str, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` as a list after checking each requires grad (ValueError naming it)."""
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor) or not t.requires_grad:
+            raise ValueError(f"{name}[{i}] must be a tensor that requires grad")
+    return tensors
 
 
 def _per_tensor(name: str, value: Lambda, n: int) -> Tensor:

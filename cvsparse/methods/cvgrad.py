@@ -1,4 +1,4 @@
-"""Cross-validation-gradient compression (SPEC §1–5, Algorithm 1).
+"""Cross-validation-gradient compression (docs/method.md §1–5, Algorithm 1 of §5).
 
 Weights are trained by :class:`cvsparse.optim.ProxSGD` on ``CE + λ1‖W‖₁ + λ2/2‖W‖²`` with λ
 fixed; after every ``optim.epochs`` epochs (one outer iteration) a pass over the validation split
@@ -49,6 +49,42 @@ from .base import (
 )
 
 
+class CurvatureLog:
+    """Per-epoch counts of what the curvature estimator had to approximate, for
+    ``metrics.csv``: ``hyper_steps``; with ``cg`` the steps whose solve met non-positive
+    curvature (``cg_fallbacks``) and the mean relative residual (``cg_residual``); with the
+    ``diagonal`` estimator the free weights whose negative curvature was clipped
+    (``curvature_clipped``, summed over the epoch's hyper steps)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps = 0
+        self.fallbacks = 0
+        self.residuals: list[float] = []
+        self.clipped: int | None = None
+
+    def add(self, diagnostics: dict[str, Any]) -> None:
+        self.steps += 1
+        if "fallback" in diagnostics:
+            self.fallbacks += diagnostics["fallback"] != "none"
+            self.residuals.append(diagnostics["relative_residual"])
+        if "clipped" in diagnostics:
+            self.clipped = (self.clipped or 0) + diagnostics["clipped"]
+
+    def row(self) -> dict[str, float | int]:
+        """The epoch's columns, then a fresh count for the next epoch."""
+        row: dict[str, float | int] = {"hyper_steps": self.steps}
+        if self.residuals:
+            row["cg_fallbacks"] = self.fallbacks
+            row["cg_residual"] = sum(self.residuals) / len(self.residuals)
+        if self.clipped is not None:
+            row["curvature_clipped"] = self.clipped
+        self._reset()
+        return row
+
+
 class CVGradMethod(CompressionMethod):
     """Learned-λ elastic-net compression."""
 
@@ -60,6 +96,7 @@ class CVGradMethod(CompressionMethod):
         named = regularized_parameters(model)
         self.names = [n for n, _ in named]
         self.weights = [p for _, p in named]
+        self.unregularized = [p for _, p in other_parameters(model) if p.requires_grad]
         size = len(self.weights) if cv.per_layer else 1
         self.lambdas = LambdaOptimizer(
             torch.full((size,), cv.lambda1, dtype=torch.float64),
@@ -73,8 +110,7 @@ class CVGradMethod(CompressionMethod):
         self.optimizer = ProxSGD(
             [
                 {"params": self.weights},
-                {"params": [p for _, p in other_parameters(model)],
-                 "lambda1": 0.0, "lambda2": 0.0},
+                {"params": self.unregularized, "lambda1": 0.0, "lambda2": 0.0},
             ],
             lr=config.optim.lr,
             momentum=config.optim.momentum,
@@ -94,6 +130,7 @@ class CVGradMethod(CompressionMethod):
         self.released = 0
         self.hyper_active = cv.hyper_warmup_epochs == 0
         self._online_val: Iterator | None = None
+        self._curvature = CurvatureLog()
 
     # ---- the loop's hooks -----------------------------------------------------------------
 
@@ -176,6 +213,7 @@ class CVGradMethod(CompressionMethod):
             "lambda1": float(self.lambdas.lambda1.mean()),
             "lambda2": float(self.lambdas.lambda2.mean()),
             "released": self.released,
+            **self._curvature.row(),
         }
         if self.floor is not None:
             row["floor"] = self.floor.level(epoch)
@@ -269,9 +307,11 @@ class CVGradMethod(CompressionMethod):
         """One λ update from a validation batch (model in eval mode: BN uses running stats).
 
         With ``lr_scaled_hyper`` the hypergradient is multiplied by the current weight learning
-        rate relative to ``optim.lr``, as in the one-step unrolled derivative of T1–T2: λ acts on
-        the weights only through ``lr·λ``, so while the learning rate is decayed λ barely moves
-        (instead of running away on the greedy signal of nearly frozen weights)."""
+        rate relative to ``optim.lr``, as in the one-step unrolled derivative of T1–T2
+        (docs/method.md §5): λ acts on the weights only through ``lr·λ``, so while the learning
+        rate is decayed λ barely moves (instead of running away on the greedy signal of nearly
+        frozen weights).  The curvature system holds every trainable tensor (the unregularized
+        ones too); what its estimator approximated is counted in :class:`CurvatureLog`."""
         cv = self.config.cvgrad
         device = self.weights[0].device
         xv, yv = (t.to(device) for t in val_batch)
@@ -285,8 +325,11 @@ class CVGradMethod(CompressionMethod):
             return F.cross_entropy(self.model(xt), yt)
 
         lam1, lam2 = self._lambda_args()
+        diagnostics: dict[str, Any] = {}
         d1, d2 = hypergradient(self.weights, lam1, lam2, train_loss, val_loss,
-                               estimator=cv.estimator, **cv.estimator_opts)
+                               estimator=cv.estimator, unregularized=self.unregularized,
+                               diagnostics=diagnostics, **cv.estimator_opts)
+        self._curvature.add(diagnostics)
         d1 = torch.as_tensor(d1, dtype=torch.float64).reshape(-1).cpu()
         d2 = torch.as_tensor(d2, dtype=torch.float64).reshape(-1).cpu()
         if not cv.learn_lambda2:
@@ -303,9 +346,9 @@ class CVGradMethod(CompressionMethod):
 
     @torch.no_grad()
     def _compression(self) -> float:
-        """Compression rate of the regularized tensors (SPEC §7: elements / nonzeros), from the
-        nonzeros the latest fused step or prune counted (``ProxSGD.last_nonzero``); counted
-        here only before the first of them."""
+        """Compression rate of the regularized tensors (elements / nonzeros, docs/method.md
+        §7), from the nonzeros the latest fused step or prune counted
+        (``ProxSGD.last_nonzero``); counted here only before the first of them."""
         counts = self.optimizer.last_nonzero[0]
         nonzero = (int(counts.sum()) if counts is not None
                    else sum(int(torch.count_nonzero(p)) for p in self.weights))
