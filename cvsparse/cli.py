@@ -102,7 +102,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="output folder (refused if it holds another run, see --overwrite)")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run in --out (its checkpoints, report, metrics, plots)")
-    train.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    train.add_argument("--resume", type=Path, metavar="DIR",
+                       help="continue the run in DIR as it was configured; accepts only "
+                       "--threads, --device, --data-root, --download, --quiet and a larger "
+                       "--finetune-epochs besides")
     train.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     summary = sub.add_parser("summary", help="print the summary table of a finished run")
     summary.add_argument("run_dir", type=Path)
@@ -147,20 +150,62 @@ _METHOD_FLAGS = {  # flags whose meaning depends on the method
 }
 
 
+#: Flags ``--resume`` accepts with any value: they change where and how the run computes, not
+#: what (``--quiet`` too).  ``--finetune-epochs`` is accepted when it adds epochs (runs without
+#: weight averaging).  Every other flag that would change the stored configuration is refused.
+RESUME_SAFE_FLAGS = ("threads", "device", "data_root", "download")
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then ``--config``, then explicit flags."""
     config = load_yaml(args.config) if args.config else RunConfig()
-    flags = {**_FLAGS, **_METHOD_FLAGS.get(args.method or config.method, {})}
-    for flag, path in flags.items():
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        *parents, leaf = path.split(".")
-        target = config
-        for p in parents:
-            target = getattr(target, p)
-        setattr(target, leaf, value)
+    for flag, path in _given_flags(args, args.method or config.method):
+        _set(config, path, getattr(args, flag))
     return config
+
+
+def resume_config(args: argparse.Namespace, stored: RunConfig) -> RunConfig:
+    """``stored`` (a checkpoint's configuration) with the flags a resume may change applied;
+    ValueError naming every flag that would change anything else."""
+    refused = [f"--{name}" for name in ("config", "out") if getattr(args, name) is not None]
+    refused += ["--overwrite"] if args.overwrite else []
+    for flag, path in _given_flags(args, stored.method):
+        value, current = getattr(args, flag), _get(stored, path)
+        if value == current:
+            continue
+        if flag in RESUME_SAFE_FLAGS or (flag == "finetune_epochs" and value > current
+                                         and stored.optim.swa_epochs == 0):
+            _set(stored, path, value)
+        else:
+            refused.append(f"--{flag.replace('_', '-')}")
+    if refused:
+        raise ValueError(f"--resume continues the run as it was configured; {', '.join(refused)} "
+                         "would change it (resume accepts --threads, --device, --data-root, "
+                         "--download, --quiet and a larger --finetune-epochs; start a new run "
+                         "with --out for anything else)")
+    return stored
+
+
+def _given_flags(args: argparse.Namespace, method: str) -> list[tuple[str, str]]:
+    """``(flag attribute, config path)`` of every configuration flag given on the command
+    line, method-dependent flags resolved for ``method``."""
+    flags = {**_FLAGS, **_METHOD_FLAGS.get(args.method or method, {})}
+    return [(flag, path) for flag, path in flags.items() if getattr(args, flag) is not None]
+
+
+def _get(config: RunConfig, path: str) -> object:
+    target: object = config
+    for part in path.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def _set(config: RunConfig, path: str, value: object) -> None:
+    *parents, leaf = path.split(".")
+    target: object = config
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, leaf, value)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -192,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.resume is not None:
-            trainer = Trainer(RunConfig(), args.resume, resume=True, progress=not args.quiet)
+            trainer = Trainer(RunConfig(), args.resume, resume=True, progress=not args.quiet,
+                              on_resume=lambda stored: resume_config(args, stored))
         else:
             if args.out is None:
                 print("error: --out DIR is required (or --resume DIR)", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,10 @@ class Trainer:
     """Runs ``config`` and writes its outputs into ``out_dir``."""
 
     def __init__(self, config: RunConfig, out_dir: str | Path, *, resume: bool = False,
-                 overwrite: bool = False, progress: bool = True) -> None:
-        """``resume``: continue the run in ``out_dir`` (``config`` is ignored); else a new run
+                 overwrite: bool = False, progress: bool = True,
+                 on_resume: Callable[[RunConfig], RunConfig] | None = None) -> None:
+        """``resume``: continue the run in ``out_dir`` (``config`` is ignored; ``on_resume``
+        may adjust the stored configuration, or refuse it with ValueError); else a new run
         of ``config``, refused if ``out_dir`` holds another run's files unless ``overwrite``
         (which removes them when the run starts).  The folder is checked before any data is
         loaded; RunDirError / CheckpointError / ValueError name the problem."""
@@ -63,6 +66,8 @@ class Trainer:
         state = self.checkpoints.load() if resume else None
         if state is not None:
             self.config = config = from_dict(state["config"])
+            if on_resume is not None:
+                self.config = config = on_resume(config)
             validate(config)
         if config.threads:
             torch.set_num_threads(config.threads)
