@@ -28,9 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help="mnist, cifar10, cifar100")
     train.add_argument("--method", choices=METHODS)
     train.add_argument("--data-root", help="folder with <dataset>.npz or torchvision layouts "
-                       "(default: $CVSPARSE_DATA, ../shared/data, torchvision's root)")
-    train.add_argument("--download", action="store_true", default=None,
-                       help="let torchvision download the dataset if it is not found")
+                       "(default: $CVSPARSE_DATA, ../shared/data, ~/.cache/torchvision)")
+    train.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
+                       help="download a dataset found nowhere with torchvision (default: on; "
+                       "--no-download fails instead)")
     train.add_argument("--epochs", type=int, help="inner epochs per outer iteration")
     train.add_argument("--outer", type=int, help="outer iterations (cvgrad)")
     train.add_argument("--estimator", choices=ESTIMATORS)

@@ -24,8 +24,8 @@ class DataConfig:
     """Where the data comes from and how it is split and batched."""
 
     dataset: str = "mnist"
-    root: str | None = None          # None: $CVSPARSE_DATA, ../shared/data, torchvision root
-    download: bool = False           # let torchvision download when nothing is found locally
+    root: str | None = None          # None: $CVSPARSE_DATA, ../shared/data, ~/.cache/torchvision
+    download: bool = True            # torchvision downloads a set found nowhere (docs/data.md)
     val_size: int | None = None      # images held out of training; None = per-dataset default
     split_seed: int = 0
     batch_size: int = 64

@@ -316,13 +316,17 @@ def _decode(name: str, path: Path, fmt: str) -> Dataset:
     )
 
 
+class DownloadError(FileNotFoundError):
+    """A dataset was found nowhere and could not be downloaded (one-line message)."""
+
+
 def _download(name: str, root: Path) -> None:
+    """Fetch both splits of ``name`` into ``root`` with torchvision (which shows a progress
+    bar); raises whatever torchvision raises, ImportError without torchvision."""
     try:
         datasets = importlib.import_module("torchvision.datasets")
     except ImportError as exc:
-        raise ImportError(
-            f"download=True for {name!r} needs torchvision (pip install 'cvsparse[vision]')"
-        ) from exc
+        raise ImportError("torchvision is not installed (pip install 'cvsparse[vision]')") from exc
     cls = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}[name]
     for train in (True, False):
         getattr(datasets, cls)(root=str(root), train=train, download=True)
@@ -336,16 +340,26 @@ def load_dataset(
 
     With ``download=True`` and the set found nowhere, torchvision downloads it into ``root``
     (else ``$CVSPARSE_DATA``, else :data:`DEFAULT_DOWNLOAD_ROOT`) and it is read from there.
-    Raises FileNotFoundError listing every path tried if the set is missing, ValueError if a
-    found file is malformed.
+    Raises FileNotFoundError listing every path tried if the set is missing and ``download`` is
+    off, :class:`DownloadError` (a FileNotFoundError with a one-line message) if the download
+    fails, ValueError if a found file is malformed.
     """
     _check_name(name)
     roots = search_roots(root)
     found = _locate(name, roots)
     if found is None and download:
-        target = _download_root(root)
-        _download(name, target)
-        found = _locate(name, [Path(os.path.abspath(target))])
+        target = Path(os.path.abspath(_download_root(root)))
+        try:
+            _download(name, target)
+        except Exception as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+            raise DownloadError(
+                f"dataset {name!r} is in none of {', '.join(map(str, roots))}, and downloading "
+                f"it into {target} failed ({reason}); put {name}.npz or torchvision's layout "
+                f"into one of those folders, or name one with --data-root / $CVSPARSE_DATA "
+                f"(docs/data.md)"
+            ) from exc
+        found = _locate(name, [target])
     if found is None:
         tried = "\n".join(
             f"  {_describe(name, path, fmt)}"
@@ -386,10 +400,13 @@ def split_indices(n_train: int, n_val: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
-def default_val_size(name: str) -> int:
-    """Validation split size: 5000 images for CIFAR, 6000 (10%) for MNIST."""
+def default_val_size(name: str, n_train: int | None = None) -> int:
+    """Validation split size: 5000 images for CIFAR, 6000 for MNIST (10% of the full training
+    sets); for a smaller training set of ``n_train`` images (e.g. the test fixtures), 10% of
+    it."""
     _check_name(name)
-    return 6000 if name == "mnist" else 5000
+    size = 6000 if name == "mnist" else 5000
+    return size if n_train is None else min(size, n_train // 10)
 
 
 # --------------------------------------------------------------------------- loader

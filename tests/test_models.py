@@ -130,15 +130,21 @@ def test_deterministic_given_seed(name):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def _assert_normal_sample(w: torch.Tensor, sigma: float) -> None:
+    """``w`` looks like ``n`` draws from N(0, σ²): its mean within 5 standard errors (σ/√n) of
+    0, its sample std within 5 standard errors (σ/√(2n), the large-n std of a normal sample's
+    std) of σ.  A wrong fan or gain moves the std by far more (fan 300 instead of 784: +62%)."""
+    n = w.numel()
+    assert abs(w.mean().item()) < 5 * sigma / math.sqrt(n)
+    assert abs(w.std().item() - sigma) < 5 * sigma / math.sqrt(2 * n)
+
+
 def test_he_init_scale():
     torch.manual_seed(0)
     resnet = build_model("resnet56")
-    w = resnet.layer3[4].conv1.weight  # 64×64×3×3, fan-out 576
-    assert w.std().item() == pytest.approx(math.sqrt(2 / 576), rel=0.03)
-    assert w.mean().abs().item() < 0.01
-    lenet = build_model("lenet300")
-    w = lenet.body[1].weight  # 300×784, fan-in 784
-    assert w.std().item() == pytest.approx(math.sqrt(2 / 784), rel=0.03)
+    _assert_normal_sample(resnet.layer3[4].conv1.weight, math.sqrt(2 / 576))  # 64×64×3×3,
+    lenet = build_model("lenet300")                                      # fan-out 64·9 = 576
+    _assert_normal_sample(lenet.body[1].weight, math.sqrt(2 / 784))      # 300×784, fan-in 784
     assert all(m.bias.abs().sum() == 0 for m in lenet.modules() if isinstance(m, nn.Linear))
 
 

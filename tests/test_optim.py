@@ -149,9 +149,10 @@ def test_prune_now_thresholds_every_group_at_tau():
     assert torch.equal(counts, torch.stack([k.sum() for k in keep]))
     for p, q, k in zip(weights + biases, before, keep, strict=True):
         assert torch.equal(opt.state[p]["mask"], k) and torch.equal(p, q * k)
-    assert opt.prune() is not None  # no group has a threshold: nothing changes
+    # no group has a threshold: nothing changes, and the counts are those of the first cut
+    assert torch.equal(opt.prune(), counts)
     for p, q, k in zip(weights + biases, before, keep, strict=True):
-        assert torch.equal(p, q * k)
+        assert torch.equal(p, q * k) and torch.equal(opt.state[p]["mask"], k)
     with pytest.raises(ValueError, match="tau"):
         opt.prune(-1.0)
 

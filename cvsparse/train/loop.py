@@ -1,14 +1,16 @@
 """The training loop shared by every compression method (Algorithm 1's outer shell).
 
-Per epoch: train on the training split (tqdm bar), let the method finish the epoch (e.g. a
-hyper pass), evaluate on validation and test, append a ``metrics.csv`` row and write
-``checkpoint.pt`` atomically.  At the end: ``report.json``, ``plots/*.png`` and a summary table.
+Per epoch: train on the training split (a tqdm bar on a terminal, one line per epoch on a pipe
+or file), let the method finish the epoch (e.g. a hyper pass), evaluate on validation and test,
+append a ``metrics.csv`` row and write ``checkpoint.pt`` atomically.  At the end:
+``report.json``, ``plots/*.png`` and a summary table.
 ``Trainer(..., resume=True)`` continues a run from its checkpoint bit for bit on the CPU.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -76,7 +78,7 @@ class Trainer:
 
         self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download)
         n_train = len(self.dataset.y_train)
-        val_size = config.data.val_size or default_val_size(config.data.dataset)
+        val_size = config.data.val_size or default_val_size(config.data.dataset, n_train)
         config.data.val_size = val_size
         validate(config, n_train=n_train)
         if state is not None:
@@ -207,8 +209,10 @@ class Trainer:
         loss_sum, correct, seen = 0.0, 0, 0
         cap = self.config.optim.max_steps_per_epoch
         n_steps = len(self.train_loader) if cap is None else min(cap, len(self.train_loader))
-        bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{self.config.total_epochs}",
-                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        desc = f"epoch {epoch + 1}/{self.config.total_epochs}"
+        live = self.progress and _is_terminal(sys.stderr)   # else one line when the pass ends
+        bar = tqdm(total=n_steps, desc=desc, disable=not live, leave=False, dynamic_ncols=True)
+        started, steps = time.perf_counter(), 0
         for step, (x, y) in enumerate(self.train_loader):
             if step >= n_steps:
                 break
@@ -219,9 +223,14 @@ class Trainer:
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+            steps += 1
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
+        if self.progress and not live:
+            print(f"{desc}: {steps} steps, loss {loss_sum / max(seen, 1):.4f}, acc "
+                  f"{correct / max(seen, 1):.3f}, {time.perf_counter() - started:.1f} s",
+                  file=sys.stderr, flush=True)
         extra = self.method.end_epoch(epoch)
         with self._evaluated():
             val = metrics.evaluate(self.model, self.val_loader, self.device)
@@ -300,6 +309,15 @@ class CVTrainer(Trainer):
         if config.method != "cvgrad":
             raise ValueError(f"CVTrainer runs method 'cvgrad', got {config.method!r}")
         super().__init__(config, out_dir, **kwargs)
+
+
+def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (tqdm redraws its bar there with carriage returns; a
+    pipe or file gets one line per epoch instead)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):   # no isatty, or a closed stream
+        return False
 
 
 def _device(name: str) -> torch.device:

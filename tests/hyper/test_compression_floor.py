@@ -41,7 +41,8 @@ def test_above_the_floor_nothing_moves_and_everything_pruned_releases_it():
     assert floor.update(50.0, epoch=3, lr_scale=1.0) == 1.0 and not floor.binding
     floor.update(2.0, epoch=3, lr_scale=1.0)
     assert floor.binding
-    assert floor.update(math.inf, epoch=3, lr_scale=1.0) < 1.0 and floor.nu == 0.0
+    nu = floor.nu   # all pruned: the shortfall is −∞, ν is clipped to 0 and λ1 loses exp(ν)
+    assert floor.update(math.inf, epoch=3, lr_scale=1.0) == math.exp(-nu) and floor.nu == 0.0
 
 
 def test_state_round_trip_and_rejected_state():

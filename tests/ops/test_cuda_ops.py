@@ -18,8 +18,7 @@ from cvsparse.ops import reference
 from cvsparse.ops._library import has_kernel
 from cvsparse.ops.schemas import SCHEMAS, STE_CODES
 
-if not torch.cuda.is_available():  # one skip for the module, not one per case
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytestmark = pytest.mark.cuda  # deselected without a GPU (tests/conftest.py)
 
 OPS = torch.ops.cvsparse
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -20,7 +20,10 @@ from cvsparse.ops import reference
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 # Results are compared to the reference with these tolerances (stored values carry one rounding
-# of the dtype; the math is float32 for float16/bfloat16).
+# of the dtype; the math is float32 for float16/bfloat16): one ulp of the stored dtype for
+# float16 / bfloat16 (eps 9.8e-4, 7.8e-3); for float32 / float64, the chained operations
+# (d, v, z, shrink) on O(1) inputs each add an error of about eps·(|w| + lr·|v|), a few eps in
+# all (eps 1.2e-7, 2.2e-16), within atol even where w − lr·v cancels.
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-6),
     torch.float64: dict(rtol=1e-12, atol=1e-14),
@@ -42,12 +45,11 @@ TRITON_MAX = 1 << 16
 LR, MOMENTUM = 0.1, 0.9
 
 
-@pytest.fixture(params=["cpp", "triton", "cuda"])
+@pytest.fixture(params=["cpp", "triton", pytest.param("cuda", marks=pytest.mark.cuda)])
 def backend(request):
-    """Selects a backend for the test (restoring ``auto`` after), yields its name."""
+    """Selects a backend for the test (restoring ``auto`` after), yields its name.  The
+    ``cuda`` cases are deselected without a GPU (tests/conftest.py)."""
     name = request.param
-    if name == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     ops.set_backend(name)
     yield name
     ops.set_backend("auto")

@@ -77,13 +77,17 @@ def test_target_check_every_freezes_the_gates_within_the_epoch(tmp_path):
         for a, b in zip(aux, measured[first][1], strict=True):
             assert torch.equal(a, b)
     assert method.frozen_at == 1
-    assert rates[-1] == pytest.approx(rates[first], rel=1e-3)
+    assert rates[-1] == rates[first]     # frozen gates: the support no longer changes
 
+    # Until the target is met both runs take the same steps; checked only at the epoch end,
+    # the gates keep moving: the run ends past the stop by more than any one gate step moved
+    # the compression before it (the granularity of the per-step check).
     epoch_end_only = Trainer(autoprune_config(aux_l1=0.05, aux_lr=0.5, target_compression=target),
                              tmp_path / "k0", progress=False)
     late = epoch_end_only.run(max_epochs=1)["compression_rate"]
     assert epoch_end_only.method.frozen_at == 1
-    assert late > 1.5 * rates[-1]
+    largest_step = max(b - a for a, b in zip(rates[:first], rates[1 : first + 1], strict=True))
+    assert late - rates[first] > largest_step > 0
 
 
 def test_aux_l1_ramp_epoch0_equals_a_run_at_the_ramped_strength(tmp_path):
