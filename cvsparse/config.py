@@ -7,6 +7,8 @@ bad configuration before any data is loaded or any training starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +167,12 @@ def load_yaml(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path}: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {path} cannot be read: {exc}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level")
     return from_dict(values, base)
@@ -185,20 +192,69 @@ def _update(obj: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(obj, key, _coerced(f"{prefix}{key}", str(known[key].type), value))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what the YAML parser found wrong, and where (line and column, from 1)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"YAML syntax error{where}: {problem}"
+
+
 def _coerced(name: str, annotation: str, value: Any) -> Any:
-    """``value`` for a field annotated ``annotation``: YAML 1.1 reads ``1e-3`` (no dot) as a
-    string, so a numeric string for an int or float field becomes that number; any other
-    string there is an error naming the key."""
-    if not isinstance(value, str) or annotation.startswith(("str", "list", "dict")):
-        return value
-    kind = int if "int" in annotation else float if "float" in annotation else None
-    if kind is None:
-        return value
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"config key {name} must be {'an integer' if kind is int else 'a number'}"
-                         f", got {value!r}") from None
+    """``value`` for the key ``name`` annotated ``annotation`` (``"int"``, ``"float | None"``,
+    ``"list[float]"``...), or ValueError naming the key.  Booleans come only from YAML booleans
+    (``"false"`` is a string, not false), integers only from integers (or a quoted integer
+    such as ``'4'``; never ``1.5``, ``1e3`` or ``true``), numbers from numbers or numeric
+    strings (YAML 1.1 reads ``1e-3``, without a dot, as a string), strings from strings, lists
+    from lists of their element type."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError(f"config key {name} must be set (got null)")
+    return _as_kind(name, kinds[0], value)
+
+
+def _as_kind(name: str, kind: str, value: Any) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise _type_error(name, "true or false", value)
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+            return int(value)   # a quoted integer ('4'), never 1.5, 1e3 or true
+        raise _type_error(name, "an integer", value)
+    if kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(name, "a number", value)
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise _type_error(name, "a string", value)
+    if kind.startswith("list["):
+        if not isinstance(value, list):
+            raise _type_error(name, "a list", value)
+        item = kind[len("list["):-1]
+        return [_as_kind(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if kind.startswith("dict"):
+        if not isinstance(value, dict):
+            raise _type_error(name, "a mapping", value)
+    return value
+
+
+def _type_error(name: str, expected: str, value: Any) -> ValueError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ValueError(f"config key {name} must be {expected}, got {shown} "
+                      f"({type(value).__name__})")
 
 
 def validate(config: RunConfig, *, n_train: int | None = None) -> None:
@@ -216,9 +272,11 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
         fail(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.data.dataset not in DATASETS:
         fail(f"unknown dataset {config.data.dataset!r}; choose one of {', '.join(DATASETS)}")
+    _check_finite(config, "", fail)
+    _check_counts(config, fail)
     if config.optim.epochs < 1:
         fail(f"optim.epochs must be >= 1, got {config.optim.epochs}")
-    if config.optim.lr <= 0 or config.optim.momentum < 0:
+    if not config.optim.lr > 0 or config.optim.momentum < 0:
         fail("optim.lr must be > 0 and optim.momentum >= 0")
     if config.optim.finetune_lr is not None and not config.optim.finetune_lr > 0:
         fail(f"optim.finetune_lr must be > 0, got {config.optim.finetune_lr}")
@@ -292,6 +350,40 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     if n_train is not None and val is not None and val >= n_train:
         fail(f"validation split of {val} images is not smaller than the training set "
              f"({n_train} images)")
+
+
+def _check_finite(obj: Any, prefix: str, fail: Callable[[str], None]) -> None:
+    """Every float (and every number of a list) in the tree is finite: NaN and inf are
+    accepted by YAML and by argparse's ``float`` but mean nothing as a setting."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.", fail)
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        for v in numbers:
+            if isinstance(v, float) and not math.isfinite(v):
+                fail(f"{prefix}{f.name} must be a finite number, got {value}")
+
+
+def _check_counts(config: RunConfig, fail: Callable[[str], None]) -> None:
+    """The counts and seeds the other checks do not cover (``--threads``,
+    ``--max-steps-per-epoch``, ``--seed`` ...) and the learning-rate schedule's shape."""
+    opt, cv = config.optim, config.cvgrad
+    at_least_one = {"threads": config.threads, "optim.max_steps_per_epoch":
+                    opt.max_steps_per_epoch, "cvgrad.hyper_batches": cv.hyper_batches}
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            fail(f"{name} must be an integer >= 1, got {value}")
+    for name, value in {"seed": config.seed, "data.split_seed": config.data.split_seed}.items():
+        if not 0 <= value < 2**32:
+            fail(f"{name} must be an integer in [0, 2**32), got {value}")
+    if cv.threshold_start_epoch < 0:
+        fail(f"cvgrad.threshold_start_epoch must be >= 0, got {cv.threshold_start_epoch}")
+    if not 0 < opt.gamma <= 1:
+        fail(f"optim.gamma must be in (0, 1], got {opt.gamma}")
+    if not all(0 <= m <= 1 for m in opt.milestones):
+        fail(f"optim.milestones are fractions of the epochs in [0, 1], got {opt.milestones}")
 
 
 def _check_budget(section: str, compression: float | None, flops: float | None,
