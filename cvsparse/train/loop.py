@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cvsparse import metrics
+from cvsparse import metrics, provenance
 from cvsparse.config import RunConfig, from_dict, validate
 from cvsparse.data import (
     CROP_PADDING,
@@ -76,7 +76,9 @@ class Trainer:
         self.device = _device(config.device)
         _seed_everything(config.seed)
 
+        provenance.check_data_root(config.data.dataset, config.data.root)
         self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download)
+        self.provenance = provenance.collect(self.dataset, self.device)
         n_train = len(self.dataset.y_train)
         val_size = config.data.val_size or default_val_size(config.data.dataset, n_train)
         config.data.val_size = val_size
@@ -161,6 +163,7 @@ class Trainer:
             "epochs": self.rows and self.rows[-1]["epoch"] + 1,
             "config": self.config.to_dict(),
             "wall_time_s": self.wall_time,
+            "provenance": self.provenance,
         }
 
     # ---- internals ----------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Where a run's numbers come from: the data files actually read (with their SHA-256), the
+package, git commit, torch and Python versions, and the processor or GPU that computed them.
+
+:func:`collect` gathers it once per run for ``report.json``; :func:`check_data_root` refuses a
+``data.root`` (``--data-root``) that is not an existing folder instead of silently searching
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import cvsparse
+from cvsparse import data as data_module
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def check_data_root(dataset: str, root: str | None) -> None:
+    """FileNotFoundError (one line) if ``root`` is given and is not an existing folder."""
+    if root is not None and not Path(root).expanduser().is_dir():
+        raise FileNotFoundError(f"dataset {dataset!r}: data root {root} (--data-root / "
+                                "data.root) does not exist or is not a folder")
+
+
+def data_files(dataset: data_module.Dataset) -> list[Path]:
+    """The files ``dataset`` was decoded from: its ``.npz``, or the files of the MNIST idx /
+    CIFAR pickle folder it came from."""
+    source = Path(dataset.source)
+    if source.is_file():
+        return [source]
+    if dataset.name in data_module._CIFAR_DIRS:
+        _, train, test = data_module._CIFAR_DIRS[dataset.name]
+        return [source / name for name in train + test]
+    found = [data_module._existing(source / stem) for stem in data_module._MNIST_FILES]
+    return [path for path in found if path is not None]
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of the file at ``path`` (cached per path, size and modification time)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def collect(dataset: data_module.Dataset, device: torch.device) -> dict[str, Any]:
+    """The provenance record of a run on ``dataset`` computed on ``device``."""
+    return {
+        "data": {"dataset": dataset.name,
+                 "files": [{"path": str(p.resolve()), "sha256": sha256_file(p),
+                            "bytes": p.stat().st_size} for p in data_files(dataset)]},
+        "package_version": cvsparse.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": {"type": device.type, "name": device_name(device)},
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the git checkout holding this package (``+dirty`` if tracked files are
+    modified), or None when it is not in one or git is unavailable."""
+    repo = Path(cvsparse.__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        return None
+    try:
+        head = _git(repo, "rev-parse", "HEAD")
+        dirty = _git(repo, "status", "--porcelain", "-uno")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _git(repo: Path, *args: str) -> str:
+    """``git ARGS`` in ``repo``, never taking git's index lock (others may be committing)."""
+    command = ["git", "--no-optional-locks", "-C", str(repo), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
