@@ -61,7 +61,7 @@ class OptimConfig:
 
 @dataclass
 class CVGradConfig:
-    """Cross-validation-gradient compression (SPEC §1–5)."""
+    """Cross-validation-gradient compression (docs/method.md §1–5)."""
 
     outer: int = 3                   # outer iterations T
     lambda1: float = 1e-4            # initial guesses; learned from here on
@@ -70,7 +70,7 @@ class CVGradConfig:
     learn_lambda2: bool = True
     estimator: str = "identity"
     estimator_opts: dict[str, Any] = field(default_factory=dict)
-    val_objective: str = "ce"        # "ce" (SPEC's CE_val) | "calibrated_ce" (best temperature)
+    val_objective: str = "ce"        # "ce" | "calibrated_ce" (best temperature), docs/method.md §1
     hyper_lr: float = 0.5            # step size of the λ optimizer
     hyper_method: str = "adam"       # "adam" | "sgd"
     hyper_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # Adam's (β1, β2)
@@ -96,7 +96,7 @@ class CVGradConfig:
 
 @dataclass
 class AutoPruneConfig:
-    """AutoPrune (SPEC §6)."""
+    """AutoPrune (docs/method.md §6)."""
 
     granularity: str = "weight"
     ste: str = "leaky_relu"

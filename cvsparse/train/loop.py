@@ -147,8 +147,8 @@ class Trainer:
         return report
 
     def report(self) -> dict[str, Any]:
-        """The SPEC §7 report of the model as it is now (its weight average, once averaging
-        has begun)."""
+        """The docs/method.md §7 report of the model as it is now (its weight average, once
+        averaging has begun)."""
         with self._evaluated():
             measured = self.method.measured_model()
         layers = metrics.layer_table(measured, self.input_shape)
