@@ -122,8 +122,7 @@ def diagonal(
     ``curvature``:
 
     - ``"hutchinson"``: ``mean_s z_s ⊙ H z_s`` over ``samples`` Rademacher vectors ``z_s``
-      (one HVP each), an unbiased estimate of ``diag(H)``.  Negative estimates are clipped to 0;
-      their count goes into ``diagnostics["clipped"]``.
+      (one HVP each), an unbiased estimate of ``diag(H)``.
     - ``"fisher"``: the running mean, over ``samples`` evaluations of ``train_loss`` (each may
       draw its own mini-batch), of the squared mini-batch gradient ``g_s ⊙ g_s``.  No HVP.  It is
       the Fisher information of the mini-batch mean loss, a Gauss–Newton proxy that is ≥ 0 by
@@ -131,7 +130,9 @@ def diagonal(
       batch size, so it underestimates the curvature and ``λ2 + δ`` dominates where it is small.
     - ``"exact"``: the true diagonal, one HVP per free weight (tiny models only, for tests).
 
-    ``damping`` δ ≥ 0, and δ > 0 is required when some λ2_l = 0 (the denominator could vanish).
+    Whatever the curvature, negative estimates (possible for ``hutchinson`` and ``exact`` on a
+    non-convex loss) are clipped to 0 and counted in ``diagnostics["clipped"]``.  ``damping``
+    δ ≥ 0, and δ > 0 is required when some λ2_l = 0 (the denominator could vanish).
     """
     if damping <= 0 and min(problem.lambda2[:problem.n_regularized]) <= 0:
         raise ValueError("diagonal estimator: damping must be > 0 when some lambda2 is 0")
