@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 from cvsparse.config import AUGMENT_PHASES, ESTIMATORS, METHODS, RunConfig, load_yaml
+from cvsparse.faults import Diverged
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="augment (CIFAR crop + flip, --mnist-shift) every training batch "
                        "(all, the default) or only those of the fine-tuning phase (finetune)")
     train.add_argument("--max-steps-per-epoch", type=int, help="cap steps (smoke runs)")
+    train.add_argument("--max-skipped-steps", type=int, metavar="K",
+                       help="stop the run (exit 3) after K training or hyper steps in a row "
+                       "were skipped for a non-finite or exploding loss, gradient or "
+                       "hypergradient (default 10)")
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     train.add_argument("--threads", type=int, help="torch CPU threads")
@@ -125,6 +130,7 @@ _FLAGS = {  # flag attribute → config path
     "finetune_weight_l2": "optim.finetune_weight_l2",
     "swa_epochs": "optim.swa_epochs", "swa_lr": "optim.swa_lr",
     "max_steps_per_epoch": "optim.max_steps_per_epoch",
+    "max_skipped_steps": "optim.max_skipped_steps",
     "outer": "cvgrad.outer", "estimator": "cvgrad.estimator",
     "per_layer_lambda": "cvgrad.per_layer", "lambda1": "cvgrad.lambda1",
     "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",
@@ -215,7 +221,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``cvsparse`` command; returns its exit code (0 done, 1 failed, 2 refused)."""
+    """Run the ``cvsparse`` command; returns its exit code (0 done, 1 failed, 2 refused,
+    3 diverged)."""
     warnings.formatwarning = _one_line_warning
     args = _parser().parse_args(argv)
     if args.command in ("summary", "compare"):
@@ -254,12 +261,23 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as exc:   # the folder is locked by another process, or was taken
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Diverged as exc:
+        print(f"error: {exc}; {_last_good(trainer)}", file=sys.stderr)
+        return 3
     except ValueError as exc:  # e.g. a diverging run (NaN gradients): nothing was updated
         print(f"error: {exc}\nthe last good epoch is in {trainer.out_dir}/checkpoint.pt",
               file=sys.stderr)
         return 1
     print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
     return 0
+
+
+def _last_good(trainer: object) -> str:
+    """Where a stopped run's last good epoch is (the checkpoint of its last finished epoch)."""
+    done = getattr(trainer, "epoch", 0)
+    if not done:
+        return "no epoch finished, nothing was checkpointed"
+    return f"the last good epoch ({done}) is in {trainer.out_dir}/checkpoint.pt"
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ class DataConfig:
 class OptimConfig:
     """Weight optimizer (ProxSGD) and its schedule within one outer iteration."""
 
-    lr: float = 0.1
+    lr: float | None = None          # None = the model's default (DEFAULT_LR: 0.01 for
+                                     # lenet5, which diverges at 0.1; 0.1 for the others)
     momentum: float = 0.9
     epochs: int = 4                  # inner epochs per outer iteration
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
@@ -57,6 +58,9 @@ class OptimConfig:
                                      # swa_lr, with the weights averaged (SWA); 0 = none
     swa_lr: float | None = None      # None = the fine-tuning phase's first lr
     max_steps_per_epoch: int | None = None   # cap for smoke runs; None = full epochs
+    max_skipped_steps: int = 10      # this many training (or hyper) steps skipped in a row
+                                     # (non-finite or exploding loss, gradient,
+                                     # hypergradient) stop the run (cvsparse.faults)
 
 
 @dataclass
@@ -257,6 +261,18 @@ def _type_error(name: str, expected: str, value: Any) -> ValueError:
                       f"({type(value).__name__})")
 
 
+#: ``optim.lr`` of a model when the configuration leaves it unset (None); 0.1 otherwise.
+DEFAULT_LR = {"lenet5": 0.01}
+
+
+def resolve_defaults(config: RunConfig) -> RunConfig:
+    """Fill the settings whose default depends on others (``optim.lr`` on the model), in
+    place; returns ``config``."""
+    if config.optim.lr is None:
+        config.optim.lr = DEFAULT_LR.get(config.model, 0.1)
+    return config
+
+
 def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size)."""
     from cvsparse.data import DATASETS, IMAGE_SHAPES
@@ -276,6 +292,8 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     _check_counts(config, fail)
     if config.optim.epochs < 1:
         fail(f"optim.epochs must be >= 1, got {config.optim.epochs}")
+    if config.optim.lr is None:
+        fail("optim.lr is unset; resolve_defaults gives it the model's default")
     if not config.optim.lr > 0 or config.optim.momentum < 0:
         fail("optim.lr must be > 0 and optim.momentum >= 0")
     if config.optim.finetune_lr is not None and not config.optim.finetune_lr > 0:
@@ -371,7 +389,8 @@ def _check_counts(config: RunConfig, fail: Callable[[str], None]) -> None:
     ``--max-steps-per-epoch``, ``--seed`` ...) and the learning-rate schedule's shape."""
     opt, cv = config.optim, config.cvgrad
     at_least_one = {"threads": config.threads, "optim.max_steps_per_epoch":
-                    opt.max_steps_per_epoch, "cvgrad.hyper_batches": cv.hyper_batches}
+                    opt.max_steps_per_epoch, "cvgrad.hyper_batches": cv.hyper_batches,
+                    "optim.max_skipped_steps": opt.max_skipped_steps}
     for name, value in at_least_one.items():
         if value is not None and value < 1:
             fail(f"{name} must be an integer >= 1, got {value}")

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
+from .faults import NonFiniteError
 
 Hyper = float | Tensor
 
@@ -150,8 +151,8 @@ class ProxSGD(Optimizer):
             finite = torch.stack(norms).isfinite()
             if not bool(finite.all()):
                 k = items[int((~finite).nonzero()[0])][0]
-                raise ValueError(f"gradient of parameter {k} (index in optimizer order) contains "
-                                 "NaN or inf; nothing was updated")
+                raise NonFiniteError(f"gradient of parameter {k} (index in optimizer order) "
+                                     "contains NaN or inf; nothing was updated")
 
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
         params = group["params"]

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cvsparse.faults import NonFiniteError
+
 METHODS = ("sgd", "adam")
 CLIP_MODES = ("norm", "value")
 Bounds = tuple[float, float | None]
@@ -214,5 +216,5 @@ def _hypergradient(name: str, value: float | Tensor, n: int) -> Tensor:
     else:
         raise ValueError(f"{name} must be a tensor of {n} value(s), got {type(value).__name__}")
     if not bool(out.isfinite().all()):
-        raise ValueError(f"{name} contains NaN or inf ({out.tolist()}); lambda unchanged")
+        raise NonFiniteError(f"{name} contains NaN or inf ({out.tolist()}); lambda unchanged")
     return out

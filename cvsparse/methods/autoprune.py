@@ -109,13 +109,13 @@ class AutoPruneMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss, logits = supervised_step(self.model, self.weight_opt, x, y)
+        loss, logits = supervised_step(self.model, self.weight_opt, x, y, self.guard)
         if self.frozen_at is not None:  # fine-tuning: the second half trains the weights too
             xb, yb = (t.to(x.device) for t in self._second_batch())
-            supervised_step(self.model, self.weight_opt, xb, yb)
+            supervised_step(self.model, self.weight_opt, xb, yb, self.guard)
         elif not self._target_met:
             xb, yb = (t.to(x.device) for t in self._second_batch())
-            supervised_step(self.model, self.aux_opt, xb, yb)
+            supervised_step(self.model, self.aux_opt, xb, yb, self.guard)
             self._gate_steps += 1
             every = self.config.autoprune.target_check_every
             if every and self._gate_steps % every == 0:

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvsparse import metrics
+from cvsparse import faults, metrics
 from cvsparse.config import RunConfig
 from cvsparse.data import BatchLoader
+from cvsparse.faults import NonFiniteError, SkippedStep, StepGuard
 
 
 @dataclass
@@ -42,11 +43,14 @@ class CompressionMethod(ABC):
 
     ``finetuning`` is True from the epoch on which the method trains the weights of a fixed
     support (after cvgrad's last outer iteration, AutoPrune's freeze, the magnitude cut); each
-    method sets it in :meth:`set_epoch`, and the loop reads it after that call.
+    method sets it in :meth:`set_epoch`, and the loop reads it after that call.  ``guard`` is
+    passed to every :func:`supervised_step`: a step it skips raises
+    :class:`~cvsparse.faults.SkippedStep` out of :meth:`train_step`.
     """
 
     name: str = ""
     finetuning: bool = False
+    guard: StepGuard | None = None   # set by the loop: judges losses, counts skipped steps
 
     def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
         self.config = config
@@ -93,13 +97,24 @@ class CompressionMethod(ABC):
 
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
-                    y: Tensor) -> tuple[Tensor, Tensor]:
-    """One cross-entropy step of ``optimizer`` on ``(x, y)``; returns detached loss and logits."""
+                    y: Tensor, guard: StepGuard | None = None) -> tuple[Tensor, Tensor]:
+    """One cross-entropy step of ``optimizer`` on ``(x, y)``; returns detached loss and logits.
+
+    With a ``guard``, a loss it rejects (not finite, exploding) or a non-finite gradient raises
+    :class:`~cvsparse.faults.SkippedStep` before the optimizer changes anything."""
     model.zero_grad(set_to_none=True)
     logits = model(x)
-    loss = F.cross_entropy(logits, y)
+    loss = faults.poisoned("loss", F.cross_entropy(logits, y))
+    if guard is not None:
+        guard.check_loss(loss)
     loss.backward()
-    optimizer.step()
+    faults.poison_grads(p for group in optimizer.param_groups for p in group["params"])
+    try:
+        optimizer.step()
+    except NonFiniteError as exc:
+        if guard is None:
+            raise
+        raise SkippedStep(str(exc)) from None
     return loss.detach(), logits.detach()
 
 

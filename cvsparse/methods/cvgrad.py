@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cvsparse import faults
 from cvsparse.config import RunConfig
+from cvsparse.faults import NonFiniteError
 from cvsparse.hyper import CompressionFloor, LambdaOptimizer, hypergradient
 from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
@@ -182,7 +184,7 @@ class CVGradMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss, logits = supervised_step(self.model, self.optimizer, x, y)
+        loss, logits = supervised_step(self.model, self.optimizer, x, y, self.guard)
         self.steps += 1
         cv = self.config.cvgrad
         k = cv.online_every
@@ -338,7 +340,15 @@ class CVGradMethod(CompressionMethod):
         if cv.lr_scaled_hyper:  # one unrolled step: dw/dλ1 = −η·sign(w), dw/dλ2 = −η·w
             d1, d2 = d1 * lr_scale, d2 * lr_scale
         before = self.lambdas.lambda1.clone()
-        self.lambdas.step(d1, d2)
+        try:
+            self.lambdas.step(faults.poisoned("hyper", d1), d2)
+        except NonFiniteError as exc:   # λ, its moments and the floor stay as they are
+            if self.guard is None:
+                raise
+            self.guard.skipped("hyper", str(exc))
+            return
+        if self.guard is not None:
+            self.guard.passed("hyper")
         if self.floor is not None:
             factor = self.floor.update(self._compression(), self._epoch, lr_scale)
             self.lambdas.rescale_lambda1_(factor, before if self.floor.binding else None)

@@ -62,7 +62,7 @@ class MagnitudeMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return supervised_step(self.model, self.optimizer, x, y)
+        return supervised_step(self.model, self.optimizer, x, y, self.guard)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         return {}

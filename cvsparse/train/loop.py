@@ -9,6 +9,7 @@ append a ``metrics.csv`` row and write ``checkpoint.pt`` atomically.  At the end
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cvsparse import metrics, provenance
-from cvsparse.config import RunConfig, from_dict, validate
+from cvsparse.config import RunConfig, from_dict, resolve_defaults, validate
 from cvsparse.data import (
     CROP_PADDING,
     BatchLoader,
@@ -30,6 +31,7 @@ from cvsparse.data import (
     load_dataset,
     split_indices,
 )
+from cvsparse.faults import Diverged, SkippedStep, StepGuard
 from cvsparse.methods import METHOD_CLASSES
 from cvsparse.methods.base import RunData
 from cvsparse.models import build_model
@@ -55,6 +57,7 @@ class Trainer:
         loaded; RunDirError / CheckpointError / ValueError name the problem."""
         self.out_dir = Path(out_dir)
         if not resume:
+            resolve_defaults(config)
             validate(config)
         rundir.check_writable(self.out_dir)
         rundir.check_unlocked(self.out_dir)
@@ -96,6 +99,7 @@ class Trainer:
         method_class = METHOD_CLASSES[config.method]
         run_data = self._build_loaders(method_class, hyper_generator)
         self.method = method_class(config, self.model, run_data)
+        self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
         self.average = WeightAverage(self.model, self.bn_loader, self.device)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
@@ -205,6 +209,7 @@ class Trainer:
         )
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        self.guard.start_epoch()
         lr = self.method.set_epoch(epoch)
         self._set_augmentation()
         averaging = self._averages(epoch)
@@ -220,7 +225,11 @@ class Trainer:
             if step >= n_steps:
                 break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss, logits = self.method.train_step(x, y)
+            try:
+                loss, logits = self._guarded_step(x, y)
+            except SkippedStep:
+                bar.update()
+                continue
             if averaging:
                 self.average.update()
             loss_sum += float(loss) * len(y)
@@ -240,6 +249,7 @@ class Trainer:
             test = metrics.evaluate(self.model, self.test_loader, self.device)
             totals = metrics.summarize(
                 metrics.layer_table(self.method.measured_model(), self.input_shape))
+        _check_evaluation(epoch, val["loss"], test["loss"])
         row = {
             "epoch": epoch, "lr": lr,
             "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
@@ -247,6 +257,8 @@ class Trainer:
             "test_loss": test["loss"], "test_acc": test["acc"],
             "params_nonzero": totals["params_nonzero"],
             "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
+            "skipped_steps": self.guard.counts["step"],
+            "skipped_hyper_steps": self.guard.counts["hyper"],
             **extra,
         }
         if self.progress:
@@ -255,6 +267,24 @@ class Trainer:
                        f"{row['compression_rate']:.1f}x  " +
                        "  ".join(f"{k} {v:.3g}" for k, v in extra.items()))
         return row
+
+    def _guarded_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+        """The method's training step.  A step the guard skips (docs: cvsparse.faults) leaves
+        the model's buffers (BatchNorm statistics) as they were, is counted, and raises
+        SkippedStep again; too many in a row raise Diverged."""
+        saved = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            result = self.method.train_step(x, y)
+        except SkippedStep as exc:
+            with torch.no_grad():
+                for buffer, value in zip(self.model.buffers(), saved, strict=True):
+                    buffer.copy_(value)
+            self.model.train()   # a skipped online hyper step may have left eval mode on
+            self.guard.skipped("step", str(exc))
+            raise
+        self.guard.passed("step")
+        return result
 
     def _averages(self, epoch: int) -> bool:
         """Whether ``epoch`` lies in the weight-averaging window: the last ``optim.swa_epochs``
@@ -291,12 +321,15 @@ class Trainer:
             "rows": self.rows,
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
+            "guard": self.guard.state_dict(),
         }
 
     def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:
         self.model.load_state_dict(state["model"])
         self.method.load_state_dict(state["method"])
         self.average.load_state_dict(state["average"])
+        if "guard" in state:   # checkpoints written before the step guard existed lack it
+            self.guard.load_state_dict(state["guard"])
         self.generator.set_state(state["generator"])
         hyper_generator.set_state(state["hyper_generator"])
         checkpoint.set_rng_state(state["rng"])
@@ -321,6 +354,14 @@ def _is_terminal(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):   # no isatty, or a closed stream
         return False
+
+
+def _check_evaluation(epoch: int, val_loss: float, test_loss: float) -> None:
+    """Diverged if epoch ``epoch``'s evaluation is not finite: such an epoch is never
+    checkpointed (the previous one stays the last good epoch)."""
+    if not (math.isfinite(val_loss) and math.isfinite(test_loss)):
+        raise Diverged(f"epoch {epoch + 1} evaluated to a non-finite loss (validation "
+                       f"{val_loss}, test {test_loss})")
 
 
 def _device(name: str) -> torch.device:

@@ -23,6 +23,7 @@ def _resume(argv: list[str], stored: RunConfig) -> RunConfig:
 
 def test_flags_that_change_the_configuration_are_named_and_refused():
     stored = RunConfig()
+    stored.optim.lr = 0.1
     with pytest.raises(ValueError) as caught:
         _resume(["--model", "lenet5", "--epochs", "7", "--lr", str(stored.optim.lr),
                  "--aux-lr", "0.5", "--threads", "2"], stored)

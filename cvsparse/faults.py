@@ -1,0 +1,139 @@
+"""Divergence is a fault, not a result.
+
+A training step whose loss is not finite or explodes (above :data:`EXPLODE_FACTOR` times the
+running median of the recent losses), or whose gradient is not finite, is skipped: it raises
+:class:`SkippedStep` before the optimizer changes anything.  A hyper step whose hypergradient is
+not finite is skipped the same way (λ, its moments and the floor unchanged).  :class:`StepGuard`
+counts the skips of each kind; ``max_consecutive`` skips of one kind in a row raise
+:class:`Diverged`, which stops the run (the CLI exits 3, the last good epoch's checkpoint
+stays).
+
+Test hook: ``$CVSPARSE_TEST_FAULTS`` (read here only) makes chosen calls non-finite, e.g.
+``loss:3-5,grad:7,hyper:1-1000`` poisons the 3rd to 5th training losses, the 7th gradient and
+the first 1000 hypergradients of the process (counted per kind from 1).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+#: A loss above this multiple of the running median of recent losses counts as exploding.
+EXPLODE_FACTOR = 1e4
+#: Recent finite losses the running median is taken over, and how many it needs first.
+WINDOW, MIN_HISTORY = 100, 10
+FAULTS_ENV = "CVSPARSE_TEST_FAULTS"
+KINDS = ("loss", "grad", "hyper")
+
+
+class NonFiniteError(ValueError):
+    """A gradient or hypergradient holds NaN or inf; nothing was updated."""
+
+
+class SkippedStep(Exception):
+    """A training step was skipped (nothing it would have updated changed); the message says
+    why."""
+
+
+class Diverged(RuntimeError):
+    """Too many consecutive steps were skipped, or an evaluation was not finite: the run
+    stops."""
+
+
+class StepGuard:
+    """Judges training losses and counts skipped steps (``"step"``) and hyper steps
+    (``"hyper"``); raises :class:`Diverged` at ``max_consecutive`` skips of one kind in a
+    row."""
+
+    def __init__(self, max_consecutive: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.recent: deque[float] = deque(maxlen=WINDOW)
+        self.consecutive = {"step": 0, "hyper": 0}
+        self.counts = {"step": 0, "hyper": 0}   # in the current epoch
+
+    def check_loss(self, loss: Tensor) -> None:
+        """SkippedStep if ``loss`` is not finite or explodes; else it joins the history."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise SkippedStep(f"training loss is {value}")
+        if len(self.recent) >= MIN_HISTORY:
+            median = statistics.median(self.recent)
+            if value > EXPLODE_FACTOR * median:
+                raise SkippedStep(f"training loss {value:.3g} is above {EXPLODE_FACTOR:g} x "
+                                  f"its running median {median:.3g}")
+        self.recent.append(value)
+
+    def passed(self, kind: str) -> None:
+        """A step of ``kind`` went through: the run of skips is broken."""
+        self.consecutive[kind] = 0
+
+    def skipped(self, kind: str, reason: str) -> None:
+        """Count a skipped step of ``kind``; Diverged once ``max_consecutive`` are in a row."""
+        self.counts[kind] += 1
+        self.consecutive[kind] += 1
+        if self.consecutive[kind] >= self.max_consecutive:
+            what = "training steps" if kind == "step" else "hyper steps"
+            raise Diverged(f"{self.consecutive[kind]} consecutive {what} skipped, the last "
+                           f"because {reason}")
+
+    def start_epoch(self) -> None:
+        """Reset the per-epoch counts (the runs of consecutive skips carry over)."""
+        self.counts = {"step": 0, "hyper": 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"recent": list(self.recent), "consecutive": dict(self.consecutive)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.recent = deque((float(v) for v in state["recent"]), maxlen=WINDOW)
+        self.consecutive = {k: int(state["consecutive"][k]) for k in self.consecutive}
+
+
+# ---- the test hook ----------------------------------------------------------------------------
+
+def _plan() -> dict[str, set[int]] | None:
+    spec = os.environ.get(FAULTS_ENV)
+    if not spec:
+        return None
+    plan: dict[str, set[int]] = {}
+    for part in spec.split(","):
+        kind, _, steps = part.strip().partition(":")
+        if kind not in KINDS or not steps:
+            raise ValueError(f"${FAULTS_ENV}: bad entry {part!r}; use KIND:N or KIND:A-B with "
+                             f"KIND in {', '.join(KINDS)}")
+        first, _, last = steps.partition("-")
+        plan.setdefault(kind, set()).update(range(int(first), int(last or first) + 1))
+    return plan
+
+
+_PLAN = _plan()
+_CALLS = dict.fromkeys(KINDS, 0)
+
+
+def injected(kind: str) -> bool:
+    """Whether this call of ``kind`` is one ``$CVSPARSE_TEST_FAULTS`` poisons (always False
+    without it)."""
+    if _PLAN is None:
+        return False
+    _CALLS[kind] += 1
+    return _CALLS[kind] in _PLAN.get(kind, ())
+
+
+def poisoned(kind: str, value: Tensor) -> Tensor:
+    """``value``, or ``value * NaN`` when :func:`injected` says so."""
+    return value * float("nan") if injected(kind) else value
+
+
+def poison_grads(params: Iterable[Tensor]) -> None:
+    """Fill the first gradient among ``params`` with NaN when :func:`injected` says so."""
+    if not injected("grad"):
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+            return
