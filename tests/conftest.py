@@ -1,4 +1,4 @@
-"""Session-wide test setup.
+"""Test setup shared by the whole run.
 
 Without a GPU the Triton kernels can only run in Triton's interpreter, on CPU tensors, and the
 interpreter is chosen when triton is first imported (``cvsparse.ops`` imports it indirectly).
