@@ -65,5 +65,5 @@ class Paired:
 
 @pytest.fixture
 def paired(scrub) -> Callable[[dict[str, Callable[[], object]]], Paired]:
-    """Makes a :class:`Paired` for the given baselines (sharing the test run's ``scrub`` fixture)."""
+    """Makes a :class:`Paired` for the given baselines (sharing the run's ``scrub``)."""
     return lambda baselines: Paired(baselines, scrub)
