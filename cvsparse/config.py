@@ -81,7 +81,7 @@ class CVGradConfig:
     log_space: bool = True           # optimize log λ (keeps λ > 0)
     hyper_clip: float | None = 1.0
     hyper_batches: int | None = None  # validation batches per hyper pass; None = the whole split
-    online_every: int = 0            # > 0: also a hyper step every k training steps (T1–T2 style)
+    online_every: int = 0            # > 0: also a hyper step every k steps (T1–T2, method.md §5.2)
     lr_scaled_hyper: bool = False    # hypergradient × (weight lr / optim.lr): see CVGradMethod
     hyper_warmup_epochs: int = 0     # no λ step before this global epoch (λ at its initial guess)
     threshold: float = 1e-4          # τ of kernel 3

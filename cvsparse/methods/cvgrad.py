@@ -1,4 +1,5 @@
-"""Cross-validation-gradient compression (docs/method.md §1–5, Algorithm 1 of §5).
+"""Cross-validation-gradient compression (docs/method.md §1–5; the alternating schedule of
+§5.1, "Algorithm 1" of the cross-validation-gradient paper).
 
 Weights are trained by :class:`cvsparse.optim.ProxSGD` on ``CE + λ1‖W‖₁ + λ2/2‖W‖²`` with λ
 fixed; after every ``optim.epochs`` epochs (one outer iteration) a pass over the validation split
@@ -310,10 +311,11 @@ class CVGradMethod(CompressionMethod):
 
         With ``lr_scaled_hyper`` the hypergradient is multiplied by the current weight learning
         rate relative to ``optim.lr``, as in the one-step unrolled derivative of T1–T2
-        (docs/method.md §5): λ acts on the weights only through ``lr·λ``, so while the learning
-        rate is decayed λ barely moves (instead of running away on the greedy signal of nearly
-        frozen weights).  The curvature system holds every trainable tensor (the unregularized
-        ones too); what its estimator approximated is counted in :class:`CurvatureLog`."""
+        (Luketina et al. 2016, docs/method.md §5.2): λ acts on the weights only through
+        ``lr·λ``, so while the learning rate is decayed λ barely moves (instead of running away
+        on the greedy signal of nearly frozen weights).  The curvature system holds every
+        trainable tensor (the unregularized ones too); what its estimator approximated is
+        counted in :class:`CurvatureLog`."""
         cv = self.config.cvgrad
         device = self.weights[0].device
         xv, yv = (t.to(device) for t in val_batch)

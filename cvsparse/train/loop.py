@@ -1,4 +1,5 @@
-"""The training loop shared by every compression method (Algorithm 1's outer shell).
+"""The training loop shared by every compression method: the outer shell of the alternating
+training / hyper-step schedule ("Algorithm 1", docs/method.md §5.1).
 
 Per epoch: train on the training split (a tqdm bar on a terminal, one line per epoch on a pipe
 or file), let the method finish the epoch (e.g. a hyper pass), evaluate on validation and test,
