@@ -264,9 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as exc:
         print(f"error: {exc}; {_last_good(trainer)}", file=sys.stderr)
         return 3
-    except ValueError as exc:  # e.g. a diverging run (NaN gradients): nothing was updated
-        print(f"error: {exc}\nthe last good epoch is in {trainer.out_dir}/checkpoint.pt",
-              file=sys.stderr)
+    except ValueError as exc:  # another failure during training
+        print(f"error: {exc}; {_last_good(trainer)}", file=sys.stderr)
         return 1
     print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
     return 0

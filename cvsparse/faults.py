@@ -1,16 +1,18 @@
 """Divergence is a fault, not a result.
 
 A training step whose loss is not finite or explodes (above :data:`EXPLODE_FACTOR` times the
-running median of the recent losses), or whose gradient is not finite, is skipped: it raises
-:class:`SkippedStep` before the optimizer changes anything.  A hyper step whose hypergradient is
-not finite is skipped the same way (λ, its moments and the floor unchanged).  :class:`StepGuard`
-counts the skips of each kind; ``max_consecutive`` skips of one kind in a row raise
-:class:`Diverged`, which stops the run (the CLI exits 3, the last good epoch's checkpoint
-stays).
+running median of the recent losses), or whose gradient is not finite or explodes (its largest
+entry above :data:`EXPLODE_FACTOR` times the running median of that optimizer's recent ones),
+is skipped: it raises :class:`SkippedStep` before the optimizer changes anything.  A hyper
+step whose hypergradient is not finite is skipped the same way (λ, its moments and the floor
+unchanged; the λ optimizer clips finite ones).  :class:`StepGuard` counts the skips of each
+kind; ``max_consecutive`` skips of one kind in a row raise :class:`Diverged`, which stops the
+run (the CLI exits 3, the last good epoch's checkpoint stays).
 
 Test hook: ``$CVSPARSE_TEST_FAULTS`` (read here only) makes chosen calls non-finite, e.g.
 ``loss:3-5,grad:7,hyper:1-1000`` poisons the 3rd to 5th training losses, the 7th gradient and
-the first 1000 hypergradients of the process (counted per kind from 1).
+the first 1000 hypergradients of the process (counted per kind from 1); ``gradx:N``
+multiplies the N-th gradient by 1e9 instead (finite, exploding).
 """
 
 from __future__ import annotations
@@ -29,11 +31,19 @@ EXPLODE_FACTOR = 1e4
 #: Recent finite losses the running median is taken over, and how many it needs first.
 WINDOW, MIN_HISTORY = 100, 10
 FAULTS_ENV = "CVSPARSE_TEST_FAULTS"
-KINDS = ("loss", "grad", "hyper")
+KINDS = ("loss", "grad", "gradx", "hyper")
 
 
-class NonFiniteError(ValueError):
+class StepFault(ValueError):
+    """A gradient or hypergradient is unusable (non-finite, exploding); nothing was updated."""
+
+
+class NonFiniteError(StepFault):
     """A gradient or hypergradient holds NaN or inf; nothing was updated."""
+
+
+class ExplodingGradientError(StepFault):
+    """A gradient entry is above the optimizer's ``grad_norm_limit``; nothing was updated."""
 
 
 class SkippedStep(Exception):
@@ -54,6 +64,8 @@ class StepGuard:
     def __init__(self, max_consecutive: int) -> None:
         self.max_consecutive = max_consecutive
         self.recent: deque[float] = deque(maxlen=WINDOW)
+        self.grads: dict[int, deque[float]] = {}   # per optimizer, in order of first use
+        self._keys: dict[int, int] = {}
         self.consecutive = {"step": 0, "hyper": 0}
         self.counts = {"step": 0, "hyper": 0}   # in the current epoch
 
@@ -68,6 +80,25 @@ class StepGuard:
                 raise SkippedStep(f"training loss {value:.3g} is above {EXPLODE_FACTOR:g} x "
                                   f"its running median {median:.3g}")
         self.recent.append(value)
+
+    def limit_gradients(self, optimizer: Any) -> None:
+        """Set ``optimizer.grad_norm_limit`` (ProxSGD) from its recent gradients: None until
+        :data:`MIN_HISTORY` are known, then :data:`EXPLODE_FACTOR` times their median."""
+        if not hasattr(optimizer, "grad_norm_limit"):
+            return
+        history = self._history(optimizer)
+        median = statistics.median(history) if len(history) >= MIN_HISTORY else 0.0
+        optimizer.grad_norm_limit = EXPLODE_FACTOR * median if median > 0 else None
+
+    def record_gradients(self, optimizer: Any) -> None:
+        """Add ``optimizer.last_grad_norm`` of a step that went through to its history."""
+        norm = getattr(optimizer, "last_grad_norm", None)
+        if norm is not None:
+            self._history(optimizer).append(norm)
+
+    def _history(self, optimizer: Any) -> deque[float]:
+        key = self._keys.setdefault(id(optimizer), len(self._keys))
+        return self.grads.setdefault(key, deque(maxlen=WINDOW))
 
     def passed(self, kind: str) -> None:
         """A step of ``kind`` went through: the run of skips is broken."""
@@ -87,11 +118,16 @@ class StepGuard:
         self.counts = {"step": 0, "hyper": 0}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recent": list(self.recent), "consecutive": dict(self.consecutive)}
+        """The loss and gradient histories and the runs of skips (plain data)."""
+        return {"recent": list(self.recent), "consecutive": dict(self.consecutive),
+                "grads": {key: list(values) for key, values in self.grads.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (optimizers are matched by their order of first use)."""
         self.recent = deque((float(v) for v in state["recent"]), maxlen=WINDOW)
         self.consecutive = {k: int(state["consecutive"][k]) for k in self.consecutive}
+        self.grads = {int(key): deque((float(v) for v in values), maxlen=WINDOW)
+                      for key, values in state.get("grads", {}).items()}
 
 
 # ---- the test hook ----------------------------------------------------------------------------
@@ -130,10 +166,12 @@ def poisoned(kind: str, value: Tensor) -> Tensor:
 
 
 def poison_grads(params: Iterable[Tensor]) -> None:
-    """Fill the first gradient among ``params`` with NaN when :func:`injected` says so."""
-    if not injected("grad"):
-        return
-    for p in params:
-        if p.grad is not None:
-            p.grad.fill_(float("nan"))
-            return
+    """Fill the first gradient among ``params`` with NaN (or scale every one by 1e9) when
+    :func:`injected` says so for ``grad`` (``gradx``)."""
+    nan, scale = injected("grad"), injected("gradx")
+    grads = [p.grad for p in params if p.grad is not None]
+    if nan and grads:
+        grads[0].fill_(float("nan"))
+    if scale:
+        for g in grads:
+            g.mul_(1e9)

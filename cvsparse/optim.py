@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import ops
-from .faults import NonFiniteError
+from .faults import ExplodingGradientError, NonFiniteError
 
 Hyper = float | Tensor
 
@@ -41,10 +41,15 @@ class ProxSGD(Optimizer):
             read of every gradient (``torch._foreach_norm`` with ord=inf) and one device sync
             per step; disable it for the last bit of speed.
 
+    ``grad_norm_limit`` (attribute, default None): a step whose largest gradient entry
+    (``|g|`` max over every parameter, read in the same pass as ``check_finite``) is above it
+    raises :class:`~cvsparse.faults.ExplodingGradientError` before anything is updated.
+
     Attributes:
         last_nonzero: per param group, an int64 tensor ``(len(group["params"]),)`` with each
             parameter's nonzero count after the latest :meth:`step` / :meth:`prune`, or ``None``
             before the first one.
+        last_grad_norm: the largest gradient entry of the latest checked :meth:`step`.
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class ProxSGD(Optimizer):
         check_finite: bool = True,
     ) -> None:
         self.check_finite = check_finite
+        self.grad_norm_limit: float | None = None
+        self.last_grad_norm: float | None = None
         self.last_nonzero: list[Tensor | None] = []
         defaults = {"lr": lr, "momentum": momentum, "lambda1": lambda1, "lambda2": lambda2,
                     "threshold": threshold}
@@ -85,7 +92,7 @@ class ProxSGD(Optimizer):
                 loss = closure()
         for index, group in enumerate(self.param_groups):
             _check_group(group, index)
-        if self.check_finite:
+        if self.check_finite or self.grad_norm_limit is not None:
             self._check_finite_gradients()
         for index, group in enumerate(self.param_groups):
             self._step_group(index, group)
@@ -146,13 +153,20 @@ class ProxSGD(Optimizer):
             if grad.is_sparse:
                 raise ValueError(f"parameter {k} has a sparse gradient; ProxSGD needs dense ones")
             by_device.setdefault(grad.device, []).append((k, grad))
+        largest = 0.0
         for items in by_device.values():
-            norms = torch._foreach_norm([g for _, g in items], math.inf)
-            finite = torch.stack(norms).isfinite()
+            norms = torch.stack(torch._foreach_norm([g for _, g in items], math.inf))
+            finite = norms.isfinite()
             if not bool(finite.all()):
                 k = items[int((~finite).nonzero()[0])][0]
                 raise NonFiniteError(f"gradient of parameter {k} (index in optimizer order) "
                                      "contains NaN or inf; nothing was updated")
+            largest = max(largest, float(norms.max()))
+        limit = self.grad_norm_limit
+        if limit is not None and largest > limit:
+            raise ExplodingGradientError(f"gradient entry {largest:.3g} is above the limit "
+                                         f"{limit:.3g}; nothing was updated")
+        self.last_grad_norm = largest
 
     def _step_group(self, index: int, group: dict[str, Any]) -> None:
         params = group["params"]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from cvsparse import faults, metrics
 from cvsparse.config import RunConfig
 from cvsparse.data import BatchLoader
-from cvsparse.faults import NonFiniteError, SkippedStep, StepGuard
+from cvsparse.faults import SkippedStep, StepFault, StepGuard
 
 
 @dataclass
@@ -100,8 +100,9 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tenso
                     y: Tensor, guard: StepGuard | None = None) -> tuple[Tensor, Tensor]:
     """One cross-entropy step of ``optimizer`` on ``(x, y)``; returns detached loss and logits.
 
-    With a ``guard``, a loss it rejects (not finite, exploding) or a non-finite gradient raises
-    :class:`~cvsparse.faults.SkippedStep` before the optimizer changes anything."""
+    With a ``guard``, a loss or gradient it rejects (not finite, or exploding: see
+    :mod:`cvsparse.faults`) raises :class:`~cvsparse.faults.SkippedStep` before the optimizer
+    changes anything."""
     model.zero_grad(set_to_none=True)
     logits = model(x)
     loss = faults.poisoned("loss", F.cross_entropy(logits, y))
@@ -109,12 +110,16 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tenso
         guard.check_loss(loss)
     loss.backward()
     faults.poison_grads(p for group in optimizer.param_groups for p in group["params"])
+    if guard is not None:
+        guard.limit_gradients(optimizer)
     try:
         optimizer.step()
-    except NonFiniteError as exc:
+    except StepFault as exc:
         if guard is None:
             raise
         raise SkippedStep(str(exc)) from None
+    if guard is not None:
+        guard.record_gradients(optimizer)
     return loss.detach(), logits.detach()
 
 

@@ -149,6 +149,17 @@ def test_cli_resume_with_no_valid_checkpoint_exits_2(tmp_path, run_dir):
     assert checkpoint.CHECKPOINT_NAME in line and checkpoint.PREVIOUS_NAME in line
 
 
+def test_cli_pretrained_refuses_a_damaged_checkpoint(tmp_path, run_dir):
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((run_dir / checkpoint.CHECKPOINT_NAME).read_bytes())
+    _corrupt(damaged, 0.6)
+    result = run_cli("train", "--config", tiny_yaml(tmp_path), "--method", "autoprune",
+                     "--pretrained", damaged, "--out", tmp_path / "o", "--quiet")
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert str(damaged) in line and ("corrupt" in line or "cannot read" in line)
+
+
 class _Payload:
     """Unpickling this object would create ``marker`` (``__reduce__`` names ``open``)."""
 

@@ -54,6 +54,37 @@ def test_a_poisoned_step_changes_nothing_and_is_counted(tmp_path, inject, kind, 
     assert _everything(trainer) != before and trainer.guard.consecutive["step"] == 0
 
 
+def test_an_exploding_gradient_is_skipped_once_its_history_is_known(tmp_path, inject):
+    trainer = Trainer(tiny_config(), tmp_path, progress=False)
+    trainer.method.set_epoch(0)
+    batches = iter(trainer.train_loader)
+    for _ in range(faults.MIN_HISTORY):
+        trainer._guarded_step(*next(batches))
+    history = list(trainer.guard.grads[0])
+    assert len(history) == faults.MIN_HISTORY and all(v > 0 for v in history)
+    before = _everything(trainer)
+    inject("gradx", {faults._CALLS["gradx"] + 1})    # every gradient x 1e9: finite, huge
+    with pytest.raises(SkippedStep, match="above the limit"):
+        trainer._guarded_step(*next(batches))
+    assert _everything(trainer) == before and trainer.guard.counts["step"] == 1
+
+
+def test_proxsgd_refuses_a_gradient_above_its_limit_and_changes_nothing():
+    from cvsparse.faults import ExplodingGradientError
+    from cvsparse.optim import ProxSGD
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = ProxSGD([w], lr=0.1, momentum=0.9)
+    w.grad = torch.tensor([0.5, -3.0])
+    opt.grad_norm_limit = 2.5
+    with pytest.raises(ExplodingGradientError, match="3 is above the limit 2.5"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, -2.0])) and not opt.state[w]
+    opt.grad_norm_limit = 3.0
+    opt.step()
+    assert opt.last_grad_norm == 3.0 and not torch.equal(w.detach(), torch.tensor([1.0, -2.0]))
+
+
 def test_a_poisoned_hypergradient_leaves_lambda_and_its_optimizer(tmp_path, inject):
     trainer = Trainer(tiny_config(), tmp_path, progress=False)
     method = trainer.method
