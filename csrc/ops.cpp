@@ -34,4 +34,13 @@ TORCH_LIBRARY(cvsparse, m) {
   m.def(
       "gated_weight_backward(Tensor grad, Tensor weight, Tensor aux, int ste, float slope, "
       "bool sign_rule) -> (Tensor, Tensor)");
+  // Sparse inference.  W (M x K) is stored per output row: values (nnz,), col_deltas (nnz,)
+  // int32 (a row's first column, then the difference to the previous column, >= 1), row_ptr
+  // (M + 1,) int32 (cvsparse/ops/sparse_format.py).
+  m.def(
+      "sparse_matmul(Tensor input, Tensor values, Tensor col_deltas, Tensor row_ptr, "
+      "Tensor? bias, bool relu) -> Tensor");
+  m.def(
+      "sparse_conv2d(Tensor input, Tensor values, Tensor col_deltas, Tensor row_ptr, "
+      "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor");
 }

@@ -1,4 +1,5 @@
-"""Fused per-parameter operators of sparse training (docs/method.md §2–4, §6).
+"""Fused per-parameter operators of sparse training (docs/method.md §2–4, §6) and the sparse
+inference operators (``sparse_matmul``, ``sparse_conv2d``).
 
 Every operator takes *lists* of tensors — all regularized tensors of a model in one call — and
 is also available as ``torch.ops.cvsparse.<name>``.  Arguments are validated here, once, before
@@ -21,6 +22,7 @@ from .schemas import STE_CODES
 
 __all__ = [
     "prox_sgd_", "mixed_partial_dot", "threshold_", "gated_weight",
+    "sparse_matmul", "sparse_conv2d",
     "set_backend", "get_backend", "available_backends", "compiled_library_loaded", "STE_CODES",
 ]
 
@@ -190,6 +192,79 @@ class _ReferenceGatedWeight(torch.autograd.Function):
             grad, weight, aux, ctx.ste, ctx.slope, ctx.sign_rule
         )
         return grad_weight, grad_aux, None, None, None
+
+
+def sparse_matmul(
+    input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
+    bias: Tensor | None = None, relu: bool = False, *, check_format: bool = True,
+) -> Tensor:
+    """Sparse × dense product ``W @ input`` (+ ``bias[m]`` on row m) (then ReLU if ``relu``).
+
+    ``W`` (M × K) is packed per output row (:mod:`cvsparse.ops.sparse_format`).  For a Linear
+    layer ``input`` is the transposed batch ``(K, N)``; for a 1×1 convolution the pixels
+    ``(C, H·W)`` of one image.  The N dimension fills the SIMD lanes.
+
+    Args:
+        input: ``(K, N)`` contiguous, float32 / float64 / float16 / bfloat16 (reduced precision
+            accumulates in float32).
+        values, col_deltas, row_ptr: the packed weight, values in input's dtype, indices int32.
+        bias: optional ``(M,)`` in input's dtype.
+        relu: apply ReLU after the bias.
+        check_format: also check the index values (reads them; a device sync on GPU).  Modules
+            whose buffers were checked once pass False.
+
+    Returns:
+        ``(M, N)`` in input's dtype, contiguous.
+    """
+    if not isinstance(input, Tensor) or input.dim() != 2:
+        raise ValueError("input must be a 2-D tensor (K, N), got "
+                         f"{tuple(input.shape) if isinstance(input, Tensor) else input!r}")
+    checks.sparse_weight(input, values, col_deltas, row_ptr, bias, input.shape[0],
+                         check_format=check_format)
+    if not isinstance(relu, bool):
+        raise ValueError(f"relu must be a bool, got {type(relu).__name__}")
+    return resolve("sparse_matmul", input.device)(input, values, col_deltas, row_ptr, bias, relu)
+
+
+def sparse_conv2d(
+    input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
+    bias: Tensor | None = None, kernel_size: int | Sequence[int] = 3,
+    stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, relu: bool = False,
+    *, check_format: bool = True,
+) -> Tensor:
+    """Direct sparse convolution (groups 1, zero padding), bias and ReLU fused.
+
+    ``W`` (M × C·kh·kw) is packed per output channel (:mod:`cvsparse.ops.sparse_format`), its
+    columns the flattened ``(c, i, j)`` of a ``C × kh × kw`` filter (``conv.weight.reshape(M,
+    -1)``).
+
+    Args:
+        input: ``(B, C, H, W)`` contiguous NCHW, float32 / float64 / float16 / bfloat16.
+        values, col_deltas, row_ptr: the packed weight; bias: optional ``(M,)``.
+        kernel_size, stride, padding: ints or pairs (height, width), in pixels.
+        relu: apply ReLU after the bias; check_format: as in :func:`sparse_matmul`.
+
+    Returns:
+        ``(B, M, Ho, Wo)`` with ``Ho = (H + 2·pad_h − kh) // stride_h + 1`` (same for W).
+    """
+    if not isinstance(input, Tensor) or input.dim() != 4:
+        raise ValueError("input must be a 4-D tensor (B, C, H, W), got "
+                         f"{tuple(input.shape) if isinstance(input, Tensor) else input!r}")
+    kernel_size = checks.int_pair("kernel_size", kernel_size, 1)
+    stride = checks.int_pair("stride", stride, 1)
+    padding = checks.int_pair("padding", padding, 0)
+    channels, height, width = input.shape[1:]
+    for name, size, k, p in (("height", height, kernel_size[0], padding[0]),
+                             ("width", width, kernel_size[1], padding[1])):
+        if size + 2 * p < k:
+            raise ValueError(f"input {name} {size} with padding {p} is smaller than the kernel "
+                             f"({k})")
+    checks.sparse_weight(input, values, col_deltas, row_ptr, bias,
+                         channels * kernel_size[0] * kernel_size[1], check_format=check_format)
+    if not isinstance(relu, bool):
+        raise ValueError(f"relu must be a bool, got {type(relu).__name__}")
+    return resolve("sparse_conv2d", input.device)(input, values, col_deltas, row_ptr, bias,
+                                                  kernel_size, stride, padding, relu)
 
 
 def _device(params: list[Tensor]) -> torch.device:

@@ -112,3 +112,109 @@ def per_tensor_lambda(name: str, value: object, n: int, device: torch.device,
 def checking_values() -> bool:
     """False while torch.compile traces: checks that read tensor values or storage are skipped."""
     return not torch.compiler.is_compiling()
+
+
+# ---- sparse inference operators: every problem is a ValueError naming the argument -----------
+
+def _tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a Tensor, got {type(value).__name__}")
+    return value
+
+
+def sparse_weight(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
+                  bias: Tensor | None, num_columns: int, *, check_format: bool = True) -> int:
+    """Checks a packed weight (``cvsparse/ops/sparse_format.py``) of ``num_columns`` columns
+    against ``input`` (dtype, device) and returns its number of rows M.
+
+    Metadata (types, dtypes, devices, shapes, layouts) is always checked; with ``check_format``
+    the index values too (row_ptr starts at 0, never decreases and ends at nnz; the first delta
+    of a row is ≥ 0, later ones ≥ 1; every column < ``num_columns``) — that reads the tensors
+    (a device sync on GPU), so modules that validated their buffers once skip it.
+    """
+    input = _tensor("input", input)
+    if input.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"input has dtype {input.dtype}; supported: float32, float64, "
+                         "float16, bfloat16")
+    if not input.is_contiguous():
+        raise ValueError("input is not contiguous; call .contiguous() first")
+    values = _tensor("values", values)
+    col_deltas = _tensor("col_deltas", col_deltas)
+    row_ptr = _tensor("row_ptr", row_ptr)
+    if values.dtype != input.dtype:
+        raise ValueError(f"values has dtype {values.dtype} but input has {input.dtype}")
+    for name, t in (("col_deltas", col_deltas), ("row_ptr", row_ptr)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} has dtype {t.dtype}, expected torch.int32")
+    for name, t in (("values", values), ("col_deltas", col_deltas), ("row_ptr", row_ptr)):
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} is not contiguous; call .contiguous() first")
+    if row_ptr.numel() < 1:
+        raise ValueError("row_ptr must have M + 1 >= 1 entries, got 0")
+    if col_deltas.numel() != values.numel():
+        raise ValueError(f"col_deltas has {col_deltas.numel()} entries but values has "
+                         f"{values.numel()}")
+    rows = row_ptr.numel() - 1
+    if bias is not None:
+        bias = _tensor("bias", bias)
+        if bias.dtype != input.dtype:
+            raise ValueError(f"bias has dtype {bias.dtype} but input has {input.dtype}")
+        if bias.device != input.device:
+            raise ValueError(f"bias is on {bias.device} but input is on {input.device}")
+        if tuple(bias.shape) != (rows,):
+            raise ValueError(f"bias must have shape ({rows},) (one per row of the weight), got "
+                             f"{tuple(bias.shape)}")
+        if not bias.is_contiguous():
+            raise ValueError("bias is not contiguous; call .contiguous() first")
+    if check_format and checking_values():
+        sparse_format_values(col_deltas, row_ptr, values.numel(), num_columns)
+    return rows
+
+
+def sparse_format_values(col_deltas: Tensor, row_ptr: Tensor, nnz: int, num_columns: int) -> None:
+    """The index values of a packed weight are consistent (see :func:`sparse_weight`)."""
+    ptr = row_ptr.to(torch.int64)
+    if int(ptr[0]) != 0:
+        raise ValueError(f"row_ptr[0] must be 0, got {int(ptr[0])}")
+    if int(ptr[-1]) != nnz:
+        raise ValueError(f"row_ptr[-1] must equal the number of values ({nnz}), got "
+                         f"{int(ptr[-1])}")
+    steps = ptr[1:] - ptr[:-1]
+    if bool((steps < 0).any()):
+        m = int((steps < 0).nonzero()[0])
+        raise ValueError(f"row_ptr decreases at row {m}: row_ptr[{m}] = {int(ptr[m])} > "
+                         f"row_ptr[{m + 1}] = {int(ptr[m + 1])}")
+    if nnz == 0:
+        return
+    deltas = col_deltas.to(torch.int64)
+    first = torch.zeros(nnz, dtype=torch.bool, device=deltas.device)
+    first[ptr[:-1][steps > 0]] = True
+    bad = torch.where(first, deltas < 0, deltas < 1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        kind = "a row's first column must be >= 0" if bool(first[i]) else (
+            "later deltas must be >= 1 (columns strictly increasing)")
+        raise ValueError(f"col_deltas[{i}] = {int(deltas[i])} is invalid: {kind}")
+    from .sparse_format import columns
+
+    cols = columns(col_deltas, row_ptr)
+    if int(cols.max()) >= num_columns:
+        i = int((cols >= num_columns).nonzero()[0])
+        raise ValueError(f"col_deltas put nonzero {i} at column {int(cols[i])}, out of range for "
+                         f"{num_columns} columns")
+
+
+def int_pair(name: str, value: object, minimum: int) -> list[int]:
+    """Two ints ≥ ``minimum`` (an int means the same for both dimensions)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, Sequence) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return [int(value[0]), int(value[1])]

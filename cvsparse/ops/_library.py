@@ -34,6 +34,21 @@ except Exception as exc:  # pragma: no cover - exercised only on broken installs
         _fallback.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
 
+else:
+    # A compiled library built before an operator was added lacks its schema: define it here
+    # with the reference as its kernel, so the package works until the library is rebuilt.
+    _stale = [name for name in SCHEMAS
+              if not torch._C._dispatch_has_kernel(f"cvsparse::{name}")
+              and not hasattr(torch.ops.cvsparse, name)]
+    if _stale:
+        warnings.warn(f"cvsparse: the compiled library predates {', '.join(_stale)}; they run on "
+                      "the reference until it is rebuilt", RuntimeWarning, stacklevel=2)
+        _fragment = torch.library.Library("cvsparse", "FRAGMENT")  # kept alive for the process
+        for _name in _stale:
+            _fragment.define(SCHEMAS[_name])
+            _fragment.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
 def compiled_library_loaded() -> bool:
     """True when ``cvsparse._C`` (the C++ kernels) is loaded."""
     return LOAD_ERROR is None
@@ -80,6 +95,20 @@ def _gated_weight_fake(weight, aux, ste, slope, sign_rule):
 @torch.library.register_fake("cvsparse::gated_weight_backward")
 def _gated_weight_backward_fake(grad, weight, aux, ste, slope, sign_rule):
     return torch.empty_like(weight), torch.empty_like(aux)
+
+
+@torch.library.register_fake("cvsparse::sparse_matmul")
+def _sparse_matmul_fake(input, values, col_deltas, row_ptr, bias, relu):
+    return input.new_empty((row_ptr.shape[0] - 1, input.shape[1]))
+
+
+@torch.library.register_fake("cvsparse::sparse_conv2d")
+def _sparse_conv2d_fake(input, values, col_deltas, row_ptr, bias, kernel_size, stride, padding,
+                        relu):
+    batch, _, height, width = input.shape
+    out_h = (height + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
+    return input.new_empty((batch, row_ptr.shape[0] - 1, out_h, out_w))
 
 
 # ---- autograd: the gated weight is differentiable in both inputs ---------------------------

@@ -138,3 +138,39 @@ def _stack_counts(counts: list[Tensor]) -> Tensor:
     if not counts:
         return torch.zeros(0, dtype=torch.int64)
     return torch.cat(counts).to(torch.int64)
+
+
+def _sparse_epilogue(out: Tensor, bias: Tensor | None, relu: bool, shape: tuple[int, ...],
+                     dtype: torch.dtype) -> Tensor:
+    if bias is not None:
+        out = out + _opmath(bias).reshape(shape)
+    if relu:
+        out = torch.relu(out)
+    return out.to(dtype)
+
+
+def sparse_matmul(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
+                  bias: Tensor | None, relu: bool) -> Tensor:
+    """``W @ input (+ bias[:, None]) (then ReLU)`` with the packed ``W`` decoded to dense:
+    input ``(K, N)``, output ``(M, N)`` in input's dtype (math in float32 / float64)."""
+    from .sparse_format import unpack
+
+    x = _opmath(input)
+    weight = unpack(values, col_deltas, row_ptr, input.shape[0], dtype=x.dtype)
+    return _sparse_epilogue(weight @ x, bias, relu, (-1, 1), input.dtype)
+
+
+def sparse_conv2d(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
+                  bias: Tensor | None, kernel_size: list[int], stride: list[int],
+                  padding: list[int], relu: bool) -> Tensor:
+    """``conv2d(input, W)`` (groups 1, zero padding) with the packed ``W`` decoded to dense
+    ``(M, C, kh, kw)``: input ``(B, C, H, W)``, output ``(B, M, Ho, Wo)`` in input's dtype."""
+    from .sparse_format import unpack
+
+    x = _opmath(input)
+    kh, kw = kernel_size
+    channels = input.shape[1]
+    weight = unpack(values, col_deltas, row_ptr, channels * kh * kw, dtype=x.dtype)
+    weight = weight.reshape(-1, channels, kh, kw)
+    out = torch.nn.functional.conv2d(x, weight, stride=tuple(stride), padding=tuple(padding))
+    return _sparse_epilogue(out, bias, relu, (1, -1, 1, 1), input.dtype)

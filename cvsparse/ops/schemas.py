@@ -24,6 +24,14 @@ SCHEMAS: dict[str, str] = {
         "gated_weight_backward(Tensor grad, Tensor weight, Tensor aux, int ste, float slope, "
         "bool sign_rule) -> (Tensor, Tensor)"
     ),
+    "sparse_matmul": (
+        "sparse_matmul(Tensor input, Tensor values, Tensor col_deltas, Tensor row_ptr, "
+        "Tensor? bias, bool relu) -> Tensor"
+    ),
+    "sparse_conv2d": (
+        "sparse_conv2d(Tensor input, Tensor values, Tensor col_deltas, Tensor row_ptr, "
+        "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, bool relu) -> Tensor"
+    ),
 }
 
 # Straight-through estimator codes passed as ``ste`` to ``gated_weight_backward``.
