@@ -29,6 +29,18 @@ def check_data_root(dataset: str, root: str | None) -> None:
                                 "data.root) does not exist or is not a folder")
 
 
+def check_same_data(recorded: list[str] | None, record: dict[str, Any]) -> None:
+    """ValueError (one line) if the data files of ``record`` (:func:`collect`) do not have the
+    SHA-256 digests ``recorded`` when a run started (None: nothing recorded, nothing to
+    check): a resumed run must read the data it began with, wherever it now lives."""
+    files = record["data"]["files"]
+    if recorded is None or [f["sha256"] for f in files] == list(recorded):
+        return
+    where = ", ".join(f["path"] for f in files)
+    raise ValueError(f"the data read now ({where}) is not the data this run started with "
+                     "(SHA-256 differs); resume with the original data (--data-root)")
+
+
 def data_files(dataset: data_module.Dataset) -> list[Path]:
     """The files ``dataset`` was decoded from: its ``.npz``, or the files of the MNIST idx /
     CIFAR pickle folder it came from."""

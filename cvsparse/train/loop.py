@@ -83,6 +83,8 @@ class Trainer:
         provenance.check_data_root(config.data.dataset, config.data.root)
         self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download)
         self.provenance = provenance.collect(self.dataset, self.device)
+        if state is not None:
+            provenance.check_same_data(state.get("data_sha256"), self.provenance)
         n_train = len(self.dataset.y_train)
         val_size = config.data.val_size or default_val_size(config.data.dataset, n_train)
         config.data.val_size = val_size
@@ -323,6 +325,7 @@ class Trainer:
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
             "guard": self.guard.state_dict(),
+            "data_sha256": [f["sha256"] for f in self.provenance["data"]["files"]],
         }
 
     def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:

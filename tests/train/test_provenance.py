@@ -49,3 +49,29 @@ def test_report_records_the_file_read_its_sha256_and_versions(tmp_path):
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"],
                               capture_output=True, text=True).stdout.strip()
         assert record["git_commit"].split("+")[0] == head
+
+
+def test_resume_reads_the_same_data_or_refuses(tmp_path):
+    """``--data-root`` may move on resume (resume-safe), but the files read must be the ones
+    the run started with (oracle: their SHA-256, recorded in the checkpoint)."""
+    import numpy as np
+
+    source = Path(load_dataset("mnist").source)
+    roots = {name: tmp_path / name for name in ("a", "b", "c")}
+    for root in roots.values():
+        root.mkdir()
+    shutil.copyfile(source, roots["a"] / "mnist.npz")
+    shutil.copyfile(source, roots["b"] / "mnist.npz")           # the same bytes elsewhere
+    with np.load(source) as archive:
+        arrays = {k: archive[k].copy() for k in archive.files}
+    arrays["x_train"][0, 0, 0] ^= 1                               # one pixel differs
+    np.savez(roots["c"] / "mnist.npz", **arrays)
+    config = tiny_yaml(tmp_path, optim={"epochs": 3})
+    out = tmp_path / "out"
+    assert run_cli("train", "--config", config, "--data-root", roots["a"], "--out", out,
+                   "--quiet").returncode == 0
+    changed = run_cli("train", "--resume", out, "--data-root", roots["c"], "--quiet")
+    assert changed.returncode == 2
+    assert "not the data this run started with" in one_line_error(changed)
+    moved = run_cli("train", "--resume", out, "--data-root", roots["b"], "--quiet")
+    assert moved.returncode == 0, moved.stderr
