@@ -1,0 +1,277 @@
+// sparse_conv2d on CPU: direct convolution (groups 1, zero padding) with a weight packed per
+// output channel (columns = flattened (c, i, j) of a C x kh x kw filter), bias and ReLU fused.
+//
+// No im2col.  Each image is first copied, in the math type, into a zero-padded buffer split
+// into stride phases: plane (a, b) of channel c holds padded pixels (r·sh + a, t·sw + b) for
+// r < Hq = Ho + (kh − 1) / sh, t < Wq = Wo + (kw − 1) / sw.  Output pixel (oh, ow) then reads
+// tap (c, i, j) at
+//     c·sh·sw·Hq·Wq + ((i mod sh)·sw + j mod sw)·Hq·Wq + (oh + i / sh)·Wq + (ow + j / sw),
+// i.e. at offset(c, i, j) + q with q = oh·Wq + ow: over the "wide" output grid q in [0, Ho·Wq)
+// every nonzero weight is one fixed offset, and a run of consecutive q is one contiguous load.
+// A convolution becomes, per output channel, a sum over its nonzeros of value x shifted input
+// vector — the sparse_matmul inner loop with offsets instead of rows.  Lanes with ow >= Wo (the
+// wide grid's extra columns) are computed and dropped; the buffer has slack so that a last,
+// partial block of lanes never reads out of bounds.
+//
+// Tasks are (image, chunk of output channels), image-major; a thread copies an image into its
+// buffer when it starts on it (once per image and thread).  A channel's offsets are decoded
+// once per task into a per-thread table.  Buffers are thread-local and only grow: nothing is
+// allocated per call once the largest layer has run.
+#include <torch/library.h>
+
+#include "sparse_common.h"
+
+CVSPARSE_SIMD_BEGIN
+namespace cvsparse::cpu {
+namespace {
+
+struct ConvGeometry {
+  int64_t batch, channels, height, width, rows;  // rows = output channels M
+  int64_t kh, kw, sh, sw, ph, pw, out_h, out_w;
+  int64_t hq, wq;  // rows and columns of one stride-phase plane
+  int64_t plane() const { return hq * wq; }
+  int64_t channel_stride() const { return sh * sw * plane(); }
+  int64_t lanes() const { return out_h * wq; }  // the wide output grid of one image
+};
+
+template <typename opmath_t>
+constexpr int64_t kVec = at::vec::Vectorized<opmath_t>::size();
+// Vector accumulators per block of lanes.
+constexpr int kMaxAcc = 8;
+
+// Copies image b into buf (channel-major, stride phases, zero padding), in opmath_t.
+template <typename scalar_t, typename opmath_t>
+void pack_image(const scalar_t* x, const ConvGeometry& g, opmath_t* buf) {
+  for (int64_t c = 0; c < g.channels; ++c) {
+    const scalar_t* src = x + c * g.height * g.width;
+    for (int64_t a = 0; a < g.sh; ++a) {
+      for (int64_t b = 0; b < g.sw; ++b) {
+        opmath_t* dst = buf + c * g.channel_stride() + (a * g.sw + b) * g.plane();
+        for (int64_t r = 0; r < g.hq; ++r) {
+          opmath_t* row = dst + r * g.wq;
+          const int64_t ih = r * g.sh + a - g.ph;
+          if (ih < 0 || ih >= g.height) {
+            std::fill(row, row + g.wq, opmath_t(0));
+            continue;
+          }
+          const scalar_t* in = src + ih * g.width;
+          if (g.sw == 1) {
+            // t covers padded columns t + b = t; input column t − pw.
+            const int64_t lo = std::min(g.wq, g.pw);
+            const int64_t hi = std::clamp<int64_t>(g.pw + g.width, lo, g.wq);
+            std::fill(row, row + lo, opmath_t(0));
+            for (int64_t t = lo; t < hi; ++t) {
+              row[t] = static_cast<opmath_t>(in[t - g.pw]);
+            }
+            std::fill(row + hi, row + g.wq, opmath_t(0));
+          } else {
+            for (int64_t t = 0; t < g.wq; ++t) {
+              const int64_t iw = t * g.sw + b - g.pw;
+              row[t] = iw >= 0 && iw < g.width ? static_cast<opmath_t>(in[iw]) : opmath_t(0);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// kAcc vectors of lanes [q0, q0 + kAcc·kVec) of one output channel, then bias/ReLU and the
+// store of the lanes that are real output pixels.
+template <typename scalar_t, typename opmath_t, int kAcc>
+void channel_block(const opmath_t* buf, const int64_t* offsets, const scalar_t* values,
+                   int64_t nnz, opmath_t bias, bool relu, const ConvGeometry& g, int64_t q0,
+                   scalar_t* out) {
+  using Vec = at::vec::Vectorized<opmath_t>;
+  constexpr int64_t kW = kVec<opmath_t>;
+  Vec acc[kAcc];
+  for (int k = 0; k < kAcc; ++k) {
+    acc[k] = Vec(bias);
+  }
+  const opmath_t* base = buf + q0;
+  for (int64_t i = 0; i < nnz; ++i) {
+    const Vec w(static_cast<opmath_t>(values[i]));
+    const opmath_t* p = base + offsets[i];
+    for (int k = 0; k < kAcc; ++k) {
+      acc[k] = at::vec::fmadd(w, Vec::loadu(p + k * kW), acc[k]);
+    }
+  }
+  if (relu) {
+    const Vec zero(opmath_t(0));
+    for (int k = 0; k < kAcc; ++k) {
+      acc[k] = at::vec::maximum(acc[k], zero);
+    }
+  }
+  __at_align__ opmath_t tmp[kAcc * kW];
+  for (int k = 0; k < kAcc; ++k) {
+    acc[k].store(tmp + k * kW);
+  }
+  // Lane q is pixel (q / wq, q % wq); copy the runs with ow < out_w.
+  const int64_t q1 = std::min(q0 + kAcc * kW, g.lanes());
+  int64_t oh = q0 / g.wq;
+  int64_t ow = q0 % g.wq;
+  for (int64_t q = q0; q < q1;) {
+    const int64_t run = std::min(g.out_w - ow, q1 - q);
+    if (run > 0) {
+      scalar_t* o = out + oh * g.out_w + ow;
+      const opmath_t* s = tmp + (q - q0);
+      for (int64_t k = 0; k < run; ++k) {
+        o[k] = static_cast<scalar_t>(s[k]);
+      }
+    }
+    q += g.wq - ow;
+    ow = 0;
+    ++oh;
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void channel(const opmath_t* buf, const int64_t* offsets, const scalar_t* values, int64_t nnz,
+             opmath_t bias, bool relu, const ConvGeometry& g, scalar_t* out) {
+  constexpr int64_t kW = kVec<opmath_t>;
+  const int64_t lanes = g.lanes();
+  int64_t q = 0;
+  for (; q + kMaxAcc * kW <= lanes; q += kMaxAcc * kW) {
+    channel_block<scalar_t, opmath_t, kMaxAcc>(buf, offsets, values, nnz, bias, relu, g, q, out);
+  }
+  const int64_t rest = (lanes - q + kW - 1) / kW;  // vectors left, < kMaxAcc
+  switch (rest) {
+#define CVSPARSE_REST(n)                                                                       \
+  case n:                                                                                      \
+    channel_block<scalar_t, opmath_t, n>(buf, offsets, values, nnz, bias, relu, g, q, out); \
+    break;
+    CVSPARSE_REST(1)
+    CVSPARSE_REST(2)
+    CVSPARSE_REST(3)
+    CVSPARSE_REST(4)
+    CVSPARSE_REST(5)
+    CVSPARSE_REST(6)
+    CVSPARSE_REST(7)
+#undef CVSPARSE_REST
+    default:
+      break;
+  }
+}
+
+template <typename scalar_t>
+void sparse_conv2d_kernel(const at::Tensor& input, const at::Tensor& values,
+                          const at::Tensor& col_deltas, const at::Tensor& row_ptr,
+                          const scalar_t* bias, bool relu, const ConvGeometry& g,
+                          at::Tensor& out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kW = kVec<opmath_t>;
+  const scalar_t* x = input.data_ptr<scalar_t>();
+  const scalar_t* vals = values.data_ptr<scalar_t>();
+  const int32_t* deltas = col_deltas.data_ptr<int32_t>();
+  const int32_t* ptr = row_ptr.data_ptr<int32_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
+  const int64_t rows = g.rows;
+  const int64_t image = g.channels * g.height * g.width;
+  const int64_t out_image = rows * g.out_h * g.out_w;
+  // The last block of lanes reads up to kMaxAcc vectors past the wide grid, plus the largest
+  // within-plane shift: the slack keeps those reads inside the buffer (zeros, never stored).
+  const int64_t buffer = g.channels * g.channel_stride() + kMaxAcc * kW + g.wq + g.kw + g.hq;
+  const int64_t taps = g.kh * g.kw;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::clamp<int64_t>(
+      (threads * sparse::kTasksPerThread + g.batch - 1) / g.batch, 1, std::max<int64_t>(rows, 1));
+  const int64_t tasks = g.batch * chunks;
+  const int64_t work = (values.numel() + rows) * g.lanes() * g.batch;
+  at::parallel_for(0, tasks, work < sparse::kInlineWork ? tasks : 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<opmath_t> buf;
+    thread_local std::vector<int64_t> offsets;
+    if (static_cast<int64_t>(buf.size()) < buffer) {
+      buf.resize(buffer);
+    }
+    std::fill(buf.begin() + g.channels * g.channel_stride(), buf.begin() + buffer, opmath_t(0));
+    int64_t packed = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks;
+      const int64_t r = t % chunks;
+      if (b != packed) {
+        pack_image<scalar_t, opmath_t>(x + b * image, g, buf.data());
+        packed = b;
+      }
+      const int64_t m0 = sparse::chunk_begin(ptr, rows, r, chunks);
+      const int64_t m1 = sparse::chunk_begin(ptr, rows, r + 1, chunks);
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t begin = ptr[m];
+        const int64_t nnz = ptr[m + 1] - begin;
+        if (static_cast<int64_t>(offsets.size()) < nnz) {
+          offsets.resize(nnz);
+        }
+        int64_t col = 0;
+        for (int64_t i = 0; i < nnz; ++i) {
+          col += deltas[begin + i];
+          const int64_t c = col / taps;
+          const int64_t ij = col - c * taps;
+          const int64_t ti = ij / g.kw;
+          const int64_t tj = ij - ti * g.kw;
+          offsets[i] = c * g.channel_stride() + ((ti % g.sh) * g.sw + tj % g.sw) * g.plane() +
+                       (ti / g.sh) * g.wq + tj / g.sw;
+        }
+        const opmath_t bm = bias ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
+        channel<scalar_t, opmath_t>(buf.data(), offsets.data(), vals + begin, nnz, bm, relu, g,
+                                    y + b * out_image + m * g.out_h * g.out_w);
+      }
+    }
+  });
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values,
+                             const at::Tensor& col_deltas, const at::Tensor& row_ptr,
+                             const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding, bool relu) {
+  TORCH_CHECK(input.dim() == 4 && input.is_contiguous(),
+              "input must be a contiguous (B, C, H, W)");
+  TORCH_CHECK(values.scalar_type() == input.scalar_type(), "values must have input's dtype");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
+              "kernel_size, stride and padding must be pairs");
+  ConvGeometry g{};
+  g.batch = input.size(0);
+  g.channels = input.size(1);
+  g.height = input.size(2);
+  g.width = input.size(3);
+  g.rows = row_ptr.numel() - 1;
+  g.kh = kernel_size[0];
+  g.kw = kernel_size[1];
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.sh >= 1 && g.sw >= 1 && g.ph >= 0 && g.pw >= 0,
+              "kernel_size and stride must be >= 1, padding >= 0");
+  TORCH_CHECK(g.height + 2 * g.ph >= g.kh && g.width + 2 * g.pw >= g.kw,
+              "the padded input is smaller than the kernel");
+  sparse::check_packed(values, col_deltas, row_ptr, g.channels * g.kh * g.kw);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type() && bias->is_contiguous() &&
+                    bias->numel() == g.rows,
+                "bias must be a contiguous (M,) tensor of input's dtype");
+  }
+  g.out_h = (g.height + 2 * g.ph - g.kh) / g.sh + 1;
+  g.out_w = (g.width + 2 * g.pw - g.kw) / g.sw + 1;
+  g.hq = g.out_h + (g.kh - 1) / g.sh;
+  g.wq = g.out_w + (g.kw - 1) / g.sw;
+  auto out = at::empty({g.batch, g.rows, g.out_h, g.out_w}, input.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "sparse_conv2d", [&] {
+    sparse_conv2d_kernel<scalar_t>(input, values, col_deltas, row_ptr,
+                                   bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu,
+                                   g, out);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cvsparse::cpu
+CVSPARSE_SIMD_END
+
+TORCH_LIBRARY_IMPL(cvsparse, CPU, m) {
+  if (cvsparse::cpu::simd_supported()) {
+    m.impl("sparse_conv2d", &cvsparse::cpu::sparse_conv2d_cpu);
+  }
+}
