@@ -1,7 +1,8 @@
 """Triton implementations of the cvsparse operators, as ``torch.ops.cvsparse_triton.<name>``.
 
 Importing this package registers ``prox_sgd_``, ``mixed_partial_dot``, ``threshold_``,
-``gated_weight`` (differentiable) and ``gated_weight_backward``, with the normalized signatures
+``gated_weight`` (differentiable), ``gated_weight_backward`` and the sparse inference operators
+``sparse_matmul`` and ``sparse_conv2d``, with the normalized signatures
 of ``cvsparse.ops.reference`` and fake implementations for ``torch.compile``.  Select them with
 ``cvsparse.ops.set_backend("triton")``.  They run on CUDA tensors, or on CPU tensors in Triton's
 interpreter when ``TRITON_INTERPRET=1`` is set before triton is first imported (slow; tests).
@@ -29,4 +30,11 @@ if not (triton.knobs.runtime.interpret or torch.cuda.is_available()):
         "imported)"
     )
 
-from . import gated_weight, mixed_partial_dot, prox_sgd, threshold  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    gated_weight,
+    mixed_partial_dot,
+    prox_sgd,
+    sparse_conv2d,
+    sparse_matmul,
+    threshold,
+)

@@ -26,6 +26,8 @@ CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 CPP_ARG_TYPES = {
     "Tensor[]": "at::TensorList",
     "Tensor": "const at::Tensor&",
+    "Tensor?": "const std::optional<at::Tensor>&",
+    "int[2]": "at::IntArrayRef",
     "float": "double",
     "int": "int64_t",
     "bool": "bool",

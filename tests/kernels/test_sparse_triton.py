@@ -1,0 +1,375 @@
+"""The Triton sparse inference operators ``cvsparse_triton::sparse_matmul`` and
+``cvsparse_triton::sparse_conv2d`` (``kernels/sparse_matmul.py``, ``kernels/sparse_conv2d.py``).
+
+Without a GPU they run in Triton's interpreter on CPU tensors (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1``), so sizes stay small and odd.  The oracle is the dense weight the test
+itself builds before packing, multiplied (``@``) or convolved (``F.conv2d``) in float64 — it
+shares no code with the kernels or with the packed format's decoder; ``cvsparse.ops.reference``
+is checked too.  Covered: the four dtypes, 0 / 50 / 99 / 100 % sparsity, bias and ReLU, rows
+longer than one block of nonzeros (the running column carried across blocks), rows of very
+different lengths, strides, paddings and non-square kernels, the public operators on the
+``triton`` backend, ``opcheck``, the fakes under ``torch.compile``, argument errors, and that the
+kernels compile for a GPU.
+
+Tolerance (derived).  The kernels sum the ``n`` products of a row in opmath (float32, float64
+for float64) in some order, add the bias, and round once to the dtype.  A sum of ``n + 1`` terms
+computed in any order is within ``(n + 1)·u·Σ|terms|`` of the exact value (``u`` the opmath
+unit roundoff, products adding one more ``u`` each: ``2·(n + 1)·u`` is used), and the final
+rounding adds at most one unit roundoff of the dtype relative to the result.  The float64 oracle
+has the same kind of error with ``u = 2^-53``, rounded to the dtype as well, so the bound
+allows both roundings: ``|got − oracle| ≤ 2·(n + 1)·u_op·S + 2·u_dtype·|oracle| + tiny``, with
+``S = |W| @ |x| + |b|`` computed per output element.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cvsparse import ops
+from cvsparse.ops import reference
+from cvsparse.ops._backend import triton_ops
+from cvsparse.ops.sparse_format import pack
+
+TRITON = triton_ops()  # imports cvsparse.kernels: registers torch.ops.cvsparse_triton
+_matmul_module = importlib.import_module("cvsparse.kernels.sparse_matmul")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SPARSITY = [0.0, 0.5, 0.99, 1.0]
+EPILOGUES = [(False, False), (True, False), (True, True), (False, True)]
+EPILOGUE_IDS = ["plain", "bias", "bias_relu", "relu"]
+# Unit roundoff of the arithmetic (opmath) and of the stored dtype.
+UNIT_OPMATH = {torch.float64: 2.0**-53}
+UNIT_DTYPE = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11,
+              torch.bfloat16: 2.0**-8}
+# Spacing of the dtype's subnormals: the only absolute error a rounding can make near zero.
+TINY = {dtype: torch.finfo(dtype).smallest_normal * UNIT_DTYPE[dtype] * 2 for dtype in DTYPES}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """16 outputs and 4 nonzeros per program step: every row below spans several steps and
+    every output row several programs."""
+    for prefix in ("INTERPRETER", "GPU"):
+        monkeypatch.setattr(_matmul_module, f"{prefix}_BLOCK_N", 16)
+        monkeypatch.setattr(_matmul_module, f"{prefix}_BLOCK_NZ", 4)
+
+
+@pytest.fixture
+def triton_backend():
+    """The public operators on the ``triton`` backend for the test, the previous one after."""
+    previous = ops.get_backend()
+    ops.set_backend("triton")
+    yield
+    ops.set_backend(previous)
+
+
+def _sparse_weight(rows: int, cols: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
+    """A dense (rows, cols) weight in ``dtype`` with about ``sparsity`` of its entries zero (all
+    of them at 1.0, none at 0.0)."""
+    w = torch.randn(rows, cols, dtype=torch.float64)
+    w[torch.rand(rows, cols) < sparsity] = 0.0
+    return w.to(dtype).to(DEVICE)
+
+
+def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64).to(dtype).to(DEVICE)
+
+
+def _assert_within_bound(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor,
+                         terms: int, dtype: torch.dtype) -> None:
+    """The derived bound of the module docstring, elementwise; NaN must match NaN."""
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    unit = UNIT_OPMATH.get(dtype, 2.0**-24)
+    bound = 2 * (terms + 1) * unit * scale + 2 * UNIT_DTYPE[dtype] * want.abs() + TINY[dtype]
+    error = (got.double() - want).abs()
+    assert torch.equal(got.isnan(), want.isnan())
+    ok = (error <= bound) | want.isnan()
+    assert bool(ok.all()), f"max error {error[~ok].max()} beyond bound {bound[~ok].min()}"
+
+
+def _check_matmul(m: int, k: int, n: int, sparsity: float, dtype: torch.dtype, with_bias: bool,
+                  relu: bool) -> None:
+    weight = _sparse_weight(m, k, sparsity, dtype)
+    x = _randn(k, n, dtype=dtype)
+    bias = _randn(m, dtype=dtype) if with_bias else None
+    values, col_deltas, row_ptr = pack(weight)
+    got = TRITON.sparse_matmul(x, values, col_deltas, row_ptr, bias, relu)
+
+    w64, x64 = weight.double(), x.double()
+    b64 = bias.double()[:, None] if with_bias else torch.zeros(m, 1, dtype=torch.float64,
+                                                               device=DEVICE)
+    want = w64 @ x64 + b64
+    want = torch.relu(want) if relu else want
+    scale = w64.abs() @ x64.abs() + b64.abs()  # S: the magnitude of the summed terms
+    terms = int((weight != 0).sum(1).max()) if m and k else 0
+    _assert_within_bound(got, want, scale, terms, dtype)
+    ref = reference.sparse_matmul(x, values, col_deltas, row_ptr, bias, relu)
+    _assert_within_bound(ref, want, scale, terms, dtype)
+
+
+def _check_conv(batch: int, channels: int, size: tuple[int, int], out_channels: int,
+                kernel: list[int], stride: list[int], padding: list[int], sparsity: float,
+                dtype: torch.dtype, with_bias: bool, relu: bool) -> None:
+    kh, kw = kernel
+    weight = _sparse_weight(out_channels, channels * kh * kw, sparsity, dtype)
+    x = _randn(batch, channels, *size, dtype=dtype)
+    bias = _randn(out_channels, dtype=dtype) if with_bias else None
+    values, col_deltas, row_ptr = pack(weight)
+    got = TRITON.sparse_conv2d(x, values, col_deltas, row_ptr, bias, kernel, stride, padding,
+                               relu)
+
+    if out_channels == 0:  # F.conv2d refuses a weight without output channels
+        out_size = [(s + 2 * p - k) // st + 1
+                    for s, p, k, st in zip(size, padding, kernel, stride, strict=True)]
+        assert got.shape == (batch, 0, *out_size) and got.dtype == dtype
+        return
+    w64 = weight.double().reshape(out_channels, channels, kh, kw)
+    b64 = bias.double() if with_bias else None
+    conv = F.conv2d(x.double(), w64, b64, stride=stride, padding=padding)
+    scale = F.conv2d(x.double().abs(), w64.abs(), None if b64 is None else b64.abs(),
+                     stride=stride, padding=padding)
+    want = torch.relu(conv) if relu else conv
+    terms = int((weight != 0).sum(1).max()) if weight.numel() else 0
+    _assert_within_bound(got, want, scale, terms, dtype)
+    ref = reference.sparse_conv2d(x, values, col_deltas, row_ptr, bias, kernel, stride, padding,
+                                  relu)
+    _assert_within_bound(ref, want, scale, terms, dtype)
+
+
+# ---- sparse_matmul ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", SPARSITY)
+@pytest.mark.parametrize("with_bias,relu", EPILOGUES, ids=EPILOGUE_IDS)
+def test_sparse_matmul_matches_dense(dtype, sparsity, with_bias, relu):
+    _check_matmul(7, 37, 53, sparsity, dtype, with_bias, relu)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (13, 5, 1), (3, 301, 17), (33, 64, 130),
+                                   (0, 4, 3), (5, 0, 3), (5, 4, 0)])
+def test_sparse_matmul_shapes(m, k, n):
+    _check_matmul(m, k, n, 0.5, torch.float32, True, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+def test_sparse_matmul_many_programs_and_steps(small_blocks, dtype, sparsity):
+    _check_matmul(9, 97, 45, sparsity, dtype, True, True)
+
+
+def test_sparse_matmul_skewed_rows(small_blocks):
+    """Empty, single-entry, full and first-column-zero rows in one weight."""
+    weight = torch.randn(6, 50, dtype=torch.float64)
+    weight[0] = 0.0                       # empty row
+    weight[1, :] = 0.0
+    weight[1, 49] = 2.0                   # one entry, in the last column
+    weight[3, 1:] = 0.0                   # one entry, in column 0 (first delta 0)
+    weight[4, ::7] = 0.0                  # nearly full
+    x = torch.randn(50, 21, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64)
+    values, col_deltas, row_ptr = pack(weight)
+    got = TRITON.sparse_matmul(x, values, col_deltas, row_ptr, bias, False)
+    torch.testing.assert_close(got, weight @ x + bias[:, None], rtol=1e-13, atol=1e-13)
+
+
+def test_sparse_matmul_relu_keeps_nan():
+    """ReLU is ``torch.relu``: a NaN in the product stays NaN."""
+    weight = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
+    x = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])
+    got = TRITON.sparse_matmul(x, *pack(weight), None, True)
+    assert got[0, 0].isnan() and got[0, 1] == 1.0 and torch.equal(got[1], torch.zeros(2))
+
+
+# ---- sparse_conv2d ------------------------------------------------------------------------------
+
+CONV_GEOMETRY = {
+    "3x3_pad1": ([3, 3], [1, 1], [1, 1]),
+    "1x1": ([1, 1], [1, 1], [0, 0]),
+    "3x2_stride2x1_pad0x1": ([3, 2], [2, 1], [0, 1]),
+    "5x5_stride2x3_pad2": ([5, 5], [2, 3], [2, 2]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", SPARSITY)
+@pytest.mark.parametrize("with_bias,relu", [(False, False), (True, True)],
+                         ids=["plain", "bias_relu"])
+def test_sparse_conv2d_matches_dense(dtype, sparsity, with_bias, relu):
+    kernel, stride, padding = CONV_GEOMETRY["3x3_pad1"]
+    _check_conv(2, 3, (9, 11), 5, kernel, stride, padding, sparsity, dtype, with_bias, relu)
+
+
+@pytest.mark.parametrize("geometry", sorted(CONV_GEOMETRY))
+@pytest.mark.parametrize("with_bias,relu", EPILOGUES, ids=EPILOGUE_IDS)
+def test_sparse_conv2d_geometries(geometry, with_bias, relu):
+    kernel, stride, padding = CONV_GEOMETRY[geometry]
+    _check_conv(2, 3, (9, 11), 5, kernel, stride, padding, 0.5, torch.float32, with_bias, relu)
+
+
+@pytest.mark.parametrize("batch,channels,size,out_channels,kernel,stride,padding", [
+    (1, 1, (1, 1), 1, [1, 1], [1, 1], [0, 0]),
+    (3, 2, (2, 3), 4, [3, 3], [1, 1], [1, 1]),     # kernel larger than the image
+    (1, 4, (7, 5), 3, [7, 5], [1, 1], [0, 0]),     # one output pixel
+    (0, 3, (5, 5), 2, [3, 3], [1, 1], [1, 1]),     # empty batch
+    (2, 3, (5, 5), 0, [3, 3], [1, 1], [1, 1]),     # no output channel
+])
+def test_sparse_conv2d_shapes(batch, channels, size, out_channels, kernel, stride, padding):
+    _check_conv(batch, channels, size, out_channels, kernel, stride, padding, 0.5, torch.float32,
+                True, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.99])
+def test_sparse_conv2d_many_programs_and_steps(small_blocks, dtype, sparsity):
+    _check_conv(2, 4, (8, 7), 6, [3, 3], [1, 1], [1, 1], sparsity, dtype, True, True)
+
+
+# ---- the public operators on the triton backend ---------------------------------------------
+
+def test_public_operators_run_the_triton_kernels(triton_backend):
+    weight = _sparse_weight(6, 3 * 3 * 3, 0.7, torch.float32)
+    values, col_deltas, row_ptr = pack(weight)
+    bias = _randn(6, dtype=torch.float32)
+    x = _randn(27, 19, dtype=torch.float32)
+    assert torch.equal(ops.sparse_matmul(x, values, col_deltas, row_ptr, bias, True),
+                       TRITON.sparse_matmul(x, values, col_deltas, row_ptr, bias, True))
+    image = _randn(2, 3, 8, 9, dtype=torch.float32)
+    assert torch.equal(
+        ops.sparse_conv2d(image, values, col_deltas, row_ptr, bias, 3, 2, 1, True),
+        TRITON.sparse_conv2d(image, values, col_deltas, row_ptr, bias, [3, 3], [2, 2], [1, 1],
+                             True))
+
+
+# ---- registration: opcheck and the fakes under torch.compile ----------------------------------
+
+def _matmul_args(with_bias: bool) -> tuple:
+    weight = _sparse_weight(5, 11, 0.6, torch.float64)
+    return (_randn(11, 7, dtype=torch.float64), *pack(weight),
+            _randn(5, dtype=torch.float64) if with_bias else None, True)
+
+
+def _conv_args(with_bias: bool) -> tuple:
+    weight = _sparse_weight(4, 3 * 3 * 2, 0.6, torch.float64)
+    return (_randn(2, 3, 5, 6, dtype=torch.float64), *pack(weight),
+            _randn(4, dtype=torch.float64) if with_bias else None, [3, 2], [2, 1], [1, 0], False)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck_sparse_matmul(with_bias):
+    torch.library.opcheck(TRITON.sparse_matmul.default, _matmul_args(with_bias))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_opcheck_sparse_conv2d(with_bias):
+    torch.library.opcheck(TRITON.sparse_conv2d.default, _conv_args(with_bias))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_sparse_ops_compile_fullgraph(backend):
+    matmul_args, conv_args = _matmul_args(True), _conv_args(True)
+
+    def both(x, image):
+        return (TRITON.sparse_matmul(x, *matmul_args[1:]),
+                TRITON.sparse_conv2d(image, *conv_args[1:]))
+
+    torch._dynamo.reset()
+    got = torch.compile(both, fullgraph=True, backend=backend)(matmul_args[0], conv_args[0])
+    assert torch.equal(got[0], TRITON.sparse_matmul(*matmul_args))
+    assert torch.equal(got[1], TRITON.sparse_conv2d(*conv_args))
+
+
+# ---- argument errors --------------------------------------------------------------------------
+
+def test_sparse_matmul_rejects_bad_arguments():
+    x, values, col_deltas, row_ptr, bias, _ = _matmul_args(True)
+    with pytest.raises(ValueError, match="values has dtype"):
+        TRITON.sparse_matmul(x, values.float(), col_deltas, row_ptr, bias, False)
+    with pytest.raises(ValueError, match="col_deltas has dtype"):
+        TRITON.sparse_matmul(x, values, col_deltas.long(), row_ptr, bias, False)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        TRITON.sparse_matmul(x, values, col_deltas, row_ptr, bias[:-1], False)
+    with pytest.raises(ValueError, match="input must be"):
+        TRITON.sparse_matmul(x[None], values, col_deltas, row_ptr, bias, False)
+    with pytest.raises(ValueError, match="input is not contiguous"):
+        TRITON.sparse_matmul(x.t().contiguous().t(), values, col_deltas, row_ptr, bias, False)
+    with pytest.raises(ValueError, match="input has dtype"):
+        TRITON.sparse_matmul(x.int(), values, col_deltas, row_ptr, bias, False)
+
+
+def test_sparse_conv2d_rejects_bad_arguments():
+    image, values, col_deltas, row_ptr, bias, kernel, stride, padding, _ = _conv_args(True)
+    with pytest.raises(ValueError, match="larger than the padded input"):
+        TRITON.sparse_conv2d(image[:, :, :1], values, col_deltas, row_ptr, bias, kernel,
+                             stride, [0, 0], False)
+    with pytest.raises(ValueError, match="stride"):
+        TRITON.sparse_conv2d(image, values, col_deltas, row_ptr, bias, kernel, [0, 1], padding,
+                             False)
+    with pytest.raises(ValueError, match="input must be"):
+        TRITON.sparse_conv2d(image[0], values, col_deltas, row_ptr, bias, kernel, stride,
+                             padding, False)
+    with pytest.raises(ValueError, match="bias has dtype"):
+        TRITON.sparse_conv2d(image, values, col_deltas, row_ptr, bias.float(), kernel, stride,
+                             padding, False)
+
+
+@pytest.mark.cpu_only  # checks the message for CPU tensors; deselected with a GPU
+def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("cvsparse.kernels._launch"), "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        TRITON.sparse_matmul(*_matmul_args(False))
+
+
+# ---- the kernels compile for a GPU (the interpreter accepts more than the compiler) ------------
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import torch
+    torch.cuda.is_available = lambda: True  # compiling needs no GPU, but importing the kernels does
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cvsparse.kernels import sparse_conv2d, sparse_matmul
+
+    C = "constexpr"
+    CASES = []
+    for dtype, ptr, opmath in (("fp16", "*fp16", tl.float32), ("bf16", "*bf16", tl.float32),
+                               ("fp32", "*fp32", tl.float32), ("fp64", "*fp64", tl.float64)):
+        weight = {"x_ptr": ptr, "val_ptr": ptr, "delta_ptr": "*i32", "row_ptr": "*i32",
+                  "bias_ptr": ptr, "out_ptr": ptr}
+        flags = {"HAS_BIAS": True, "RELU": True, "OPMATH": opmath, "BLOCK_NZ": 16}
+        CASES.append((sparse_matmul._sparse_matmul_kernel, {**weight, "n": "i32"},
+                      {**flags, "BLOCK_N": 128}))
+        geometry = {name: "i32" for name in ("rows", "channels", "height", "width", "out_w",
+                                             "pixels", "kw", "taps", "stride_h", "stride_w",
+                                             "pad_h", "pad_w")}
+        CASES.append((sparse_conv2d._sparse_conv2d_kernel, {**weight, **geometry},
+                      {**flags, "BLOCK_P": 128}))
+    for kernel, signature, constexprs in CASES:
+        signature.update({name: C for name in constexprs})
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        assert triton.compile(src, target=GPUTarget("cuda", 80, 32)).asm["cubin"]
+    print("compiled", len(CASES))
+""")
+
+
+def test_sparse_kernels_compile_for_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compiled 8" in run.stdout
