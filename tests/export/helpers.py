@@ -1,0 +1,68 @@
+"""Models for the export tests: the zoo with "trained" BatchNorm, a magnitude-pruned LeNet-300,
+and a custom module whose class a fresh process cannot import."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvsparse.models import build_model
+
+
+def trained_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm affine parameters and running statistics (as after training), so a
+    channel's constant after BN and every BN term of the output are exercised; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, seed: int = 0) -> nn.Module:
+    """Zero the smallest ``sparsity`` fraction of every Conv/Linear weight (as -0.0, which
+    proximal steps also produce); random nonzero biases; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                w = m.weight
+                keep = max(1, round(w.numel() * (1 - sparsity)))
+                cut = w.abs().flatten().kthvalue(w.numel() - keep).values
+                w[w.abs() <= cut] = -0.0
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+class Custom(nn.Module):
+    """Exercises the graph whitelist beyond the zoo: a free parameter and buffer (get_attr),
+    slicing, ``size``/``view`` methods, ``torch.cat``, functional ops, a two-tensor output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1))
+        self.register_buffer("shift", torch.linspace(-0.2, 0.2, 16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = F.relu(self.bn(self.conv(x))) * self.scale
+        y = torch.cat([y[:, :4], y[:, 4:] - 1.0], dim=1)
+        y = F.adaptive_avg_pool2d(y, (1, 2))
+        feats = y.view(y.size(0), -1) + self.shift
+        return self.fc(feats), torch.sigmoid(feats)
+
+
+def zoo_model(name: str, seed: int = 0) -> nn.Module:
+    """Model ``name`` of the zoo, seeded, with trained BN, in eval mode."""
+    torch.manual_seed(seed)
+    return trained_bn(build_model(name), seed)
