@@ -66,3 +66,16 @@ def zoo_model(name: str, seed: int = 0) -> nn.Module:
     """Model ``name`` of the zoo, seeded, with trained BN, in eval mode."""
     torch.manual_seed(seed)
     return trained_bn(build_model(name), seed)
+
+
+def kill_inner_channels(model: nn.Module, fraction: float, seed: int = 0) -> nn.Module:
+    """Zero the weights of a random ``fraction`` of the output channels of every residual
+    block's first convolution (``conv1`` inside a block), so that ``shrink`` removes them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d) and name.endswith(".conv1"):
+                dead = torch.randperm(m.out_channels, generator=g)[:int(m.out_channels
+                                                                        * fraction)]
+                m.weight[dead] = 0.0
+    return model

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cvsparse.export import load, save
+from cvsparse.export import load, save, shrink
 from cvsparse.export.portable import (
     CorruptFileError,
     PortableFileError,
@@ -33,7 +33,7 @@ from cvsparse.export.portable import (
 )
 from cvsparse.models import build_model
 
-from .helpers import Custom, magnitude_prune, trained_bn, zoo_model
+from .helpers import Custom, kill_inner_channels, magnitude_prune, trained_bn, zoo_model
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -44,8 +44,12 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     lenet300 = magnitude_prune(build_model("lenet300"), 0.98)
     tv18 = trained_bn(torchvision.models.resnet18(num_classes=10))
     mnv2 = trained_bn(torchvision.models.mobilenet_v2(num_classes=10))
+    r20 = kill_inner_channels(zoo_model("resnet20"), 0.5)
+    r20_shrunk = shrink(r20, torch.randn(2, *CIFAR))
+    assert r20_shrunk.get_submodule("layer1.0.conv1").out_channels < 16
     torch.manual_seed(1)
     return {
+        "resnet20_shrunk": (r20_shrunk, torch.randn(2, *CIFAR)),
         "lenet300_sparse": (lenet300, torch.randn(3, *MNIST)),
         "lenet5": (zoo_model("lenet5"), torch.randn(2, *MNIST)),
         "resnet20": (zoo_model("resnet20"), torch.randn(2, *CIFAR)),
@@ -391,3 +395,17 @@ def test_random_spec_mutations_with_valid_checksums_are_refused_or_load(tmp_path
             assert "\n" not in str(exc)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 100
+
+
+def test_docs_list_the_whole_whitelist():
+    """docs/export.md names every module type, function and tensor method load accepts."""
+    from cvsparse.export.portable import TENSOR_METHODS, function_table, module_types
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
+    for name in module_types():
+        assert f"`{name}`" in doc, name
+    for name in function_table():
+        short = name.rsplit(".", 1)[-1]
+        assert f"`{name}`" in doc or f"`{short}`" in doc, name
+    for name in TENSOR_METHODS:
+        assert f"`{name}`" in doc, name
