@@ -30,6 +30,10 @@ from torch import Tensor
 EXPLODE_FACTOR = 1e4
 #: Recent finite losses the running median is taken over, and how many it needs first.
 WINDOW, MIN_HISTORY = 100, 10
+#: ... and a loss must also be above this to explode: a cross-entropy of 100 means the true
+#: class got a probability of e^-100, so a well-fit network's tiny median (1e-4) cannot turn an
+#: ordinary hard batch (a loss of 2) into a fault.
+MIN_EXPLODING_LOSS = 100.0
 FAULTS_ENV = "CVSPARSE_TEST_FAULTS"
 KINDS = ("loss", "grad", "gradx", "hyper")
 
@@ -76,7 +80,7 @@ class StepGuard:
             raise SkippedStep(f"training loss is {value}")
         if len(self.recent) >= MIN_HISTORY:
             median = statistics.median(self.recent)
-            if value > EXPLODE_FACTOR * median:
+            if value > max(EXPLODE_FACTOR * median, MIN_EXPLODING_LOSS):
                 raise SkippedStep(f"training loss {value:.3g} is above {EXPLODE_FACTOR:g} x "
                                   f"its running median {median:.3g}")
         self.recent.append(value)

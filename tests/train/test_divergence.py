@@ -106,6 +106,10 @@ def test_guard_skips_exploding_losses_and_stops_after_k_in_a_row():
     guard.check_loss(torch.tensor(2.0e4 - 1))          # below 1e4 x the median (2.05)
     with pytest.raises(SkippedStep, match="running median"):
         guard.check_loss(torch.tensor(2.1e4))
+    quiet = StepGuard(max_consecutive=3)
+    for _ in range(faults.MIN_HISTORY):
+        quiet.check_loss(torch.tensor(1e-4))          # a well-fit network's losses
+    quiet.check_loss(torch.tensor(2.0))                 # 2e4 x the median, but ordinary
     guard.skipped("step", "a")
     guard.skipped("step", "b")
     with pytest.raises(Diverged, match="3 consecutive training steps skipped, the last "
