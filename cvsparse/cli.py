@@ -233,11 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"error: no report.json in {', '.join(map(str, missing))}", file=sys.stderr)
             return 2
-        reports = {str(d): json.loads((d / "report.json").read_text()) for d in dirs}
-        if args.command == "summary":
-            print(summary_table(reports[str(args.run_dir)]))
-        else:
-            print(comparison_table(reports))
+        try:
+            reports = {str(d): _read_report(d / "report.json") for d in dirs}
+            if args.command == "summary":
+                table = summary_table(reports[str(args.run_dir)])
+            else:
+                table = comparison_table(reports)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (KeyError, TypeError) as exc:   # a report.json of the right keys, wrong insides
+            print(f"error: a report.json has no or a malformed entry {exc}", file=sys.stderr)
+            return 2
+        print(table)
         return 0
 
     from cvsparse.train import Trainer
@@ -269,6 +277,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
     return 0
+
+
+def _read_report(path: Path) -> dict:
+    """``report.json`` at ``path`` as a dict; ValueError (one line) if it is not valid JSON
+    holding an object."""
+    try:
+        report = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    missing = [k for k in _REPORT_KEYS if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ValueError(f"{path} is not a cvsparse report (no {', '.join(missing)})")
+    return report
+
+
+#: Keys ``summary`` and ``compare`` read from every report.
+_REPORT_KEYS = ("test_acc", "val_acc", "params_total", "params_nonzero", "compression_rate",
+                "pruned_pct", "flops_dense", "flops_effective", "layers", "epochs",
+                "wall_time_s", "config")
 
 
 def _last_good(trainer: object) -> str:

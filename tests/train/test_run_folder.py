@@ -111,3 +111,17 @@ def test_a_second_writer_is_refused_and_a_killed_writers_lock_is_taken_over(tmp_
                     "--quiet")
     assert taken.returncode == 0, taken.stderr
     assert (out / "report.json").exists() and not (out / rundir.LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"config": {"model"', "is not valid JSON"),
+    ('[1, 2]', "is not a cvsparse report"),
+    ('{"config": {}}', "is not a cvsparse report (no test_acc"),
+])
+@pytest.mark.parametrize("command", ["summary", "compare"])
+def test_summary_and_compare_refuse_a_damaged_report(tmp_path, text, message, command):
+    (tmp_path / "report.json").write_text(text)
+    result = run_cli(command, tmp_path)
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert message in line and str(tmp_path / "report.json") in line
