@@ -134,7 +134,7 @@ void channel(const opmath_t* buf, const int64_t* offsets, const scalar_t* values
   for (; q + kMaxAcc * kW <= lanes; q += kMaxAcc * kW) {
     channel_block<scalar_t, opmath_t, kMaxAcc>(buf, offsets, values, nnz, bias, relu, g, q, out);
   }
-  const int64_t rest = (lanes - q + kW - 1) / kW;  // vectors left, < kMaxAcc
+  const int64_t rest = (lanes - q + kW - 1) / kW;  // vectors left, <= kMaxAcc
   switch (rest) {
 #define CVSPARSE_REST(n)                                                                       \
   case n:                                                                                      \
@@ -147,6 +147,7 @@ void channel(const opmath_t* buf, const int64_t* offsets, const scalar_t* values
     CVSPARSE_REST(5)
     CVSPARSE_REST(6)
     CVSPARSE_REST(7)
+    CVSPARSE_REST(8)
 #undef CVSPARSE_REST
     default:
       break;

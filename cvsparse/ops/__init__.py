@@ -196,7 +196,7 @@ class _ReferenceGatedWeight(torch.autograd.Function):
 
 def sparse_matmul(
     input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
-    bias: Tensor | None = None, relu: bool = False, *, check_format: bool = True,
+    bias: Tensor | None = None, relu: bool = False, *, weight_checked: bool = False,
 ) -> Tensor:
     """Sparse × dense product ``W @ input`` (+ ``bias[m]`` on row m) (then ReLU if ``relu``).
 
@@ -210,17 +210,22 @@ def sparse_matmul(
         values, col_deltas, row_ptr: the packed weight, values in input's dtype, indices int32.
         bias: optional ``(M,)`` in input's dtype.
         relu: apply ReLU after the bias.
-        check_format: also check the index values (reads them; a device sync on GPU).  Modules
-            whose buffers were checked once pass False.
+        weight_checked: the packed weight and bias were checked before (a module's own buffers,
+            checked when it was built): only ``input`` is checked against them, which keeps
+            the per-call cost of small layers low.  Otherwise everything is checked, the index
+            values too (that reads them: a device sync on GPU).
 
     Returns:
         ``(M, N)`` in input's dtype, contiguous.
     """
+    if weight_checked:
+        checks.sparse_input(input, values)
+        return resolve("sparse_matmul", input.device)(input, values, col_deltas, row_ptr, bias,
+                                                      relu)
     if not isinstance(input, Tensor) or input.dim() != 2:
         raise ValueError("input must be a 2-D tensor (K, N), got "
                          f"{tuple(input.shape) if isinstance(input, Tensor) else input!r}")
-    checks.sparse_weight(input, values, col_deltas, row_ptr, bias, input.shape[0],
-                         check_format=check_format)
+    checks.sparse_weight(input, values, col_deltas, row_ptr, bias, input.shape[0])
     if not isinstance(relu, bool):
         raise ValueError(f"relu must be a bool, got {type(relu).__name__}")
     return resolve("sparse_matmul", input.device)(input, values, col_deltas, row_ptr, bias, relu)
@@ -230,7 +235,7 @@ def sparse_conv2d(
     input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
     bias: Tensor | None = None, kernel_size: int | Sequence[int] = 3,
     stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, relu: bool = False,
-    *, check_format: bool = True,
+    *, weight_checked: bool = False,
 ) -> Tensor:
     """Direct sparse convolution (groups 1, zero padding), bias and ReLU fused.
 
@@ -242,11 +247,16 @@ def sparse_conv2d(
         input: ``(B, C, H, W)`` contiguous NCHW, float32 / float64 / float16 / bfloat16.
         values, col_deltas, row_ptr: the packed weight; bias: optional ``(M,)``.
         kernel_size, stride, padding: ints or pairs (height, width), in pixels.
-        relu: apply ReLU after the bias; check_format: as in :func:`sparse_matmul`.
+        relu: apply ReLU after the bias; weight_checked: as in :func:`sparse_matmul` (then
+            kernel_size, stride and padding must be lists of two ints, as a module holds them).
 
     Returns:
         ``(B, M, Ho, Wo)`` with ``Ho = (H + 2·pad_h − kh) // stride_h + 1`` (same for W).
     """
+    if weight_checked:
+        checks.sparse_input(input, values)
+        return resolve("sparse_conv2d", input.device)(input, values, col_deltas, row_ptr, bias,
+                                                      kernel_size, stride, padding, relu)
     if not isinstance(input, Tensor) or input.dim() != 4:
         raise ValueError("input must be a 4-D tensor (B, C, H, W), got "
                          f"{tuple(input.shape) if isinstance(input, Tensor) else input!r}")
@@ -260,7 +270,7 @@ def sparse_conv2d(
             raise ValueError(f"input {name} {size} with padding {p} is smaller than the kernel "
                              f"({k})")
     checks.sparse_weight(input, values, col_deltas, row_ptr, bias,
-                         channels * kernel_size[0] * kernel_size[1], check_format=check_format)
+                         channels * kernel_size[0] * kernel_size[1])
     if not isinstance(relu, bool):
         raise ValueError(f"relu must be a bool, got {type(relu).__name__}")
     return resolve("sparse_conv2d", input.device)(input, values, col_deltas, row_ptr, bias,

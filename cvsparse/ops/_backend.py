@@ -35,6 +35,7 @@ def set_backend(name: str) -> None:
                            "visible GPU at install time)")
     if name == "triton":
         triton_ops()
+    _resolved.clear()
     _state["backend"] = name
 
 
@@ -60,8 +61,22 @@ def _triton_usable() -> bool:
     return True
 
 
+_resolved: dict[tuple[str, str, str], Callable] = {}
+
+
 def resolve(op: str, device: torch.device) -> Callable:
-    """The callable that runs ``op`` on tensors of ``device`` under the selected backend."""
+    """The callable that runs ``op`` on tensors of ``device`` under the selected backend.
+
+    Answers are remembered per (backend, op, device type): the dispatcher queries behind them
+    cost microseconds, as much as a small sparse layer's whole kernel."""
+    key = (_state["backend"], op, device.type)
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve(op, device)
+    return found
+
+
+def _resolve(op: str, device: torch.device) -> Callable:
     name = _state["backend"]
     if name == "reference":
         return getattr(reference, op)

@@ -122,6 +122,19 @@ def _tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def sparse_input(input: Tensor, values: Tensor) -> None:
+    """The input of a sparse operator whose packed weight was checked before (a module's own
+    buffers): a contiguous tensor of the weight's dtype and device."""
+    if not isinstance(input, Tensor):
+        raise ValueError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dtype != values.dtype:
+        raise ValueError(f"input has dtype {input.dtype} but the weight has {values.dtype}")
+    if input.device != values.device:
+        raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
+    if not input.is_contiguous():
+        raise ValueError("input is not contiguous; call .contiguous() first")
+
+
 def sparse_weight(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
                   bias: Tensor | None, num_columns: int, *, check_format: bool = True) -> int:
     """Checks a packed weight (``cvsparse/ops/sparse_format.py``) of ``num_columns`` columns
@@ -130,7 +143,7 @@ def sparse_weight(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Te
     Metadata (types, dtypes, devices, shapes, layouts) is always checked; with ``check_format``
     the index values too (row_ptr starts at 0, never decreases and ends at nnz; the first delta
     of a row is ≥ 0, later ones ≥ 1; every column < ``num_columns``) — that reads the tensors
-    (a device sync on GPU), so modules that validated their buffers once skip it.
+    (a device sync on GPU).
     """
     input = _tensor("input", input)
     if input.dtype not in FLOAT_DTYPES:
