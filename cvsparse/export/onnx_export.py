@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +61,16 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def to_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike[str], *,
-            dynamic_batch: bool = True, opset_version: int | None = None) -> int:
+            dynamic_batch: bool = True, opset_version: int | None = None,
+            metadata: Mapping[str, Any] | None = None) -> int:
     """Export ``model`` (in eval mode; sparse layers as dense) to the ONNX file ``path`` with
     ``example_input`` (a tensor or a tuple of tensors) and return the file size in bytes.
 
     With ``dynamic_batch`` the first dimension of every input and output is symbolic, so the
     file runs at any batch size (an example batch of 1 is doubled for the trace, because
     ``torch.export`` fixes dimensions of size 1).  The weights are stored inside the file.
+    ``metadata`` (JSON data, e.g. the input normalization) is stored as the model's
+    ``metadata_props`` entry ``cvsparse`` (a JSON string).
     Raises OnnxExportError (one line) if the model cannot be exported.
     """
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -86,6 +91,9 @@ def to_onnx(model: nn.Module, example_input: Any, path: str | os.PathLike[str], 
             program = torch.onnx.export(dense, inputs, dynamo=True,
                                         dynamic_shapes=dynamic_shapes,
                                         opset_version=opset_version, verbose=False)
+            if metadata is not None:
+                program.model.metadata_props["cvsparse"] = json.dumps(dict(metadata),
+                                                                      allow_nan=False)
             program.save(str(path), external_data=False)
     except ImportError as exc:
         raise OnnxExportError(f"ONNX export needs the onnx and onnxscript packages "

@@ -573,11 +573,17 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-def _serialize(model: nn.Module, example_input: Any | None) -> bytes:
+def _serialize(model: nn.Module, example_input: Any | None,
+               metadata: Mapping[str, Any] | None = None) -> bytes:
     from safetensors.torch import save as st_save
 
     gm = _trace(model)
     spec, payload = _build_spec(gm)
+    if metadata is not None:
+        try:
+            spec["metadata"] = json.loads(json.dumps(dict(metadata), allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedModelError(f"metadata must be plain JSON data: {exc}") from None
     if example_input is not None:
         inputs = example_input if isinstance(example_input, tuple) else (example_input,)
         spec["example_inputs"] = [
@@ -601,9 +607,11 @@ def _serialize(model: nn.Module, example_input: Any | None) -> bytes:
     return bytes(blob)
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], example_input: Any = None) -> int:
+def save(model: nn.Module, path: str | os.PathLike[str], example_input: Any = None, *,
+         metadata: Mapping[str, Any] | None = None) -> int:
     """Write ``model`` to ``path`` as a portable file (see the module docstring); returns the
-    file size in bytes.
+    file size in bytes.  ``metadata`` (JSON data, e.g. the input normalization) is stored in
+    the spec and returned by :func:`read_spec`.
 
     The model is traced with ``torch.fx`` (control flow that depends on tensor values cannot be
     saved); every leaf module must be of a whitelisted type and every function of the graph in
@@ -614,7 +622,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], example_input: Any = No
     input shapes are recorded in the file.  Zeros of tensors stored sparse come back as +0.0.
     The file is written to a temporary name beside ``path`` and renamed into place.
     """
-    blob = _serialize(model, example_input)
+    blob = _serialize(model, example_input, metadata)
     if example_input is not None and not any(m.training for m in model.modules()):
         _check_round_trip(model, _deserialize(blob, "the written file"), example_input)
     path = Path(path)

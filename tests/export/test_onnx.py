@@ -66,7 +66,10 @@ def test_custom_module_with_two_outputs_and_a_portable_round_trip(tmp_path):
 
 def test_a_fixed_batch_export_takes_only_that_batch(tmp_path):
     model = trained_bn(build_model("lenet5"))
-    to_onnx(model, torch.randn(2, 1, 28, 28), tmp_path / "m.onnx", dynamic_batch=False)
+    to_onnx(model, torch.randn(2, 1, 28, 28), tmp_path / "m.onnx", dynamic_batch=False,
+            metadata={"model": "lenet5"})
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert props["cvsparse"] == '{"model": "lenet5"}'
     _check(model, tmp_path / "m.onnx", (1, 28, 28), batches=(2,))
     with pytest.raises(Exception, match="[Ii]nvalid|dimension|shape"):
         _run(tmp_path / "m.onnx", torch.randn(3, 1, 28, 28))

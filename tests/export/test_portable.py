@@ -409,3 +409,16 @@ def test_docs_list_the_whole_whitelist():
         assert f"`{name}`" in doc or f"`{short}`" in doc, name
     for name in TENSOR_METHODS:
         assert f"`{name}`" in doc, name
+
+
+def test_metadata_is_stored_and_read_back(tmp_path):
+    from cvsparse.export.portable import read_spec
+
+    meta = {"model": "lenet5", "normalization": {"mean": [0.13], "std": [0.31]}}
+    save(zoo_model("lenet5"), tmp_path / "m.cvsp", metadata=meta)
+    info = read_spec(tmp_path / "m.cvsp")
+    assert info["version"] == 1 and info["spec"]["metadata"] == meta
+    with pytest.raises(UnsupportedModelError, match="plain JSON"):
+        save(zoo_model("lenet5"), tmp_path / "n.cvsp", metadata={"x": torch.ones(1)})
+    with pytest.raises(UnsupportedModelError, match="plain JSON"):
+        save(zoo_model("lenet5"), tmp_path / "n.cvsp", metadata={"x": float("nan")})
