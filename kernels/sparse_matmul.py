@@ -27,11 +27,13 @@ INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_NZ = 512, 64  # the interpreter: few, lar
 
 
 def block_shape(n: int) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_NZ)``: output columns per program (a power of two, at most the default
-    and at least 16) and nonzeros per step."""
-    block_n = INTERPRETER_BLOCK_N if _launch.INTERPRETED else GPU_BLOCK_N
+    """``(BLOCK_N, BLOCK_NZ)``: output columns per program (a power of two between 16 and the
+    default) and nonzeros per step.  A narrower block (small N, e.g. a Linear layer at batch 1)
+    takes up to 4× more nonzeros per step, so a step still gathers a tile of similar size."""
+    cap_n = INTERPRETER_BLOCK_N if _launch.INTERPRETED else GPU_BLOCK_N
     block_nz = INTERPRETER_BLOCK_NZ if _launch.INTERPRETED else GPU_BLOCK_NZ
-    return max(16, min(block_n, triton.next_power_of_2(max(n, 1)))), block_nz
+    block_n = max(16, min(cap_n, triton.next_power_of_2(max(n, 1))))
+    return block_n, block_nz * max(1, min(4, cap_n // block_n))
 
 
 @triton.jit

@@ -2,6 +2,11 @@
 // ReLU, for Linear layers (N = batch) and 1×1 convolutions (N = pixels).  W is sparse, stored
 // per output row with delta-encoded columns; see sparse_rows.cuh for the tiling, the shared
 // memory decoding of the deltas, the register accumulators and the row order.
+//
+// Split rows (N ≤ kILP: a Linear layer at batch 1 to 4).  One tile of columns covers N, so
+// instead of one thread walking a whole row, the warp of a row splits its nonzeros (lane l takes
+// entries l, l + 32, ... of every staged chunk), each lane accumulating all N columns, and a
+// fixed shuffle tree adds the 32 partial sums before lane 0 applies bias and ReLU and stores.
 #include "sparse_rows.cuh"
 
 #include <ATen/Dispatch.h>
@@ -21,7 +26,7 @@ using sparse::kChunk;
 using sparse::kThreads;
 using sparse::kWarps;
 
-template <typename scalar_t, int kThreadsPerRow>
+template <typename scalar_t, int kThreadsPerRow, bool kSplit>
 __global__ void __launch_bounds__(kThreads)
     sparse_matmul_kernel(const scalar_t* __restrict__ input, const scalar_t* __restrict__ values,
                          const int32_t* __restrict__ col_deltas,
@@ -34,10 +39,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ opmath_t s_val[kRows][kChunk];
   __shared__ int32_t s_carry[kRows];
 
+  static_assert(!kSplit || kThreadsPerRow == kWarpSize, "a split row is one warp");
   const int group = threadIdx.x / kThreadsPerRow;
+  const int lane = threadIdx.x % kThreadsPerRow;
   const int warp = threadIdx.x / kWarpSize;
-  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kThreadsPerRow +
-                        threadIdx.x % kThreadsPerRow) * kILP;
+  // Split rows: every lane of the row covers the same (only) column tile.
+  const int64_t col0 = kSplit ? 0
+                              : (static_cast<int64_t>(blockIdx.x) * kThreadsPerRow + lane) * kILP;
   const int64_t row_blocks = (rows + kRows - 1) / kRows;
 
   for (int64_t rb = blockIdx.y; rb < row_blocks; rb += gridDim.y) {
@@ -62,7 +70,7 @@ __global__ void __launch_bounds__(kThreads)
       const int32_t left = mine.end - mine.begin - done;
       const int count = left < kChunk ? left : kChunk;
 #pragma unroll 4
-      for (int e = 0; e < count; ++e) {
+      for (int e = kSplit ? lane : 0; e < count; e += kSplit ? kThreadsPerRow : 1) {
         const opmath_t w = s_val[group][e];
         scalar_t x[kILP];
         load_group(x, input + static_cast<int64_t>(s_col[group][e]) * n, col0, n, vector);
@@ -75,7 +83,13 @@ __global__ void __launch_bounds__(kThreads)
       // Barrier (the chunk buffers are rewritten next round) and loop condition in one.
       more = __syncthreads_or(mine.end - mine.begin > done) != 0;
     }
-    if (mine.row >= 0 && col0 < n) {
+    if (kSplit) {
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) {
+        acc[k] = warp_sum(acc[k]);  // fixed shuffle tree: lane 0 holds the row's sums
+      }
+    }
+    if (mine.row >= 0 && col0 < n && (!kSplit || lane == 0)) {
       const opmath_t b = bias == nullptr ? opmath_t(0) : static_cast<opmath_t>(bias[mine.row]);
       scalar_t y[kILP];
 #pragma unroll
@@ -87,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, int kThreadsPerRow>
+template <typename scalar_t, int kThreadsPerRow, bool kSplit = false>
 void launch(const at::Tensor& input, const at::Tensor& values, const at::Tensor& col_deltas,
             const at::Tensor& row_ptr, const std::optional<at::Tensor>& bias, bool relu,
             at::Tensor& out) {
@@ -104,7 +118,7 @@ void launch(const at::Tensor& input, const at::Tensor& values, const at::Tensor&
   scalar_t* y = out.mutable_data_ptr<scalar_t>();
   // Whole groups of kILP columns move as one vector access when every row starts aligned.
   const bool vector = n % kILP == 0 && group_aligned(x) && group_aligned(y);
-  sparse_matmul_kernel<scalar_t, kThreadsPerRow>
+  sparse_matmul_kernel<scalar_t, kThreadsPerRow, kSplit>
       <<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           x, values.const_data_ptr<scalar_t>(), col_deltas.const_data_ptr<int32_t>(),
           row_ptr.const_data_ptr<int32_t>(),
@@ -129,6 +143,10 @@ at::Tensor sparse_matmul_cuda(const at::Tensor& input, const at::Tensor& values,
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "sparse_matmul_cuda", [&] {
+        if (n <= kILP) {
+          launch<scalar_t, kWarpSize, true>(input, values, col_deltas, row_ptr, bias, relu, out);
+          return;
+        }
         switch (sparse::threads_per_row(n)) {
           case 4:
             launch<scalar_t, 4>(input, values, col_deltas, row_ptr, bias, relu, out);

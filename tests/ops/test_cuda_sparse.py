@@ -2,11 +2,12 @@
 CUDA tensors, called through ``torch.ops.cvsparse`` with normalized arguments.
 
 The oracle is the dense weight each test builds before packing, multiplied or convolved in
-float64 on the CPU.  The sizes reach every tiling the kernels choose (4, 32 and 128 threads per
-output row, i.e. N ≤ 16, ≤ 128 and larger), rows longer than one staged chunk of 64 nonzeros
-(the running column carried across chunks), several row blocks (rows visited in order of
-decreasing length), output rows whose length is not a multiple of 4, and inputs whose storage
-starts one element in (the scalar path instead of vector loads).
+float64 on the CPU.  The sizes reach every tiling the kernels choose (a warp splitting each row
+for N ≤ 4; 4, 32 and 128 threads per output row for N ≤ 16, ≤ 128 and larger), rows longer
+than one staged chunk of 64 nonzeros (the running column carried across chunks), several row
+blocks (rows visited in order of decreasing length), output rows whose length is not a
+multiple of 4, and inputs whose storage starts one element in (the scalar path instead of
+vector loads).
 
 Tolerance (derived as in ``tests/kernels/test_sparse_triton.py``): the kernel sums the ``n``
 products of a row and the bias in opmath in some order and rounds once to the dtype, so
@@ -116,7 +117,8 @@ def test_sparse_operators_have_cuda_kernels():
 @pytest.mark.parametrize("sparsity", SPARSITY)
 @pytest.mark.parametrize("with_bias,relu", [(False, False), (True, False), (True, True)],
                          ids=["plain", "bias", "bias_relu"])
-@pytest.mark.parametrize("n", [1, 16, 17, 128, 129, 600])  # 4, 32, 128 threads per row
+# Split rows (N ≤ 4), then 4, 32 and 128 threads per row.
+@pytest.mark.parametrize("n", [1, 4, 5, 16, 17, 128, 129, 600])
 def test_sparse_matmul_matches_dense(dtype, sparsity, with_bias, relu, n):
     _check_matmul(37, 203, n, sparsity, dtype, with_bias, relu)
 
