@@ -3,6 +3,8 @@
     cvsparse train --model lenet300 --dataset mnist --method cvgrad --out runs/lenet300
     cvsparse train --resume runs/lenet300
     cvsparse summary runs/lenet300
+    cvsparse export runs/lenet300 --out lenet300.cvsp
+    cvsparse eval lenet300.cvsp --dataset mnist
 
 Settings come from the built-in defaults, then ``--config FILE.yaml``, then the flags.
 """
@@ -117,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     summary.add_argument("run_dir", type=Path)
     compare = sub.add_parser("compare", help="markdown table of error vs compression of runs")
     compare.add_argument("run_dirs", type=Path, nargs="+")
+    from cvsparse.export.commands import add_parsers
+
+    add_parsers(sub)   # export, eval
     return parser
 
 
@@ -225,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     3 diverged)."""
     warnings.formatwarning = _one_line_warning
     args = _parser().parse_args(argv)
+    if args.command in ("export", "eval"):
+        from cvsparse.export.commands import run
+
+        return run(args)
     if args.command in ("summary", "compare"):
         from cvsparse.train.outputs import comparison_table, summary_table
 
