@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
-from .sparse_matmul import block_shape, check_weight, decode_columns, epilogue
+from .sparse_matmul import block_shape, check_grid, check_weight, decode_columns, epilogue
 
 
 @triton.jit
@@ -93,6 +93,8 @@ def sparse_conv2d(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Te
         return out
     pixels = out_h * out_w
     block_p, block_nz = block_shape(pixels)
+    check_grid(triton.cdiv(pixels, block_p), "pixel blocks")
+    check_grid(batch, "images")
     _sparse_conv2d_kernel[(rows, triton.cdiv(pixels, block_p), batch)](
         input, values, col_deltas, row_ptr, input if bias is None else bias, out, rows,
         channels, height, width, out_w, pixels, kw, kh * kw,

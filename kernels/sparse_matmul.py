@@ -22,6 +22,7 @@ from cvsparse.ops import _checks
 
 from . import _launch
 
+MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
 GPU_BLOCK_N, GPU_BLOCK_NZ = 128, 16
 INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_NZ = 512, 64  # the interpreter: few, large programs
 
@@ -88,6 +89,12 @@ def check_weight(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Ten
     return rows
 
 
+def check_grid(size: int, what: str) -> None:
+    """Raise when ``size`` programs exceed a secondary grid dimension."""
+    if size > MAX_GRID_YZ:
+        raise ValueError(f"{size} {what} exceed the grid limit of {MAX_GRID_YZ} programs")
+
+
 def _check_input(input: Tensor) -> None:
     if input.dim() != 2:
         raise ValueError(f"input must be (K, N), got shape {tuple(input.shape)}")
@@ -107,6 +114,7 @@ def sparse_matmul(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Te
     if out.numel() == 0:
         return out
     block_n, block_nz = block_shape(n)
+    check_grid(triton.cdiv(n, block_n), "column blocks")
     _sparse_matmul_kernel[(rows, triton.cdiv(n, block_n))](
         input, values, col_deltas, row_ptr, input if bias is None else bias, out, n,
         HAS_BIAS=bias is not None, RELU=bool(relu), OPMATH=_launch.opmath(input.dtype),

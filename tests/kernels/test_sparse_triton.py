@@ -373,3 +373,14 @@ def test_sparse_kernels_compile_for_gpu():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "compiled 8" in run.stdout
+
+
+def test_grids_beyond_the_cuda_limit_are_refused(small_blocks, monkeypatch):
+    monkeypatch.setattr(_matmul_module, "MAX_GRID_YZ", 1)
+    with pytest.raises(ValueError, match="column blocks exceed the grid limit"):
+        TRITON.sparse_matmul(_randn(3, 40, dtype=torch.float32),
+                             *pack(_sparse_weight(2, 3, 0.0, torch.float32)), None, False)
+    packed = pack(_sparse_weight(2, 3, 0.0, torch.float32))
+    with pytest.raises(ValueError, match="images exceed the grid limit"):
+        TRITON.sparse_conv2d(_randn(2, 3, 2, 2, dtype=torch.float32), *packed, None, [1, 1],
+                             [1, 1], [0, 0], False)
