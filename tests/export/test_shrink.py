@@ -40,6 +40,16 @@ ZOO = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these small forward passes gain nothing from two, and on a shared
+    machine a busy second core makes every parallel region wait for it (a 10-50x slowdown)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _build(name: str) -> nn.Module:
     if hasattr(torchvision.models, name) and name not in ("vgg16",):
         return getattr(torchvision.models, name)(num_classes=10)
