@@ -79,3 +79,27 @@ def kill_inner_channels(model: nn.Module, fraction: float, seed: int = 0) -> nn.
                                                                         * fraction)]
                 m.weight[dead] = 0.0
     return model
+
+
+def sparse_lenet300(sparsity: float = 0.98, seed: int = 0) -> nn.Module:
+    """A magnitude-pruned LeNet-300 whose Linear layers are ``cvsparse.nn.SparseLinear`` (the
+    first two with their ReLU fused), as ``sparsify`` leaves it; eval mode."""
+    from cvsparse.nn import SparseLinear
+
+    torch.manual_seed(seed)
+    body = magnitude_prune(build_model("lenet300"), sparsity, seed).body
+    return nn.Sequential(body[0], SparseLinear.from_dense(body[1], relu=True),
+                         SparseLinear.from_dense(body[3], relu=True),
+                         SparseLinear.from_dense(body[5])).eval()
+
+
+def sparse_lenet5(sparsity: float = 0.9, seed: int = 0) -> nn.Module:
+    """A magnitude-pruned LeNet-5 with ``SparseConv2d`` convolutions and a ``SparseLinear``
+    first fully connected layer; eval mode."""
+    from cvsparse.nn import SparseConv2d, SparseLinear
+
+    torch.manual_seed(seed)
+    body = magnitude_prune(build_model("lenet5"), sparsity, seed).body
+    return nn.Sequential(SparseConv2d.from_dense(body[0]), body[1],
+                         SparseConv2d.from_dense(body[2]), body[3], body[4],
+                         SparseLinear.from_dense(body[5], relu=True), body[7]).eval()

@@ -14,7 +14,7 @@ from cvsparse.export import load, save, to_onnx
 from cvsparse.export.onnx_export import OnnxExportError
 from cvsparse.models import build_model
 
-from .helpers import Custom, magnitude_prune, trained_bn, zoo_model
+from .helpers import Custom, magnitude_prune, sparse_lenet5, trained_bn, zoo_model
 
 TOL = 1e-4
 
@@ -86,3 +86,12 @@ def test_an_unexportable_model_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
     with pytest.raises(OnnxExportError, match="tensor or a tuple"):
         to_onnx(nn.Identity(), [torch.randn(2, 3)], tmp_path / "m.onnx")
+
+
+def test_sparse_layers_export_as_dense_standard_operators(tmp_path):
+    model = sparse_lenet5()
+    to_onnx(model, torch.randn(1, 1, 28, 28), tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    assert "Conv" in ops and ("Gemm" in ops or "MatMul" in ops)
+    _check(model, tmp_path / "m.onnx", (1, 28, 28))
+    assert any(type(m).__name__ == "SparseConv2d" for m in model.modules())   # not modified

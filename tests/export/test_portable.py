@@ -33,7 +33,15 @@ from cvsparse.export.portable import (
 )
 from cvsparse.models import build_model
 
-from .helpers import Custom, kill_inner_channels, magnitude_prune, trained_bn, zoo_model
+from .helpers import (
+    Custom,
+    kill_inner_channels,
+    magnitude_prune,
+    sparse_lenet5,
+    sparse_lenet300,
+    trained_bn,
+    zoo_model,
+)
 
 MNIST = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -50,6 +58,8 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(1)
     return {
         "resnet20_shrunk": (r20_shrunk, torch.randn(2, *CIFAR)),
+        "lenet300_sparse_layers": (sparse_lenet300(), torch.randn(3, *MNIST)),
+        "lenet5_sparse_layers": (sparse_lenet5(), torch.randn(2, *MNIST)),
         "lenet300_sparse": (lenet300, torch.randn(3, *MNIST)),
         "lenet5": (zoo_model("lenet5"), torch.randn(2, *MNIST)),
         "resnet20": (zoo_model("resnet20"), torch.randn(2, *CIFAR)),
@@ -422,3 +432,51 @@ def test_metadata_is_stored_and_read_back(tmp_path):
         save(zoo_model("lenet5"), tmp_path / "n.cvsp", metadata={"x": torch.ones(1)})
     with pytest.raises(UnsupportedModelError, match="plain JSON"):
         save(zoo_model("lenet5"), tmp_path / "n.cvsp", metadata={"x": float("nan")})
+
+
+def test_sparse_layers_are_stored_packed_and_rebuilt(tmp_path):
+    from cvsparse.nn import SparseConv2d, SparseLinear
+
+    model = sparse_lenet5()
+    path = tmp_path / "m.cvsp"
+    save(model, path)
+    spec = json.loads(_read(path)[0]["spec"])
+    assert spec["modules"]["0"]["type"] == "cvsparse.SparseConv2d"
+    assert spec["modules"]["5"]["args"] == {"in_features": 800, "out_features": 500,
+                                            "relu": True}
+    loaded = load(path)
+    assert type(loaded.get_submodule("0")) is SparseConv2d
+    assert type(loaded.get_submodule("5")) is SparseLinear
+    for name in ("values", "col_deltas", "row_ptr", "bias"):
+        a, b = getattr(model[5], name), getattr(loaded.get_submodule("5"), name)
+        assert torch.equal(a, b) and a.dtype == b.dtype, name
+
+
+def test_a_sparse_layer_file_meets_the_size_bound(tmp_path):
+    model = sparse_lenet300()
+    values = sum(m.values.numel() for m in model if hasattr(m, "values"))
+    biases = sum(m.bias.numel() for m in model if hasattr(m, "values"))
+    index_bytes = sum(m.col_deltas.numel() * 4 + m.row_ptr.numel() * 4 for m in model
+                      if hasattr(m, "values"))              # their int32 in-memory indices
+    path = tmp_path / "m.cvsp"
+    save(model, path)
+    blob = path.read_bytes()
+    header = 8 + struct.unpack("<Q", blob[:8])[0]
+    assert header <= 6144
+    assert len(blob) <= 1.2 * (4 * (values + biases) + index_bytes) + header
+
+
+def test_an_inconsistent_packed_layer_is_refused(tmp_path):
+    src = tmp_path / "src.cvsp"
+    save(sparse_lenet300(), src)
+    metadata, tensors = _read(src)
+    spec = json.loads(metadata["spec"])
+    row_ptr = tensors["2.row_ptr"].to(torch.int32)
+    row_ptr[5] = row_ptr[-1] + 7                             # past the last value
+    tensors["2.row_ptr"] = row_ptr
+    spec["tensors"]["2.row_ptr"].pop("stored_dtype", None)
+    metadata["spec"] = json.dumps(spec)
+    _write(tmp_path / "bad.cvsp", metadata, tensors)
+    with pytest.raises(CorruptFileError, match="SparseLinear") as info:
+        load(tmp_path / "bad.cvsp")
+    assert "\n" not in str(info.value)
