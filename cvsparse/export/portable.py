@@ -48,6 +48,10 @@ FORMAT_VERSION = 1
 _PLACEHOLDER_SHA = "0" * 64
 #: Largest element count of one CSR-encoded tensor (row pointers are int32).
 _MAX_CSR_NUMEL = 2**31 - 1
+#: A file's CSR tensors may expand to at most this many times the file's size (plus
+#: :data:`_EXPANSION_SLACK` bytes): a crafted header cannot make ``load`` allocate without bound.
+MAX_EXPANSION = 10_000
+_EXPANSION_SLACK = 2**26
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -737,6 +741,7 @@ def _deserialize(blob: bytes, where: str) -> fx.GraphModule:
         raise CorruptFileError(f"{where}: the tensor payload is unreadable: "
                                f"{_first_line(exc)}") from None
     try:
+        _check_expansion(spec["tensors"], len(blob))
         return _rebuild(spec, payload)
     except PortableFileError as exc:
         raise type(exc)(f"{where}: {exc}") from None
@@ -841,6 +846,22 @@ def _flag(entry: Mapping[str, Any], where: str) -> bool:
     if not isinstance(value, bool):
         raise CorruptFileError(f"{where}: training must be true or false, got {value!r}")
     return value
+
+
+def _check_expansion(tensors: Mapping[str, Any], file_bytes: int) -> None:
+    """Refuse a file whose CSR tensors would expand beyond :data:`MAX_EXPANSION` times its
+    size (checked before anything is allocated)."""
+    total = 0
+    for entry in tensors.values():
+        if isinstance(entry, dict) and entry.get("encoding") == "csr":
+            shape, dtype = entry.get("shape"), entry.get("dtype")
+            if isinstance(shape, list) and all(isinstance(n, int) for n in shape) \
+                    and isinstance(dtype, str) and dtype in _DTYPES:
+                total += math.prod(shape) * _DTYPES[dtype].itemsize
+    limit = MAX_EXPANSION * file_bytes + _EXPANSION_SLACK
+    if total > limit:
+        raise RefusedContentError(f"its sparse tensors would expand to {total:,} bytes, more "
+                                  f"than {MAX_EXPANSION:,} times the file (refused)")
 
 
 def _rebuild(spec: dict[str, Any], payload: Mapping[str, torch.Tensor]) -> fx.GraphModule:

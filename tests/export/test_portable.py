@@ -480,3 +480,14 @@ def test_an_inconsistent_packed_layer_is_refused(tmp_path):
     with pytest.raises(CorruptFileError, match="SparseLinear") as info:
         load(tmp_path / "bad.cvsp")
     assert "\n" not in str(info.value)
+
+
+def test_a_crafted_shape_cannot_make_load_allocate_without_bound(tmp_path):
+    def huge(spec: dict) -> None:
+        spec["modules"]["body.5"]["args"].update(in_features=2**20, out_features=2**16)
+        spec["tensors"]["body.5.weight"].update(encoding="csr", shape=[2**16, 2**20],
+                                                values="x", row_ptr="x", cols="x")
+
+    path = _edit_spec(tmp_path, huge)                     # 256 GiB from a 1.7 MB file
+    with pytest.raises(RefusedContentError, match=r"expand to 274,877,9\d\d,\d{3} bytes"):
+        load(path)
