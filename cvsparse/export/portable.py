@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from cvsparse import __version__
+
 FORMAT = "cvsparse-portable"
 FORMAT_VERSION = 1
 _PLACEHOLDER_SHA = "0" * 64
@@ -593,13 +595,11 @@ def _serialize(model: nn.Module, example_input: Any | None,
         spec["example_inputs"] = [
             {"shape": list(x.shape), "dtype": _DTYPE_NAMES.get(x.dtype, str(x.dtype))}
             for x in inputs if isinstance(x, torch.Tensor)]
-    import cvsparse
-
-    spec["producer"] = f"cvsparse {cvsparse.__version__}, torch {torch.__version__}"
-    metadata = {"format": FORMAT, "version": str(FORMAT_VERSION),
-                "spec": json.dumps(spec, separators=(",", ":"), allow_nan=False),
-                "sha256": _PLACEHOLDER_SHA}
-    blob = bytearray(st_save(payload, metadata=metadata))
+    spec["producer"] = f"cvsparse {__version__}, torch {torch.__version__}"
+    fields = {"format": FORMAT, "version": str(FORMAT_VERSION),
+              "spec": json.dumps(spec, separators=(",", ":"), allow_nan=False),
+              "sha256": _PLACEHOLDER_SHA}
+    blob = bytearray(st_save(payload, metadata=fields))
     header_end = 8 + struct.unpack("<Q", bytes(blob[:8]))[0]
     marker = f'"sha256":"{_PLACEHOLDER_SHA}"'.encode()
     at = bytes(blob[:header_end]).find(marker)
@@ -675,7 +675,10 @@ def load(path: str | os.PathLike[str]) -> fx.GraphModule:
 def read_spec(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The verified metadata of a portable file: ``version`` (int), ``spec`` (the decoded JSON
     architecture spec) and ``header_bytes`` (size of the safetensors header)."""
-    blob = Path(path).read_bytes()
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(f"no portable model file at {path}")
+    blob = path.read_bytes()
     metadata, header_end = _verified_metadata(blob, str(path))
     return {"version": int(metadata["version"]), "spec": _parse_spec(metadata, str(path)),
             "header_bytes": header_end}
