@@ -9,6 +9,10 @@
 // at::parallel_for; row chunks are balanced by nonzeros + rows, not by rows.
 #pragma once
 
+#include <array>
+#include <memory>
+#include <mutex>
+
 #include "common.h"
 
 namespace cvsparse::cpu::sparse {
@@ -70,5 +74,79 @@ inline int64_t chunk_begin(const int32_t* row_ptr, int64_t rows, int64_t r, int6
   }
   return lo;
 }
+
+// Tables derived from a packed weight's indices (e.g. the input offset of every nonzero for one
+// image geometry), kept across calls: decoding them costs a division per nonzero, as much as a
+// batch-1 convolution's arithmetic.  An entry is found again only for the same col_deltas and
+// row_ptr tensors (held by weak reference, so their addresses cannot be reused while the entry
+// lives), unchanged (same data pointers and version counters; inference tensors, which have
+// none, are never cached), and the same key; entries of
+// freed weights are dropped, and the least recently used go beyond kMaxEntries.
+class IndexCache {
+ public:
+  using Key = std::array<int64_t, 8>;
+  using Table = std::vector<int64_t>;
+  static constexpr size_t kMaxEntries = 256;
+
+  template <typename Build>
+  std::shared_ptr<const Table> get(const at::Tensor& col_deltas, const at::Tensor& row_ptr,
+                                   const Key& key, const Build& build) {
+    if (col_deltas.is_inference() || row_ptr.is_inference()) {
+      // Inference tensors keep no version counter: a change could not be seen.  No caching.
+      return std::make_shared<const Table>(build());
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto& e : entries_) {
+        if (e.matches(col_deltas, row_ptr, key)) {
+          e.last_use = ++clock_;
+          return e.table;
+        }
+      }
+    }
+    auto table = std::make_shared<const Table>(build());
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [](const Entry& e) { return e.deltas.expired() ||
+                                                              e.ptr.expired(); }),
+                   entries_.end());
+    if (entries_.size() >= kMaxEntries) {
+      entries_.erase(std::min_element(entries_.begin(), entries_.end(),
+                                      [](const Entry& a, const Entry& b) {
+                                        return a.last_use < b.last_use;
+                                      }));
+    }
+    entries_.push_back(Entry{Weak(col_deltas.getIntrusivePtr()), Weak(row_ptr.getIntrusivePtr()),
+                             col_deltas._version(), row_ptr._version(),
+                             col_deltas.const_data_ptr(), row_ptr.const_data_ptr(), key, table,
+                             ++clock_});
+    return table;
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Weak deltas;
+    Weak ptr;
+    int64_t deltas_version;
+    int64_t ptr_version;
+    const void* deltas_data;
+    const void* ptr_data;
+    Key key;
+    std::shared_ptr<const Table> table;
+    uint64_t last_use;
+
+    bool matches(const at::Tensor& d, const at::Tensor& p, const Key& k) const {
+      return !deltas.expired() && !ptr.expired() &&
+             deltas._unsafe_get_target() == d.unsafeGetTensorImpl() &&
+             ptr._unsafe_get_target() == p.unsafeGetTensorImpl() &&
+             deltas_version == d._version() && ptr_version == p._version() &&
+             deltas_data == d.const_data_ptr() && ptr_data == p.const_data_ptr() && key == k;
+    }
+  };
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+  uint64_t clock_ = 0;
+};
 
 }  // namespace cvsparse::cpu::sparse

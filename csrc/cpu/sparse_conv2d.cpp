@@ -14,9 +14,11 @@
 // partial block of lanes never reads out of bounds.
 //
 // Tasks are (image, chunk of output channels), image-major; a thread copies an image into its
-// buffer when it starts on it (once per image and thread).  A channel's offsets are decoded
-// once per task into a per-thread table.  Buffers are thread-local and only grow: nothing is
-// allocated per call once the largest layer has run.
+// buffer when it starts on it (once per image and thread), then, block of lanes by block of
+// lanes, runs every channel of its chunk over the block (its input window stays in L1).  The
+// nonzeros' offsets are decoded once per weight and geometry and kept (sparse::IndexCache);
+// image buffers are thread-local and only grow: nothing is allocated per call once the
+// largest layer has run.
 #include <torch/library.h>
 
 #include "sparse_common.h"
@@ -125,20 +127,39 @@ void channel_block(const opmath_t* buf, const int64_t* offsets, const scalar_t* 
   }
 }
 
+// Output channels [m0, m1) of one image over kAcc vectors of lanes from q0: the block's input
+// window (a few rows of every channel plane) stays in L1 while the channels sweep over it.
+template <typename scalar_t, typename opmath_t, int kAcc>
+void rows_block(const opmath_t* buf, const int64_t* offsets, const scalar_t* values,
+                const int32_t* ptr, const scalar_t* bias, bool relu, const ConvGeometry& g,
+                int64_t m0, int64_t m1, int64_t q0, scalar_t* out) {
+  const int64_t pixels = g.out_h * g.out_w;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int64_t begin = ptr[m];
+    const opmath_t bm = bias ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
+    channel_block<scalar_t, opmath_t, kAcc>(buf, offsets + begin, values + begin,
+                                            ptr[m + 1] - begin, bm, relu, g, q0,
+                                            out + m * pixels);
+  }
+}
+
 template <typename scalar_t, typename opmath_t>
-void channel(const opmath_t* buf, const int64_t* offsets, const scalar_t* values, int64_t nnz,
-             opmath_t bias, bool relu, const ConvGeometry& g, scalar_t* out) {
+void channel_rows(const opmath_t* buf, const int64_t* offsets, const scalar_t* values, const int32_t* ptr,
+          const scalar_t* bias, bool relu, const ConvGeometry& g, int64_t m0, int64_t m1,
+          scalar_t* out) {
   constexpr int64_t kW = kVec<opmath_t>;
   const int64_t lanes = g.lanes();
   int64_t q = 0;
   for (; q + kMaxAcc * kW <= lanes; q += kMaxAcc * kW) {
-    channel_block<scalar_t, opmath_t, kMaxAcc>(buf, offsets, values, nnz, bias, relu, g, q, out);
+    rows_block<scalar_t, opmath_t, kMaxAcc>(buf, offsets, values, ptr, bias, relu, g, m0, m1, q,
+                                            out);
   }
   const int64_t rest = (lanes - q + kW - 1) / kW;  // vectors left, <= kMaxAcc
   switch (rest) {
-#define CVSPARSE_REST(n)                                                                       \
-  case n:                                                                                      \
-    channel_block<scalar_t, opmath_t, n>(buf, offsets, values, nnz, bias, relu, g, q, out); \
+#define CVSPARSE_REST(n)                                                                     \
+  case n:                                                                                    \
+    rows_block<scalar_t, opmath_t, n>(buf, offsets, values, ptr, bias, relu, g, m0, m1, q, \
+                                      out);                                                  \
     break;
     CVSPARSE_REST(1)
     CVSPARSE_REST(2)
@@ -154,6 +175,34 @@ void channel(const opmath_t* buf, const int64_t* offsets, const scalar_t* values
   }
 }
 
+// The input offset of every nonzero for geometry g (see the file comment).
+sparse::IndexCache::Table decode_offsets(const int32_t* deltas, const int32_t* ptr, int64_t rows,
+                                         const ConvGeometry& g) {
+  const int64_t taps = g.kh * g.kw;
+  std::vector<int64_t> tap(taps);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      tap[i * g.kw + j] =
+          ((i % g.sh) * g.sw + j % g.sw) * g.plane() + (i / g.sh) * g.wq + j / g.sw;
+    }
+  }
+  sparse::IndexCache::Table offsets(ptr[rows]);
+  for (int64_t m = 0; m < rows; ++m) {
+    int64_t col = 0;
+    for (int64_t i = ptr[m]; i < ptr[m + 1]; ++i) {
+      col += deltas[i];
+      const int64_t c = col / taps;
+      offsets[i] = c * g.channel_stride() + tap[col - c * taps];
+    }
+  }
+  return offsets;
+}
+
+sparse::IndexCache& offset_cache() {
+  static sparse::IndexCache cache;
+  return cache;
+}
+
 template <typename scalar_t>
 void sparse_conv2d_kernel(const at::Tensor& input, const at::Tensor& values,
                           const at::Tensor& col_deltas, const at::Tensor& row_ptr,
@@ -163,16 +212,19 @@ void sparse_conv2d_kernel(const at::Tensor& input, const at::Tensor& values,
   constexpr int64_t kW = kVec<opmath_t>;
   const scalar_t* x = input.data_ptr<scalar_t>();
   const scalar_t* vals = values.data_ptr<scalar_t>();
-  const int32_t* deltas = col_deltas.data_ptr<int32_t>();
   const int32_t* ptr = row_ptr.data_ptr<int32_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   const int64_t rows = g.rows;
+  const auto table = offset_cache().get(
+      col_deltas, row_ptr, {g.channels, g.kh, g.kw, g.sh, g.sw, g.hq, g.wq, 0}, [&] {
+        return decode_offsets(col_deltas.data_ptr<int32_t>(), ptr, rows, g);
+      });
+  const int64_t* offsets = table->data();
   const int64_t image = g.channels * g.height * g.width;
   const int64_t out_image = rows * g.out_h * g.out_w;
   // The last block of lanes reads up to kMaxAcc vectors past the wide grid, plus the largest
   // within-plane shift: the slack keeps those reads inside the buffer (zeros, never stored).
   const int64_t buffer = g.channels * g.channel_stride() + kMaxAcc * kW + g.wq + g.kw + g.hq;
-  const int64_t taps = g.kh * g.kw;
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::clamp<int64_t>(
       (threads * sparse::kTasksPerThread + g.batch - 1) / g.batch, 1, std::max<int64_t>(rows, 1));
@@ -180,7 +232,6 @@ void sparse_conv2d_kernel(const at::Tensor& input, const at::Tensor& values,
   const int64_t work = (values.numel() + rows) * g.lanes() * g.batch;
   at::parallel_for(0, tasks, work < sparse::kInlineWork ? tasks : 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<opmath_t> buf;
-    thread_local std::vector<int64_t> offsets;
     if (static_cast<int64_t>(buf.size()) < buffer) {
       buf.resize(buffer);
     }
@@ -193,28 +244,10 @@ void sparse_conv2d_kernel(const at::Tensor& input, const at::Tensor& values,
         pack_image<scalar_t, opmath_t>(x + b * image, g, buf.data());
         packed = b;
       }
-      const int64_t m0 = sparse::chunk_begin(ptr, rows, r, chunks);
-      const int64_t m1 = sparse::chunk_begin(ptr, rows, r + 1, chunks);
-      for (int64_t m = m0; m < m1; ++m) {
-        const int64_t begin = ptr[m];
-        const int64_t nnz = ptr[m + 1] - begin;
-        if (static_cast<int64_t>(offsets.size()) < nnz) {
-          offsets.resize(nnz);
-        }
-        int64_t col = 0;
-        for (int64_t i = 0; i < nnz; ++i) {
-          col += deltas[begin + i];
-          const int64_t c = col / taps;
-          const int64_t ij = col - c * taps;
-          const int64_t ti = ij / g.kw;
-          const int64_t tj = ij - ti * g.kw;
-          offsets[i] = c * g.channel_stride() + ((ti % g.sh) * g.sw + tj % g.sw) * g.plane() +
-                       (ti / g.sh) * g.wq + tj / g.sw;
-        }
-        const opmath_t bm = bias ? static_cast<opmath_t>(bias[m]) : opmath_t(0);
-        channel<scalar_t, opmath_t>(buf.data(), offsets.data(), vals + begin, nnz, bm, relu, g,
-                                    y + b * out_image + m * g.out_h * g.out_w);
-      }
+      channel_rows<scalar_t, opmath_t>(buf.data(), offsets, vals, ptr, bias, relu, g,
+                               sparse::chunk_begin(ptr, rows, r, chunks),
+                               sparse::chunk_begin(ptr, rows, r + 1, chunks),
+                               y + b * out_image);
     }
   });
 }
