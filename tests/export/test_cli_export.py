@@ -185,3 +185,20 @@ def test_the_command_as_a_process(tiny_run, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "does not take cifar10 images" in lines[0]
+
+
+def test_an_autoprune_run_exports_with_its_gates_applied(tmp_path, capsys):
+    import json
+
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    result = run_cli("train", "--config", tmp_path / "tiny.yaml", "--method", "autoprune",
+                     "--out", tmp_path / "run", "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    code, out, err = _main(capsys, "export", tmp_path / "run", "--format", "shrunk",
+                           "--out", tmp_path / "m.cvsp")
+    assert code == 0, err
+    assert not any("Gated" in type(m).__name__ for m in load(tmp_path / "m.cvsp").modules())
+    code, out, err = _main(capsys, "eval", tmp_path / "m.cvsp", "--dataset", "mnist")
+    assert code == 0, err
+    assert f"{100 * report['test_acc']:.2f}%" in _accuracy_line(out)
