@@ -202,3 +202,20 @@ def test_an_autoprune_run_exports_with_its_gates_applied(tmp_path, capsys):
     code, out, err = _main(capsys, "eval", tmp_path / "m.cvsp", "--dataset", "mnist")
     assert code == 0, err
     assert f"{100 * report['test_acc']:.2f}%" in _accuracy_line(out)
+
+
+def test_the_default_sparse_export_matches_the_model(pruned_run, tmp_path, capsys):
+    folder, model = pruned_run
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        want = model(x)
+    code, out, err = _main(capsys, "export", folder, "--out", tmp_path / "m.cvsp",
+                           "--batch-size", "4")
+    assert code == 0, err
+    assert "| layer |" in out                                   # sparsify's per-layer choices
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "m.cvsp")(x), want, rtol=1e-4, atol=1e-4)
+    code, out, err = _main(capsys, "eval", tmp_path / "m.cvsp", "--dataset", "mnist")
+    assert code == 0, err
+    accuracy = float(_accuracy_line(out).split()[-2].rstrip("%")) / 100
+    assert accuracy == pytest.approx(_reference_accuracy(model), abs=1.5e-3)
