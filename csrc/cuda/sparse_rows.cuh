@@ -8,7 +8,8 @@
 // ThreadsPerRow · kILP output columns: the threads of row group g share row g of the tile, and
 // each of them owns kILP consecutive output columns, so a warp reads kILP · 32 consecutive
 // elements of an input row per nonzero (coalesced; one vector load per thread when aligned).
-// The host picks ThreadsPerRow from N (small N: many rows per block, few threads per row).
+// The host picks ThreadsPerRow from N (small N: many rows per block, few threads per row);
+// sparse_matmul with N ≤ kILP instead gives each row a warp that splits the row's nonzeros.
 //
 // Decoding.  The nonzeros of the tile's rows are staged in shared memory kChunk at a time per
 // row.  One warp decodes a row's chunk: each lane loads kPerLane consecutive deltas, a warp
