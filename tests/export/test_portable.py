@@ -491,3 +491,13 @@ def test_a_crafted_shape_cannot_make_load_allocate_without_bound(tmp_path):
     path = _edit_spec(tmp_path, huge)                     # 256 GiB from a 1.7 MB file
     with pytest.raises(RefusedContentError, match=r"expand to 274,877,9\d\d,\d{3} bytes"):
         load(path)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet32", "resnet56", "resnet110"])
+def test_the_rest_of_the_zoo_round_trips(tmp_path, name):
+    """The zoo models the fresh-process test leaves out, in this process (same code path)."""
+    model = zoo_model(name)
+    x = torch.randn(1, *CIFAR)
+    save(model, tmp_path / "m.cvsp", example_input=x)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "m.cvsp")(x), model(x))
