@@ -38,6 +38,8 @@ from cvsparse.models.lenet import LeNet5, LeNet300
 from cvsparse.models.vgg import VGG16
 from cvsparse.nn import SparseConv2d, SparseLinear
 
+# Every Conv2d / Linear at least this sparse is timed; sparsify keeps the faster of the two.
+MIN_SPARSITY = 0.3
 LENET300_PRUNED = {"body.1": 0.9834, "body.3": 0.9619, "body.5": 0.7680}
 LENET5_KEPT = {"body.0": 296, "body.2": 1134, "body.5": 1767, "body.7": 481}
 # Kept fraction of the 13 convolutions (3->64 ... 512->512) and the two linear layers.
@@ -121,7 +123,7 @@ def test_sparsified_speedup(benchmark, case):
     dense = build().eval()
     x = torch.randn(batch, *shape)
     sparse = copy.deepcopy(dense)
-    report = sparsify(sparse, min_sparsity=0.7, example_input=x)
+    report = sparsify(sparse, min_sparsity=MIN_SPARSITY, example_input=x)
     with torch.inference_mode():
         want, got = dense(x), sparse(x)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
@@ -142,3 +144,120 @@ def test_sparsified_speedup(benchmark, case):
     print(f"\n{case}: dense {t_dense * 1e3:.4f} ms, sparse {t_sparse * 1e3:.4f} ms, speed-up "
           f"{speedup:.2f}x, MAC ratio {mac_ratio:.2f}x\n{report}")
     assert speedup >= target
+
+
+# ===================================================================== ResNet-56 shrink
+# cvsparse.export.shrink on ResNet-56 (cvsparse.models) with about half of every block's inner
+# channels dead, against the same channels removed by Torch-Pruning (the peer), at batch 64.
+# Both memory formats (NCHW and channels-last), default threads, ``torch.inference_mode``; the
+# dense model and the peer run between the shrunk model's rounds (``Paired`` without the cache
+# scrub, as above) and the ratios are ratios of the medians of these interleaved samples.
+# Asserted: equal outputs (1e-5 relative to the masked model), the shrunk model at least
+# SHRINK_SPEEDUP x faster than the dense one, and no slower than the peer (10% noise margin).
+# The MAC ratio is reported beside the measured speed-up (benchmark.extra_info, bench/README.md).
+
+SHRINK_BATCH = 64
+SHRINK_ROUNDS = 15
+SHRINK_SPEEDUP = 1.8
+SHRINK_NOISE = 1.10
+
+
+def _resnet56_half_inner(seed: int = 0):
+    """``(dense, masked, dead)``: ResNet-56 with "trained" BatchNorm (random γ, β, running
+    statistics), and a copy in which each of the 27 blocks has half of its inner channels
+    (``conv1``'s outputs, ``dead[i]``) dead — their ``conv1`` rows and ``conv2`` columns zero."""
+    import copy
+
+    from torch import nn
+
+    from cvsparse.models import build_model
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    dense = build_model("resnet56").eval()
+    with torch.no_grad():
+        for m in dense.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    masked = copy.deepcopy(dense)
+    dead = []
+    with torch.no_grad():
+        for block in _blocks(masked):
+            n = block.conv1.out_channels
+            idx = torch.randperm(n, generator=g)[: n // 2].sort().values
+            block.conv1.weight[idx] = 0
+            block.conv2.weight[:, idx] = 0
+            dead.append(idx.tolist())
+    return dense, masked, dead
+
+
+def _blocks(model):
+    return [block for stage in (model.layer1, model.layer2, model.layer3) for block in stage]
+
+
+@pytest.fixture(scope="module")
+def resnet56_shrink():
+    """The dense, masked, cvsparse-shrunk and Torch-Pruning-pruned ResNet-56 and a batch."""
+    import copy
+
+    import torch_pruning as tp
+
+    from cvsparse.export import shrink
+
+    dense, masked, dead = _resnet56_half_inner()
+    example = torch.randn(1, 3, 32, 32)
+    shrunk = shrink(masked, example)
+    peer = copy.deepcopy(masked)
+    graph = tp.DependencyGraph().build_dependency(peer, example_inputs=example)
+    for block, idx in zip(_blocks(peer), dead, strict=True):
+        graph.get_pruning_group(block.conv1, tp.prune_conv_out_channels, idxs=idx).prune()
+    x = torch.randn(SHRINK_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    return dict(dense=dense, masked=masked, shrunk=shrunk, peer=peer.eval(), x=x)
+
+
+def test_resnet56_shrink_outputs(resnet56_shrink):
+    m, x = resnet56_shrink, resnet56_shrink["x"]
+    with torch.inference_mode():
+        want = m["masked"](x)
+        for name in ("shrunk", "peer"):
+            err = (m[name](x) - want).abs().max().item()
+            assert err <= 1e-5 * want.abs().max().item(), (name, err)
+    shapes = [tuple(p.shape) for p in m["shrunk"].parameters()]
+    assert shapes == [tuple(p.shape) for p in m["peer"].parameters()]
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_resnet56_shrink_latency(benchmark, resnet56_shrink, memory_format):
+    from cvsparse.metrics import count_flops
+
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[
+        memory_format]
+    m = {k: v.to(memory_format=fmt) for k, v in resnet56_shrink.items() if k != "x"}
+    x = resnet56_shrink["x"].contiguous(memory_format=fmt)
+    macs = {k: sum(f.flops_dense for f in count_flops(m[k], (3, 32, 32))) // 2
+            for k in ("dense", "shrunk")}
+    with torch.inference_mode():
+        pair = Paired({"dense": lambda: m["dense"](x), "torch_pruning": lambda: m["peer"](x)},
+                      lambda: None)
+        for _ in range(2):  # warm-up
+            for model in m.values():
+                model(x)
+        benchmark.pedantic(lambda: m["shrunk"](x), setup=pair.setup, rounds=SHRINK_ROUNDS)
+    shrunk_s = benchmark.stats.stats.median
+    speedup = pair.median("dense") / shrunk_s
+    vs_peer = pair.median("torch_pruning") / shrunk_s
+    benchmark.extra_info |= {
+        "threads": torch.get_num_threads(),
+        "median_ms[dense]": round(1e3 * pair.median("dense"), 3),
+        "median_ms[shrunk]": round(1e3 * shrunk_s, 3),
+        "median_ms[torch_pruning]": round(1e3 * pair.median("torch_pruning"), 3),
+        "speedup": round(speedup, 3), "torch_pruning/shrunk": round(vs_peer, 3),
+        "mac_ratio": round(macs["dense"] / macs["shrunk"], 3),
+    }
+    print(f"\nresnet56-shrink-b{SHRINK_BATCH} ({memory_format}): {benchmark.extra_info}")
+    assert vs_peer * SHRINK_NOISE >= 1.0, benchmark.extra_info
+    assert speedup >= SHRINK_SPEEDUP, benchmark.extra_info
