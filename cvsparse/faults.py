@@ -4,15 +4,17 @@ A training step whose loss is not finite or explodes (above :data:`EXPLODE_FACTO
 running median of the recent losses), or whose gradient is not finite or explodes (its largest
 entry above :data:`EXPLODE_FACTOR` times the running median of that optimizer's recent ones),
 is skipped: it raises :class:`SkippedStep` before the optimizer changes anything.  A hyper
-step whose hypergradient is not finite is skipped the same way (λ, its moments and the floor
-unchanged; the λ optimizer clips finite ones).  :class:`StepGuard` counts the skips of each
-kind; ``max_consecutive`` skips of one kind in a row raise :class:`Diverged`, which stops the
-run (the CLI exits 3, the last good epoch's checkpoint stays).
+step whose hypergradient is not finite or explodes (its largest entry above
+:data:`EXPLODE_FACTOR` times the running median of the recent ones) is skipped the same way
+(λ, its moments and the floor unchanged; the λ optimizer clips the ones that pass).
+:class:`StepGuard` counts the skips of each kind; ``max_consecutive`` skips of one kind in a
+row raise :class:`Diverged`, which stops the run (the CLI exits 3, the last good epoch's
+checkpoint stays).
 
 Test hook: ``$CVSPARSE_TEST_FAULTS`` (read here only) makes chosen calls non-finite, e.g.
 ``loss:3-5,grad:7,hyper:1-1000`` poisons the 3rd to 5th training losses, the 7th gradient and
-the first 1000 hypergradients of the process (counted per kind from 1); ``gradx:N``
-multiplies the N-th gradient by 1e9 instead (finite, exploding).
+the first 1000 hypergradients of the process (counted per kind from 1); ``gradx:N`` and
+``hyperx:N`` multiply the N-th gradient / hypergradient by 1e9 instead (finite, exploding).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ WINDOW, MIN_HISTORY = 100, 10
 #: ordinary hard batch (a loss of 2) into a fault.
 MIN_EXPLODING_LOSS = 100.0
 FAULTS_ENV = "CVSPARSE_TEST_FAULTS"
-KINDS = ("loss", "grad", "gradx", "hyper")
+KINDS = ("loss", "grad", "gradx", "hyper", "hyperx")
 
 
 class StepFault(ValueError):
@@ -69,6 +71,7 @@ class StepGuard:
         self.max_consecutive = max_consecutive
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.grads: dict[int, deque[float]] = {}   # per optimizer, in order of first use
+        self.hypers: deque[float] = deque(maxlen=WINDOW)   # largest |dcv/dλ| of recent steps
         self._keys: dict[int, int] = {}
         self.consecutive = {"step": 0, "hyper": 0}
         self.counts = {"step": 0, "hyper": 0}   # in the current epoch
@@ -84,6 +87,20 @@ class StepGuard:
                 raise SkippedStep(f"training loss {value:.3g} is above {EXPLODE_FACTOR:g} x "
                                   f"its running median {median:.3g}")
         self.recent.append(value)
+
+    def check_hypergradient(self, *parts: Tensor) -> None:
+        """SkippedStep if a hypergradient entry is not finite, or the largest one is above
+        :data:`EXPLODE_FACTOR` times the median of the recent ones (once :data:`MIN_HISTORY`
+        are known); else it joins the history."""
+        value = max(float(part.detach().abs().max()) for part in parts)
+        if not math.isfinite(value):
+            raise SkippedStep(f"hypergradient is {value}")
+        if len(self.hypers) >= MIN_HISTORY:
+            median = statistics.median(self.hypers)
+            if median > 0 and value > EXPLODE_FACTOR * median:
+                raise SkippedStep(f"hypergradient {value:.3g} is above {EXPLODE_FACTOR:g} x "
+                                  f"its running median {median:.3g}")
+        self.hypers.append(value)
 
     def limit_gradients(self, optimizer: Any) -> None:
         """Set ``optimizer.grad_norm_limit`` (ProxSGD) from its recent gradients: None until
@@ -124,7 +141,8 @@ class StepGuard:
     def state_dict(self) -> dict[str, Any]:
         """The loss and gradient histories and the runs of skips (plain data)."""
         return {"recent": list(self.recent), "consecutive": dict(self.consecutive),
-                "grads": {key: list(values) for key, values in self.grads.items()}}
+                "grads": {key: list(values) for key, values in self.grads.items()},
+                "hypers": list(self.hypers)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (optimizers are matched by their order of first use)."""
@@ -132,6 +150,7 @@ class StepGuard:
         self.consecutive = {k: int(state["consecutive"][k]) for k in self.consecutive}
         self.grads = {int(key): deque((float(v) for v in values), maxlen=WINDOW)
                       for key, values in state.get("grads", {}).items()}
+        self.hypers = deque((float(v) for v in state.get("hypers", [])), maxlen=WINDOW)
 
 
 # ---- the test hook ----------------------------------------------------------------------------
@@ -165,8 +184,13 @@ def injected(kind: str) -> bool:
 
 
 def poisoned(kind: str, value: Tensor) -> Tensor:
-    """``value``, or ``value * NaN`` when :func:`injected` says so."""
-    return value * float("nan") if injected(kind) else value
+    """``value``, or ``value * NaN`` when :func:`injected` says so for ``kind`` (or
+    ``value * 1e9`` when it does for ``kind + "x"``, where that kind exists)."""
+    if injected(kind):
+        return value * float("nan")
+    if kind + "x" in KINDS and injected(kind + "x"):
+        return value * 1e9
+    return value
 
 
 def poison_grads(params: Iterable[Tensor]) -> None:

@@ -174,3 +174,32 @@ def test_lenet5_trains_at_its_default_lr(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert all(int(r["skipped_steps"]) == 0 for r in rows)
     assert float(rows[-1]["test_acc"]) > 0.5   # far above chance (0.1)
+
+
+def test_lenet5_at_lr_0_1_stops_with_exit_3_and_no_false_checkpoint(tmp_path):
+    """The issue's case: LeNet-5 at lr 0.1 diverges within its first steps; the run stops
+    with exit 3 and one line, and no epoch is checkpointed as good."""
+    values = {**TINY, "model": "lenet5", "optim": {"epochs": 1, "max_steps_per_epoch": 60}}
+    recipe = tmp_path / "lenet5.yaml"
+    recipe.write_text(yaml.safe_dump(values))
+    out = tmp_path / "run"
+    result = run_cli("train", "--config", recipe, "--lr", "0.1", "--out", out, "--quiet")
+    assert result.returncode == 3, result.stderr
+    line = one_line_error(result)
+    assert "consecutive training steps skipped" in line and "nothing was checkpointed" in line
+    assert not (out / checkpoint.CHECKPOINT_NAME).exists()
+
+
+def test_guard_judges_hypergradients_against_their_running_median():
+    guard = StepGuard(max_consecutive=3)
+    with pytest.raises(SkippedStep, match="hypergradient is nan"):
+        guard.check_hypergradient(torch.tensor([1.0, float("nan")]), torch.zeros(2))
+    for scale in [1.0, 1.2, 0.9, 1.1, 1.0, 1.3, 0.8, 1.0, 1.1, 1.2]:
+        guard.check_hypergradient(torch.tensor([scale, -0.5]), torch.tensor([0.1]))
+    guard.check_hypergradient(torch.tensor([0.0]), torch.tensor([-1.05e4 + 1]))  # < 1e4 x 1.05
+    with pytest.raises(SkippedStep, match="running median"):   # the median is now 1.1
+        guard.check_hypergradient(torch.tensor([1.1e4 + 1]), torch.tensor([0.0]))
+    state = guard.state_dict()
+    restored = StepGuard(max_consecutive=3)
+    restored.load_state_dict(state)
+    assert list(restored.hypers) == list(guard.hypers) and len(guard.hypers) == 11
