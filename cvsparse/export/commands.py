@@ -246,15 +246,19 @@ def _load_onnx(path: Path) -> tuple[Callable[[Tensor], Tensor], dict[str, Any], 
     return call, metadata, counts, "onnx"
 
 
-def _latency_ms(fn: Callable[[Tensor], Any], x: Tensor, runs: int = 20) -> float:
-    """Median wall time of one call (after 3 warm-up calls)."""
-    times = []
+def _latencies_ms(fns: list[Callable[[Tensor], Any]], x: Tensor, runs: int = 20
+                  ) -> list[float]:
+    """Median wall time of one call of each function on ``x`` (after 3 warm-up calls each),
+    the functions called in turn in every round so that a shared machine's load affects them
+    alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(runs + 3):
-        start = time.perf_counter()
-        fn(x)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for fn, samples in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn(x)
+            if i >= 3:
+                samples.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def evaluate_file(path: Path, dataset: str, batch_size: int = 64, data_root: str | None = None,
@@ -287,21 +291,23 @@ def evaluate_file(path: Path, dataset: str, batch_size: int = 64, data_root: str
     first = next(iter(test))[0]
     x1 = first[:1]
     xn = first if len(first) == batch_size else x1.repeat(batch_size, 1, 1, 1)
-    file_row = {"accuracy": f"{100 * accuracy:.2f}%", "params": f"{counts['params']:,}",
-                "nonzero": f"{counts['nonzero_params']:,}",
-                "size": f"{path.stat().st_size:,}",
-                "lat1": f"{_latency_ms(fn, x1):.3g}", "latn": f"{_latency_ms(fn, xn):.3g}"}
-    columns = [(f"{path.name} ({kind})", file_row)]
+    fns = [fn]
     origin = metadata.get("model") if isinstance(metadata, dict) else None
     if origin in MODELS:
         torch.manual_seed(0)
         dense = build_model(origin, num_classes=ds.num_classes,
                             in_channels=ds.image_shape[0]).eval()
+        fns.append(_inference(dense))
+    lat1, latn = _latencies_ms(fns, x1), _latencies_ms(fns, xn)
+    columns = [(f"{path.name} ({kind})", {
+        "accuracy": f"{100 * accuracy:.2f}%", "params": f"{counts['params']:,}",
+        "nonzero": f"{counts['nonzero_params']:,}", "size": f"{path.stat().st_size:,}",
+        "lat1": f"{lat1[0]:.3g}", "latn": f"{latn[0]:.3g}"})]
+    if len(fns) == 2:
         n = sum(p.numel() for p in dense.parameters())
         columns.append((f"dense {origin}", {
-            "accuracy": "—", "params": f"{n:,}", "nonzero": f"{n:,}",
-            "size": f"{4 * n:,}", "lat1": f"{_latency_ms(_inference(dense), x1):.3g}",
-            "latn": f"{_latency_ms(_inference(dense), xn):.3g}"}))
+            "accuracy": "—", "params": f"{n:,}", "nonzero": f"{n:,}", "size": f"{4 * n:,}",
+            "lat1": f"{lat1[1]:.3g}", "latn": f"{latn[1]:.3g}"}))
     labels = {"accuracy": f"test accuracy ({len(ds.y_test):,} images)",
               "params": "parameters", "nonzero": "nonzero parameters",
               "size": "file size (bytes; dense: float32 weights)",
