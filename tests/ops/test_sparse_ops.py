@@ -312,3 +312,39 @@ def test_reference_is_the_decoded_dense_product():
     x = torch.randn(10, 4)
     got = reference.sparse_matmul(x, *sparse_format.pack(weight), None, False)
     assert torch.allclose(got, weight @ x, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_offset_cache_follows_changes_to_the_weight():
+    """The C++ kernel keeps decoded offsets per weight: an in-place change of the indices, a new
+    weight in the freed memory of an old one, and another image size must all be seen."""
+    conv = dict(kernel_size=3, stride=1, padding=1)
+
+    def check(weight, x):
+        packed = sparse_format.pack(weight.reshape(weight.shape[0], -1))
+        got = ops.sparse_conv2d(x, *packed, None, **conv)
+        assert torch.allclose(got, F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
+        return packed
+
+    x = torch.randn(1, 4, 6, 6)
+    w1 = _sparse_weight((5, 4, 3, 3), 0.8, torch.float32)
+    values, deltas, row_ptr = check(w1, x)
+    # Same tensors, indices changed in place (the row's first nonzero moves one column right,
+    # where w1 has a zero): the version counter changes, so the offsets are decoded again.
+    row = int((row_ptr[1:] > row_ptr[:-1]).nonzero()[0])
+    first = int(row_ptr[row])
+    col = int(deltas[first])
+    w2 = w1.reshape(5, -1).clone()
+    assert col + 1 < w2.shape[1] and w2[row, col + 1] == 0  # holds for seed 0's weight
+    w2[row, col + 1], w2[row, col] = w2[row, col], 0.0
+    deltas[first] += 1
+    if first + 1 < int(row_ptr[row + 1]):
+        deltas[first + 1] -= 1
+    got = ops.sparse_conv2d(x, values, deltas, row_ptr, None, **conv)
+    assert torch.allclose(got, F.conv2d(x, w2.reshape(5, 4, 3, 3), padding=1), rtol=1e-5,
+                          atol=1e-5)
+    # Freed and reallocated weights of the same size, and other image sizes.
+    for seed in range(3):
+        del values, deltas, row_ptr
+        torch.manual_seed(100 + seed)
+        values, deltas, row_ptr = check(_sparse_weight((5, 4, 3, 3), 0.8, torch.float32),
+                                        torch.randn(2, 4, 5 + seed, 7))
