@@ -321,7 +321,7 @@ def _binary(g: _Graph, node: fx.Node, op: Callable) -> _Info | None:
         return _unknown(g, node)
     if ia is not None and ib is not None:
         same = len(ia.slots) == len(ib.slots) == out_shape[1]
-        if not same or len(_shape(a)) != len(_shape(b)):
+        if not same or len(_shape(a) or ()) != len(_shape(b) or ()):
             return _unknown(g, node)
         g.slots.union(ia.slots, ib.slots)
         return _Info(ia.slots, op(ia.const, ib.const))
@@ -337,6 +337,8 @@ def _cat(g: _Graph, node: fx.Node) -> _Info | None:
     xs = node.args[0]
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     out_shape = _shape(node)
+    if not isinstance(xs, (list, tuple)) or not isinstance(dim, int):
+        return _unknown(g, node)
     infos = [g.info.get(x) if isinstance(x, fx.Node) else None for x in xs]
     if out_shape is None or any(i is None for i in infos) or dim % len(out_shape) != 1:
         return _unknown(g, node)
@@ -385,8 +387,8 @@ def _getitem(g: _Graph, node: fx.Node) -> _Info | None:
 
 def _call_module(g: _Graph, node: fx.Node, calls: Counter) -> _Info | None:
     mod = g.gm.get_submodule(node.target)
-    stateful = next(iter(mod.parameters()), None) is not None or next(iter(mod.buffers()), None)
-    if stateful is not None and calls[node.target] > 1:
+    stateful = any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())
+    if stateful and calls[node.target] > 1:
         return _unknown(g, node)  # shared weights: left as they are
     if isinstance(mod, _CONV) and mod.groups == 1:
         return _dense(g, node, mod)

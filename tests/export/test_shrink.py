@@ -306,3 +306,34 @@ def test_summary_counts_and_formats():
     assert report["ratio"]["params"] == report["before"]["params"] / report["after"]["params"]
     table = format_summary(report)
     assert all(label in table for label in FIELDS.values())
+
+
+class _Shared(nn.Module):
+    """One conv called twice (shared weights): ``(N, 3, H, W) → (N, 4, H, W)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv = nn.Conv2d(6, 6, 1)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.conv(torch.relu(self.conv(self.stem(x)))))
+
+
+@torch.no_grad()
+def test_shared_layer_and_unknown_ops_are_left_alone():
+    model = _Shared().eval()
+    model.stem.weight[2] = 0
+    model.stem.bias[2] = 0
+    model.conv.weight[[1, 3]] = 0
+    small, _ = _shrink(model, (3, 8, 8))
+    assert small.get_submodule("conv").weight.shape == (6, 6, 1, 1)  # shared: untouched
+    assert small.get_submodule("stem").weight.shape == (6, 3, 3, 3)  # read by the shared conv
+    _assert_same_outputs(model, small, (3, 8, 8))
+
+    softmax = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1), nn.Linear(6, 2)).eval()
+    softmax[0].weight[1] = 0  # its constant enters a softmax over the channels: kept
+    small, _ = _shrink(softmax, (4,))
+    assert small.get_submodule("0").weight.shape == (6, 4)
+    _assert_same_outputs(softmax, small, (4,))
