@@ -111,13 +111,15 @@ class SparseLinear(_Packed):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
+        buffers = self._buffers  # direct: Module.__getattr__ costs ~0.3 µs per buffer
         if x.dim() == 2:
-            y = ops.sparse_matmul(x.t().contiguous(), self.values, self.col_deltas, self.row_ptr,
-                                  self.bias, self.relu, weight_checked=True)
+            y = ops.sparse_matmul(x.t().contiguous(), buffers["values"], buffers["col_deltas"],
+                                  buffers["row_ptr"], buffers["bias"], self.relu,
+                                  weight_checked=True)
             return y.t()  # (N, M), a view of the (M, N) result
         xt = x.reshape(-1, self.in_features).t().contiguous()  # (K, N): the batch in the lanes
-        y = ops.sparse_matmul(xt, self.values, self.col_deltas, self.row_ptr, self.bias,
-                              self.relu, weight_checked=True)
+        y = ops.sparse_matmul(xt, buffers["values"], buffers["col_deltas"], buffers["row_ptr"],
+                              buffers["bias"], self.relu, weight_checked=True)
         return y.t().reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -206,8 +208,9 @@ class SparseConv2d(_Packed):
                 if size + 2 * p < k:
                     raise ValueError(f"input {name} {size} with padding {p} is smaller than "
                                      f"the kernel ({k})")
-            return ops.sparse_conv2d(x.contiguous(), self.values, self.col_deltas, self.row_ptr,
-                                     self.bias, self._kernel, self._stride, self._padding,
+            b = self._buffers  # direct: Module.__getattr__ costs ~0.3 µs per buffer
+            return ops.sparse_conv2d(x.contiguous(), b["values"], b["col_deltas"], b["row_ptr"],
+                                     b["bias"], self._kernel, self._stride, self._padding,
                                      self.relu, weight_checked=True)
         batch, channels, height, width = x.shape
         if batch == 1:
