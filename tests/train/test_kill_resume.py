@@ -55,13 +55,15 @@ def test_kill_9_at_random_moments_then_resume_is_bitwise_identical(tmp_path):
     assert reference.returncode == 0, reference.stderr
     want = _final_state(tmp_path / "full")
     rng = random.Random(21)
-    moments = ["in-write", "anytime", "in-write", "anytime"]
+    moments = ["in-write", "anytime"] * 5   # the 10 trials, half inside a write
     for trial, moment in enumerate(moments):
         folder = tmp_path / f"trial{trial}"
         stall = {checkpoint.STALL_ENV: "0.4"}   # every write lasts long enough to be hit
         proc = start_cli("train", "--config", config, "--out", folder, "--quiet",
                          env=cli_env(**stall))
-        assert _kill_at(proc, folder, moment, rng.uniform(0.0, 0.3)) == -signal.SIGKILL
+        # inside a write: well within its 0.4 s stall; anytime: anywhere in the next second
+        delay = rng.uniform(0.0, 0.3) if moment == "in-write" else rng.uniform(0.0, 1.0)
+        assert _kill_at(proc, folder, moment, delay) == -signal.SIGKILL
         resumed = run_cli("train", "--resume", folder, "--quiet")
         assert resumed.returncode == 0, f"trial {trial} ({moment}): {resumed.stderr}"
         assert "Traceback" not in resumed.stderr
