@@ -25,6 +25,7 @@ TORCH_LIBRARY(cvsparse, m) {
       "prox_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_bufs, "
       "Tensor[] masks, Tensor lambda1, Tensor lambda2, float lr, float momentum) -> Tensor");
   m.def("mixed_partial_dot(Tensor[] params, Tensor[] vectors, Tensor[] precond) -> Tensor");
+  m.def("max_abs(Tensor[] tensors) -> Tensor");
   m.def(
       "threshold_(Tensor(a!)[] params, Tensor(b!)[] momentum_bufs, Tensor(c!)[] masks, "
       "float tau) -> Tensor");

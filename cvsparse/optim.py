@@ -2,7 +2,16 @@
 
 Each ``step()`` runs, per param group, one fused :func:`cvsparse.ops.prox_sgd_` call over the
 group's parameters that have gradients (one call per dtype/device if the group mixes them),
-followed by one :func:`cvsparse.ops.threshold_` call when the group has a ``threshold``.
+followed by one :func:`cvsparse.ops.threshold_` call when the group has a ``threshold``.  Before
+any of them, one read-only :func:`cvsparse.ops.max_abs` pass over every gradient tests them for
+NaN / inf and measures the largest entry (``check_finite``, ``grad_norm_limit``).
+
+Per-step Python work is O(groups) in checks: what a step derives from a group's structure (its
+parameters with a gradient split by device and dtype, their positions, the operator's λ tensors
+for float λ) is kept between steps and rebuilt only when the group's parameter list, or which of
+its parameters have a gradient, changes; options (lr, momentum, λ, threshold) are validated at
+every step, a tensor λ with one reduction.  Per tensor, a step only gathers gradients, momentum
+buffers and masks into lists.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from torch.optim import Optimizer
 
 from . import ops
 from .faults import ExplodingGradientError, NonFiniteError
+from .ops._backend import resolve
 
 Hyper = float | Tensor
 
@@ -38,8 +48,8 @@ class ProxSGD(Optimizer):
         threshold: magnitude-pruning threshold τ ≥ 0 applied after every step of the group
             (``None``: no pruning).  Pruning stores ``state[p]["mask"]`` (bool, False = pruned).
         check_finite: reject non-finite gradients before updating anything.  Costs one extra
-            read of every gradient (``torch._foreach_norm`` with ord=inf) and one device sync
-            per step; disable it for the last bit of speed.
+            read of every gradient (:func:`cvsparse.ops.max_abs`, one pass over all of them)
+            and one device sync per step; disable it for the last bit of speed.
 
     ``grad_norm_limit`` (attribute, default None): a step whose largest gradient entry
     (``|g|`` max over every parameter, read in the same pass as ``check_finite``) is above it
@@ -67,6 +77,8 @@ class ProxSGD(Optimizer):
         self.grad_norm_limit: float | None = None
         self.last_grad_norm: float | None = None
         self.last_nonzero: list[Tensor | None] = []
+        self._plans: list[_GroupPlan | None] = []
+        self._validated: dict[str, tuple[Tensor, int]] = {}  # tensor λ checked at a _version
         defaults = {"lr": lr, "momentum": momentum, "lambda1": lambda1, "lambda2": lambda2,
                     "threshold": threshold}
         super().__init__(params, defaults)
@@ -78,6 +90,7 @@ class ProxSGD(Optimizer):
         _check_group({**self.defaults, **param_group, "params": params}, len(self.param_groups))
         super().add_param_group({**param_group, "params": params})
         self.last_nonzero.append(None)
+        self._plans.append(None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -90,12 +103,18 @@ class ProxSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = []
+        offset = 0
         for index, group in enumerate(self.param_groups):
-            _check_group(group, index)
+            _check_group(group, index, self._validated)
+            plan = self._plan(index, group)
+            plan.offset = offset
+            offset += len(group["params"])
+            plans.append(plan)
+        grads = [[part.gradients(plan.offset) for part in plan.parts] for plan in plans]
         if self.check_finite or self.grad_norm_limit is not None:
-            self._check_finite_gradients()
-        for index, group in enumerate(self.param_groups):
-            self._step_group(index, group)
+            self._check_gradients(plans, grads)
+        self._update(plans, grads)
         return loss
 
     @torch.no_grad()
@@ -142,53 +161,103 @@ class ProxSGD(Optimizer):
             if "mask" in param_state:
                 param_state["mask"] = param_state["mask"].to(torch.bool)
         self.last_nonzero = [None] * len(self.param_groups)
+        self._plans = [None] * len(self.param_groups)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.__setstate__`; cached step plans start empty."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("check_finite", True)
+        self.__dict__.setdefault("grad_norm_limit", None)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self._validated = {}
+        self.last_nonzero = [None] * len(self.param_groups)
+        self._plans = [None] * len(self.param_groups)
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _check_finite_gradients(self) -> None:
-        indexed = [(k, p.grad) for k, p in enumerate(_all_params(self.param_groups))
-                   if p.grad is not None]
-        by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
-        for k, grad in indexed:
-            if grad.is_sparse:
-                raise ValueError(f"parameter {k} has a sparse gradient; ProxSGD needs dense ones")
-            by_device.setdefault(grad.device, []).append((k, grad))
+    def _plan(self, index: int, group: dict[str, Any]) -> _GroupPlan:
+        """The group's cached :class:`_GroupPlan`, rebuilt when its parameter list or the set of
+        its parameters with a gradient changed (a C-level scan of identities, no checks)."""
+        plan = self._plans[index]
+        params = group["params"]
+        if (plan is None or plan.params is not params or plan.ids != list(map(id, params))
+                or plan.has_grad != [p.grad is not None for p in params]):
+            plan = self._plans[index] = _GroupPlan(params)
+        return plan
+
+    def _check_gradients(self, plans: list[_GroupPlan], grads: list[list[list[Tensor]]]) -> None:
+        """Finiteness and ``grad_norm_limit``: one read-only :func:`cvsparse.ops.max_abs` pass
+        per (device, dtype) over every gradient, one device sync."""
+        lists: dict[tuple, tuple[list[Tensor], list[int]]] = {}
+        for plan, group_grads in zip(plans, grads, strict=True):
+            for part, part_grads in zip(plan.parts, group_grads, strict=True):
+                tensors, where = lists.setdefault(part.key, ([], []))
+                tensors += part_grads
+                where += [plan.offset + j for j in part.idx]
         largest = 0.0
-        for items in by_device.values():
-            norms = torch.stack(torch._foreach_norm([g for _, g in items], math.inf))
-            finite = norms.isfinite()
-            if not bool(finite.all()):
-                k = items[int((~finite).nonzero()[0])][0]
+        for key, (tensors, where) in lists.items():
+            values = resolve("max_abs", key[0])(tensors)
+            top = float(values.max())
+            if not math.isfinite(top):
+                k = where[int((~values.isfinite()).nonzero()[0])]
                 raise NonFiniteError(f"gradient of parameter {k} (index in optimizer order) "
                                      "contains NaN or inf; nothing was updated")
-            largest = max(largest, float(norms.max()))
+            largest = max(largest, top)
         limit = self.grad_norm_limit
         if limit is not None and largest > limit:
             raise ExplodingGradientError(f"gradient entry {largest:.3g} is above the limit "
                                          f"{limit:.3g}; nothing was updated")
         self.last_grad_norm = largest
 
-    def _step_group(self, index: int, group: dict[str, Any]) -> None:
-        params = group["params"]
-        counts = _count_nonzero([p for p in params if p.grad is None], like=params)
-        with_grad = [(j, p) for j, p in enumerate(params) if p.grad is not None]
-        for items in _partition(with_grad).values():
-            idx = [j for j, _ in items]
-            ps = [p for _, p in items]
-            bufs = self._buffers(ps, create=group["momentum"] != 0)
-            masks = self._masks(ps, create=False)
+    def _update(self, plans: list[_GroupPlan], grads: list[list[list[Tensor]]]) -> None:
+        """The proximal step of every group, then each group's pruning, then the counts.
+
+        Parts of any groups that share device, dtype, lr, momentum and the presence of masks
+        go to one ``prox_sgd_`` call (λ is per tensor anyway): one parallel region for, e.g.,
+        the regularized weights and the unregularized biases of a model together."""
+        calls: dict[tuple, list[tuple[_Part, list[Tensor], Tensor, Tensor]]] = {}
+        work_of: dict[int, list[Tensor]] = {}
+        for group, plan, group_grads in zip(self.param_groups, plans, grads, strict=True):
+            lr, momentum = float(group["lr"]), float(group["momentum"])
+            n = len(group["params"])
+            for part, part_grads in zip(plan.parts, group_grads, strict=True):
+                masked = self._masks(part.params, create=False) is not None
+                calls.setdefault((*part.key, lr, momentum, masked), []).append(
+                    (part, part_grads, part.lambdas(group["lambda1"], n),
+                     part.lambdas(group["lambda2"], n)))
+        results: dict[int, Tensor] = {}
+        for (device, _, lr, momentum, masked), items in calls.items():
+            ps = [p for part, *_ in items for p in part.params]
             work = [p if p.is_contiguous() else p.contiguous() for p in ps]
-            result = ops.prox_sgd_(
-                work, [p.grad.contiguous() for p in ps], bufs,
-                lr=float(group["lr"]), momentum=float(group["momentum"]),
-                lambda1=_select(group["lambda1"], idx, len(params)),
-                lambda2=_select(group["lambda2"], idx, len(params)), masks=masks,
-            )
-            _write_back(ps, work)
-            _scatter(counts, idx, result)
-        if group["threshold"] is not None:
-            self._threshold(with_grad, float(group["threshold"]), counts)
-        self.last_nonzero[index] = counts
+            bufs = self._buffers(ps, create=momentum != 0)
+            masks = self._masks(ps, create=False) if masked else None
+            cat = (lambda ts: ts[0]) if len(items) == 1 else torch.cat
+            counts = resolve("prox_sgd_", device)(
+                work, [g for _, part_grads, _, _ in items for g in part_grads], bufs or [],
+                masks or [], cat([l1 for *_, l1, _ in items]), cat([l2 for *_, l2 in items]),
+                lr, momentum)
+            start = 0
+            for part, *_ in items:
+                stop = start + len(part.params)
+                results[id(part)] = counts[start:stop] if len(items) > 1 else counts
+                work_of[id(part)] = work[start:stop]
+                start = stop
+        for index, (group, plan) in enumerate(zip(self.param_groups, plans, strict=True)):
+            counts = plan.idle_counts()
+            threshold = group["threshold"]
+            for part in plan.parts:
+                ps, work = part.params, work_of[id(part)]
+                result = results[id(part)]
+                if threshold is not None:
+                    bufs = self._buffers(
+                        ps, create=any("momentum_buffer" in self.state[p] for p in ps))
+                    kept = resolve("threshold_", part.key[0])(
+                        work, bufs or [], self._masks(ps, create=True), float(threshold))
+                    if threshold > 0:
+                        result = kept
+                _write_back(ps, work)
+                counts = part.place(result, counts)
+            self.last_nonzero[index] = counts
 
     def _threshold(self, indexed: list[tuple[int, Tensor]], tau: float, counts: Tensor) -> None:
         """``threshold_`` over ``indexed`` params; kept counts go to ``counts`` when τ > 0 (at
@@ -207,21 +276,105 @@ class ProxSGD(Optimizer):
         """Momentum buffers of ``ps`` (zeros where missing), or None when not ``create``."""
         if not create:
             return None
-        for p in ps:
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.contiguous_format)
-        return [self.state[p]["momentum_buffer"] for p in ps]
+        state = self.state
+        bufs = [state[p].get("momentum_buffer") for p in ps]
+        if any(b is None for b in bufs):
+            for p in ps:
+                if "momentum_buffer" not in state[p]:
+                    state[p]["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.contiguous_format)
+            bufs = [state[p]["momentum_buffer"] for p in ps]
+        return bufs
 
     def _masks(self, ps: list[Tensor], *, create: bool) -> list[Tensor] | None:
         """Masks of ``ps`` (all-True where missing) if any exists or ``create``; else None."""
-        if not create and all("mask" not in self.state[p] for p in ps):
+        state = self.state
+        masks = [state[p].get("mask") for p in ps]
+        missing = [b is None for b in masks]
+        if not any(missing):
+            return masks
+        if not create and all(missing):
             return None
         for p in ps:
-            if "mask" not in self.state[p]:
-                self.state[p]["mask"] = torch.ones_like(
+            if "mask" not in state[p]:
+                state[p]["mask"] = torch.ones_like(
                     p, dtype=torch.bool, memory_format=torch.contiguous_format)
-        return [self.state[p]["mask"] for p in ps]
+        return [state[p]["mask"] for p in ps]
+
+
+class _Part:
+    """The parameters of one group on one (device, dtype): one operator call per step."""
+
+    def __init__(self, key: tuple, idx: list[int], params: list[Tensor], n: int) -> None:
+        self.key = key
+        self.idx = idx
+        self.params = params
+        self.whole = idx == list(range(n))  # the whole group, in order: counts need no scatter
+        self.positions = torch.tensor(idx, dtype=torch.int64)
+        self._fixed: dict[float, Tensor] = {}
+
+    def gradients(self, offset: int) -> list[Tensor]:
+        """The parameters' gradients, contiguous (a dense copy only where one is not);
+        ``offset``: the group's first position in optimizer order, for error messages."""
+        grads = [p.grad for p in self.params]
+        if all(g.is_contiguous() for g in grads):
+            return grads
+        return [_dense(g, offset + j) for g, j in zip(grads, self.idx, strict=True)]
+
+    def lambdas(self, value: Hyper, n: int) -> Tensor:
+        """The operator's float64 λ tensor for this part from the group's λ (a float: cached;
+        a tensor: read now, so in-place updates count)."""
+        device = self.key[0]
+        if not isinstance(value, Tensor):
+            value = float(value)
+            found = self._fixed.get(value)
+            if found is None:
+                self._fixed.clear()
+                found = self._fixed[value] = torch.full(
+                    (len(self.idx),), value, dtype=torch.float64, device=device)
+            return found
+        flat = value.detach().reshape(-1).to(device=device, dtype=torch.float64)
+        if flat.numel() == 1:
+            return flat.expand(len(self.idx)).contiguous()
+        if self.whole:
+            return flat.contiguous()
+        return flat[self.positions.to(device)]
+
+    def place(self, result: Tensor, counts: Tensor | None) -> Tensor:
+        """``result`` (this part's counts) written into the group's ``counts``."""
+        if self.whole:
+            return result
+        counts[self.positions.to(counts.device)] = result.to(counts.device)
+        return counts
+
+
+class _GroupPlan:
+    """What :meth:`ProxSGD.step` derives from a group's structure, kept between steps: its
+    parameters with a gradient split by (device, dtype), positions, λ tensors of float λ."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.ids = list(map(id, params))
+        self.has_grad = [p.grad is not None for p in params]
+        self.offset = 0  # position of the group's first parameter in optimizer order
+        with_grad = [(j, p) for j, p in enumerate(params) if p.grad is not None]
+        self.idle = [p for p in params if p.grad is None]
+        self.parts = [_Part(key, [j for j, _ in items], [p for _, p in items], len(params))
+                      for key, items in _partition(with_grad).items()]
+
+    def idle_counts(self) -> Tensor | None:
+        """Counts of the group with the parameters without a gradient filled in, or None when
+        every parameter has one (a single whole part then returns its own counts)."""
+        if not self.idle and len(self.parts) == 1 and self.parts[0].whole:
+            return None
+        return _count_nonzero(self.idle, like=self.params)
+
+
+def _dense(grad: Tensor, k: int) -> Tensor:
+    """``grad`` of parameter ``k`` (optimizer order) contiguous; ValueError if it is sparse."""
+    if grad.layout != torch.strided:
+        raise ValueError(f"parameter {k} has a sparse gradient; ProxSGD needs dense ones")
+    return grad if grad.is_contiguous() else grad.contiguous()
 
 
 def _all_params(groups: list[dict[str, Any]]) -> list[Tensor]:
@@ -234,18 +387,6 @@ def _partition(indexed: list[tuple[int, Tensor]]) -> dict[tuple, list[tuple[int,
     for j, p in indexed:
         parts.setdefault((p.device, p.dtype), []).append((j, p))
     return parts
-
-
-def _select(value: Hyper, idx: list[int], n: int) -> Hyper:
-    """The λ values of the params at positions ``idx`` of a group of ``n`` params."""
-    if not isinstance(value, Tensor):
-        return float(value)
-    flat = value.detach().reshape(-1)
-    if flat.numel() == 1:
-        return flat.expand(len(idx))
-    if len(idx) == n:
-        return flat
-    return flat[torch.tensor(idx, device=flat.device)]
 
 
 def _count_nonzero(params: list[Tensor], like: list[Tensor] | None = None) -> Tensor:
@@ -270,8 +411,12 @@ def _write_back(params: list[Tensor], work: list[Tensor]) -> None:
             p.copy_(w)
 
 
-def _check_group(group: dict[str, Any], index: int) -> None:
-    """Validate a group's options; ValueError naming the option and group."""
+def _check_group(group: dict[str, Any], index: int,
+                 validated: dict[str, tuple[Tensor, int]] | None = None) -> None:
+    """Validate a group's options; ValueError naming the option and group.
+
+    With ``validated`` (per option name, the tensor λ whose values passed last and its
+    ``_version`` then), a tensor λ not replaced or modified since it passed is not read again."""
     where = f"param group {index}"
     for key in ("lr", "momentum"):
         value = group[key]
@@ -281,20 +426,27 @@ def _check_group(group: dict[str, Any], index: int) -> None:
             raise ValueError(f"{key} of {where} must be finite and >= 0, got {value}")
     n = len(group["params"])
     for key in ("lambda1", "lambda2"):
-        _check_lambda(f"{key} of {where}", group[key], n)
+        _check_lambda(f"{key} of {where}", group[key], n, validated)
     if group["threshold"] is not None:
         _check_threshold(f"threshold of {where}", group["threshold"])
 
 
-def _check_lambda(name: str, value: Hyper, n: int) -> None:
+def _check_lambda(name: str, value: Hyper, n: int,
+                  validated: dict[str, tuple[Tensor, int]] | None = None) -> None:
     if isinstance(value, Tensor):
         if value.dim() > 1 or value.numel() not in (1, n):
             raise ValueError(f"{name} must be a float or a 1-D tensor of 1 or {n} values, got "
                              f"shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise ValueError(f"{name} must be a floating tensor, got {value.dtype}")
-        if not bool((value.isfinite() & (value >= 0)).all()):
+        seen = None if validated is None else validated.get(name)
+        if seen is not None and seen[0] is value and seen[1] == value._version:
+            return
+        lo, hi = torch.aminmax(value.detach()) if value.numel() else (value.new_zeros(()),) * 2
+        if not (float(lo) >= 0 and float(hi) < math.inf):  # False for NaN
             raise ValueError(f"{name} must be finite and >= 0, got {value.tolist()}")
+        if validated is not None:
+            validated[name] = (value, value._version)
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a float or a tensor, got {type(value).__name__}")

@@ -1,6 +1,6 @@
 """Triton implementations of the cvsparse operators, as ``torch.ops.cvsparse_triton.<name>``.
 
-Importing this package registers ``prox_sgd_``, ``mixed_partial_dot``, ``threshold_``,
+Importing this package registers ``prox_sgd_``, ``mixed_partial_dot``, ``threshold_``, ``max_abs``,
 ``gated_weight`` (differentiable), ``gated_weight_backward`` and the sparse inference operators
 ``sparse_matmul`` and ``sparse_conv2d``, with the normalized signatures
 of ``cvsparse.ops.reference`` and fake implementations for ``torch.compile``.  Select them with
@@ -32,6 +32,7 @@ if not (triton.knobs.runtime.interpret or torch.cuda.is_available()):
 
 from . import (  # noqa: E402, F401
     gated_weight,
+    max_abs,
     mixed_partial_dot,
     prox_sgd,
     sparse_conv2d,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cvsparse.faults import ExplodingGradientError
 from cvsparse.optim import ProxSGD
 
 F64 = torch.float64
@@ -335,3 +336,76 @@ def test_non_contiguous_parameter_is_updated_in_its_layout():
     assert last.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(last, plain)
     assert int((plain == 0).sum()) > 0
+
+
+def test_exploding_gradient_raises_and_changes_nothing_and_largest_entry_is_recorded():
+    model = _model()
+    weights, biases = _weights_and_biases(model)
+    opt = ProxSGD([{"params": weights, "lambda1": 0.01}, {"params": biases}], lr=0.1)
+    batches = _batches(2)
+    _backward(model, batches[0])
+    opt.step()
+    largest = max(abs(x) for p in model.parameters() for x in p.grad.flatten().tolist())
+    assert opt.last_grad_norm == largest
+    _backward(model, batches[1])
+    snapshot = _snapshot(model, opt)
+    biases[1].grad[2] = 1e6
+    opt.grad_norm_limit = 1e5
+    with pytest.raises(ExplodingGradientError, match="1e\\+06 is above the limit 1e\\+05"):
+        opt.step()
+    _assert_unchanged(model, opt, snapshot)
+    opt.grad_norm_limit = 1e7
+    opt.step()
+    assert opt.last_grad_norm == 1e6
+
+
+def test_sparse_gradient_raises_value_error_and_changes_nothing():
+    model = _model()
+    weights, biases = _weights_and_biases(model)
+    opt = ProxSGD([{"params": biases}, {"params": weights}], lr=0.1)
+    _backward(model, _batches(1)[0])
+    snapshot = _snapshot(model, opt)
+    weights[1].grad = weights[1].grad.to_sparse()
+    with pytest.raises(ValueError, match="parameter 3 has a sparse gradient"):
+        opt.step()
+    _assert_unchanged(model, opt, snapshot)
+
+
+def test_cached_step_plan_follows_changes_of_the_group():
+    """Steps reuse what they derived from a group; a gradient that appears or disappears, a
+    parameter added to the group's list, a λ tensor replaced or updated in place and a
+    state cleared from outside all take effect at the next step (float64 oracle)."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(4, 3), (6,), (2, 5)]
+    ours = [nn.Parameter(torch.randn(s, generator=gen, dtype=F64)) for s in shapes]
+    refs = [p.detach().clone() for p in ours]
+    ref_bufs = [torch.zeros_like(p) for p in refs]
+    lam1 = torch.tensor([0.05, 0.0], dtype=F64)
+    opt = ProxSGD([{"params": ours[:2], "lambda1": lam1}], lr=0.1, momentum=0.9)
+
+    def step(moved, lambda1, lambda2=(0.0, 0.0, 0.0)):
+        for k, (p, r) in enumerate(zip(ours, refs, strict=True)):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=F64) if k in moved else None
+            r.grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        _oracle_step([refs[k] for k in moved], [ref_bufs[k] for k in moved], lr=0.1,
+                     momentum=0.9, lambda1=[lambda1[k] for k in moved],
+                     lambda2=[lambda2[k] for k in moved])
+        for p, r in zip(ours, refs, strict=True):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-14)
+        counts = opt.last_nonzero[0].tolist()
+        assert counts == [int((p != 0).sum()) for p in opt.param_groups[0]["params"]]
+
+    step([0, 1], (0.05, 0.0, 0.0))
+    step([0], (0.05, 0.0, 0.0))               # ours[1] has no gradient: untouched
+    step([0, 1], (0.05, 0.0, 0.0))
+    lam1[1] = 0.2                             # in place: read at the next step
+    step([0, 1], (0.05, 0.2, 0.0))
+    opt.param_groups[0]["params"].append(ours[2])
+    opt.param_groups[0]["lambda1"] = torch.tensor([0.05, 0.2, 0.1], dtype=F64)
+    opt.param_groups[0]["lambda2"] = 0.01
+    step([0, 1, 2], (0.05, 0.2, 0.1), (0.01, 0.01, 0.01))
+    opt.state.clear()                         # momentum restarts from zero
+    for v in ref_bufs:
+        v.zero_()
+    step([0, 1, 2], (0.05, 0.2, 0.1), (0.01, 0.01, 0.01))

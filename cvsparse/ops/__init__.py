@@ -21,7 +21,7 @@ from ._backend import available_backends, get_backend, resolve, set_backend
 from .schemas import STE_CODES
 
 __all__ = [
-    "prox_sgd_", "mixed_partial_dot", "threshold_", "gated_weight",
+    "prox_sgd_", "mixed_partial_dot", "threshold_", "max_abs", "gated_weight",
     "sparse_matmul", "sparse_conv2d",
     "set_backend", "get_backend", "available_backends", "compiled_library_loaded", "STE_CODES",
 ]
@@ -124,6 +124,21 @@ def threshold_(
     checks.companion_list("masks", masks, params, dtype=torch.bool)
     checks.no_aliasing({"params": params, "momentum_bufs": bufs, "masks": masks})
     return resolve("threshold_", _device(params))(params, bufs, masks, tau)
+
+
+def max_abs(tensors: Sequence[Tensor]) -> Tensor:
+    """The largest ``|x|`` of every tensor, read-only, in one pass over the whole list.
+
+    A tensor holding a NaN gives NaN, one holding an inf (and no NaN) gives inf, an empty one 0:
+    one call both tests a list for finiteness and measures its largest entry (what
+    :class:`cvsparse.optim.ProxSGD` does to every gradient before a step).
+
+    Returns:
+        ``(n,)`` tensor on the tensors' device, float64 for float64 inputs, float32 otherwise.
+    """
+    tensors = checks.tensor_list("tensors", tensors)
+    checks.params_list("tensors", tensors)
+    return resolve("max_abs", _device(tensors))(tensors)
 
 
 def gated_weight(

@@ -75,6 +75,13 @@ def _prox_sgd_fake(params, grads, momentum_bufs, masks, lambda1, lambda2, lr, mo
     return _counts_like(params)
 
 
+@torch.library.register_fake("cvsparse::max_abs")
+def _max_abs_fake(tensors):
+    dtype = torch.float64 if tensors and tensors[0].dtype == torch.float64 else torch.float32
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.empty(len(tensors), dtype=dtype, device=device)
+
+
 @torch.library.register_fake("cvsparse::mixed_partial_dot")
 def _mixed_partial_dot_fake(params, vectors, precond):
     dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32

@@ -73,6 +73,19 @@ def mixed_partial_dot(params: list[Tensor], vectors: list[Tensor], precond: list
     return torch.stack(rows).to(out_dtype)
 
 
+def max_abs(tensors: list[Tensor]) -> Tensor:
+    """Largest ``|x|`` of every tensor, shape ``(n,)``: NaN for a tensor holding a NaN, inf for
+    one holding an inf (and no NaN), 0 for an empty one.  float64 for float64 inputs, float32
+    otherwise."""
+    dtype = torch.float64 if tensors and tensors[0].dtype == torch.float64 else torch.float32
+    device = tensors[0].device if tensors else torch.device("cpu")
+    out = torch.zeros(len(tensors), dtype=dtype, device=device)
+    for i, t in enumerate(tensors):
+        if t.numel():
+            out[i] = t.detach().abs().amax().to(dtype)  # amax propagates NaN
+    return out
+
+
 def threshold_(
     params: list[Tensor], momentum_bufs: list[Tensor], masks: list[Tensor], tau: float
 ) -> Tensor:

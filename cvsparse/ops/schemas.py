@@ -13,6 +13,7 @@ SCHEMAS: dict[str, str] = {
     "mixed_partial_dot": (
         "mixed_partial_dot(Tensor[] params, Tensor[] vectors, Tensor[] precond) -> Tensor"
     ),
+    "max_abs": "max_abs(Tensor[] tensors) -> Tensor",
     "threshold_": (
         "threshold_(Tensor(a!)[] params, Tensor(b!)[] momentum_bufs, Tensor(c!)[] masks, "
         "float tau) -> Tensor"

@@ -1,5 +1,5 @@
-"""The list operators (prox_sgd_, mixed_partial_dot, threshold_) of every backend against the
-oracle ``cvsparse.ops.reference``, through the public API ``cvsparse.ops``.
+"""The list operators (prox_sgd_, mixed_partial_dot, threshold_, max_abs) of every backend
+against the oracle ``cvsparse.ops.reference``, through the public API ``cvsparse.ops``.
 
 One suite, parametrized over the backends ``cpp`` (C++ CPU kernels), ``triton`` (Triton kernels;
 on CPU tensors in Triton's interpreter, so only small sizes) and ``cuda`` (needs a GPU).  Also:
@@ -279,6 +279,49 @@ def test_threshold_matches_reference(backend, dtype, bufs, size):
 def test_threshold_empty_list(backend):
     kept = ops.threshold_([], None, [], 0.5)
     assert kept.shape == (0,) and kept.dtype == torch.int64
+
+
+# ---- max_abs ---------------------------------------------------------------------------------
+
+def _max_abs_oracle(tensors, out_dtype):
+    """Largest |x| per tensor from Python floats (NaN if any NaN), in the result dtype."""
+    values = []
+    for t in tensors:
+        xs = [abs(x) for x in t.double().cpu().flatten().tolist()]
+        values.append(math.nan if any(math.isnan(x) for x in xs) else max(xs, default=0.0))
+    return torch.tensor(values, dtype=out_dtype)
+
+
+@DTYPE
+def test_max_abs_matches_oracle(backend, dtype):
+    device = _device(backend)
+    shapes = SHAPES + [(_big(backend) + 5,)]
+    tensors = _randn(shapes, dtype, device, scale=3.0)
+    tensors[-1][-1] = -1e3  # the largest entry, negative, in the partial tail of a long tensor
+    out = ops.max_abs(tensors)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == out_dtype and out.device == device
+    assert torch.equal(out.cpu(), _max_abs_oracle(tensors, out_dtype))  # |x| and max are exact
+    assert torch.equal(out.cpu(), reference.max_abs(tensors).cpu())
+
+
+@DTYPE
+def test_max_abs_reports_nan_and_inf_per_tensor(backend, dtype):
+    device = _device(backend)
+    tensors = _randn([(_big(backend) + 3,), (33, 17), (7,), (4097,), (5,)], dtype, device)
+    tensors[0][_big(backend) + 1] = math.nan     # NaN past the last whole vector
+    tensors[1][20, 3] = -math.inf
+    tensors[3][100] = math.inf
+    tensors[3][4000] = math.nan                  # NaN wins over an earlier inf
+    got = ops.max_abs(tensors).cpu()
+    assert math.isnan(got[0]) and got[1] == math.inf and math.isnan(got[3])
+    assert got[2] == _max_abs_oracle([tensors[2]], got.dtype)[0]
+    assert got[4] == _max_abs_oracle([tensors[4]], got.dtype)[0]
+
+
+def test_max_abs_empty_list(backend):
+    out = ops.max_abs([])
+    assert out.shape == (0,)
 
 
 # ---- argument validation: clear errors, nothing modified -------------------------------------

@@ -60,6 +60,11 @@ def test_opcheck_threshold(shapes, with_masks):
     torch.library.opcheck(torch.ops.cvsparse.threshold_.default, args)
 
 
+@pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
+def test_opcheck_max_abs(shapes):
+    torch.library.opcheck(torch.ops.cvsparse.max_abs.default, (_randn(shapes),))
+
+
 @pytest.fixture(params=["cpp", "auto"])
 def cpu_backend(request):
     ops.set_backend(request.param)
