@@ -10,7 +10,8 @@ an identity — a *slot* — and follows the slots through the graph op by op:
   residual stream is one set of slots across every block); ``torch.cat`` on dim 1 lists the
   slots of its inputs one after another (the concat offset); ``F.pad`` on the channel dimension
   adds fresh slots that hold the padding value;
-- any other op, the model input and the model output *pin* their slots (never removed).
+- any other op, the model input and the model output *pin* their slots (never removed), as do
+  the layers called more than once (shared weights).
 
 Alongside the slots every channel carries its value where that value does not depend on the
 input (a constant, computed in float64 with the module's real parameters, e.g. the
@@ -24,7 +25,8 @@ weights are all zero is thus removed unless its constant cannot be folded exactl
 nonzero constant read by a zero-padded 3×3 convolution, whose borders would see it differ).
 
 The result is the traced ``torch.fx.GraphModule`` (same submodule names, so the same
-``state_dict`` keys, with narrower tensors) in eval mode.  Outputs equal the input model's in
+``state_dict`` keys with narrower tensors, plus a ``bias`` where a folded constant needed one)
+in eval mode.  Outputs equal the input model's in
 eval mode (BatchNorm with its running statistics; dropout off); the input model is not modified.
 """
 
@@ -675,6 +677,8 @@ def shrink(model: nn.Module, example_input: Tensor, *, round_to: int | None = No
     Raises:
         TypeError: the model cannot be traced.
         ValueError: ``round_to`` is not a positive int.
+        RuntimeError: the shrunk model's output on ``example_input`` differs from the input
+            model's by more than :data:`CHECK_RTOL` relative (a self-check; never expected).
     """
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)
                                  or round_to < 1):
