@@ -292,7 +292,7 @@ def test_round_to_rejects_bad_values():
 def test_summary_counts_and_formats():
     model = _masked("lenet300", trained=False)
     x = torch.randn(4, 1, 28, 28)
-    small = shrink(model, x)
+    small, _ = _shrink(model, (1, 28, 28))
     report = summary(model, small, x, runs=3)
     assert set(report) == {"before", "after", "ratio"}
     for side, m in (("before", model), ("after", small)):
