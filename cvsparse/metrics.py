@@ -226,8 +226,10 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> list[LayerFlops
     return out
 
 
-def layer_table(model: nn.Module, input_shape: Sequence[int]) -> list[dict]:
-    """One row per regularized tensor (``cvsparse.params.regularized_parameters`` order):
+def layer_table(model: nn.Module, input_shape: Sequence[int],
+                names: Sequence[str] | None = None) -> list[dict]:
+    """One row per regularized tensor (``cvsparse.params.regularized_parameters`` order; with
+    ``names``, only the weights so named, see ``cvsparse.params.select_weights``):
 
     ``name`` (parameter name), ``shape``, ``params``, ``nonzero``, ``pruned_pct`` (100 · zero
     / params), ``compression_rate`` (params / nonzero; inf when all zero), ``flops_dense``,
@@ -236,7 +238,7 @@ def layer_table(model: nn.Module, input_shape: Sequence[int]) -> list[dict]:
     (those whose weights are all zero, bias ignored)."""
     flops = {f"{f.name}.weight" if f.name else "weight": f for f in count_flops(model, input_shape)}
     rows = []
-    for name, w in regularized_parameters(model):
+    for name, w in regularized_parameters(model, names):
         w = w.detach()
         params = w.numel()
         nonzero = int((w != 0).sum())

@@ -58,7 +58,7 @@ class AutoPruneMethod(CompressionMethod):
         if ap.pretrained:
             model.load_state_dict(load_weights(ap.pretrained))
         convert(model, granularity=ap.granularity, ste=ap.ste,
-                layers=gated_names(model, ap.skip_layers),
+                layers=gated_names(model, ap.skip_layers, self.regularized),
                 slope=ap.slope, update=ap.update)
         aux = [p for _, p in aux_parameters(model)]
         aux_ids = {id(p) for p in aux}
@@ -90,7 +90,8 @@ class AutoPruneMethod(CompressionMethod):
             self.frozen_at = epoch
             ap = self.config.autoprune
             warn_if_budget_missed("autoprune", self.measured_model(), self.input_shape(),
-                                  ap.target_compression, ap.target_flops, epoch)
+                                  ap.target_compression, ap.target_flops, epoch,
+                                  self.regularized)
         weight_l2 = self.config.autoprune.weight_l2
         if self.frozen_at is None:
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
@@ -109,13 +110,15 @@ class AutoPruneMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss, logits = supervised_step(self.model, self.weight_opt, x, y, self.guard)
+        self.observe(x)
+        loss, logits = supervised_step(self.model, self.weight_opt, x, y, self.guard,
+                                       self.loss_fn)
         if self.frozen_at is not None:  # fine-tuning: the second half trains the weights too
             xb, yb = (t.to(x.device) for t in self._second_batch())
-            supervised_step(self.model, self.weight_opt, xb, yb, self.guard)
+            supervised_step(self.model, self.weight_opt, xb, yb, self.guard, self.loss_fn)
         elif not self._target_met:
             xb, yb = (t.to(x.device) for t in self._second_batch())
-            supervised_step(self.model, self.aux_opt, xb, yb, self.guard)
+            supervised_step(self.model, self.aux_opt, xb, yb, self.guard, self.loss_fn)
             self._gate_steps += 1
             every = self.config.autoprune.target_check_every
             if every and self._gate_steps % every == 0:
@@ -159,7 +162,7 @@ class AutoPruneMethod(CompressionMethod):
         if ap.target_compression is None and ap.target_flops is None:
             return False
         return budget_met(self.measured_model(), self.input_shape(), ap.target_compression,
-                          ap.target_flops)
+                          ap.target_flops, self.regularized)
 
     def _second_batch(self) -> tuple[Tensor, Tensor]:
         loader = self.data.second_half
@@ -203,13 +206,19 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if not k.endswith(".aux")}
 
 
-def gated_names(model: nn.Module, skip: list[str]) -> list[str] | None:
-    """Qualified names of the Conv2d / Linear layers to gate: all but ``skip`` (None = all)."""
-    if not skip:
+def gated_names(model: nn.Module, skip: list[str],
+                regularized: list[str] | None = None) -> list[str] | None:
+    """Qualified names of the Conv2d / Linear layers to gate: all but ``skip``, and with
+    ``regularized`` (weight names, ``cvsparse.params.select_weights``) only the layers of those
+    weights (None = all)."""
+    if not skip and regularized is None:
         return None
     names = convertible_layers(model)
     unknown = sorted(set(skip) - set(names))
     if unknown:
         raise ValueError(f"autoprune.skip_layers: {unknown} are not Conv2d / Linear layers of "
                          f"the model; its layers: {names}")
+    if regularized is not None:
+        chosen = {n.removesuffix(".weight") if n != "weight" else "" for n in regularized}
+        names = [n for n in names if n in chosen]
     return [n for n in names if n not in skip]

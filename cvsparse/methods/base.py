@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,24 +19,38 @@ from torch import Tensor, nn
 
 from cvsparse import faults, metrics
 from cvsparse.config import RunConfig
-from cvsparse.data import BatchLoader
 from cvsparse.faults import SkippedStep, StepFault, StepGuard
+
+#: A loader: any iterable of ``(inputs, targets)`` batches that can be iterated again (a
+#: ``torch.utils.data.DataLoader``, cvsparse's ``BatchLoader``, a list of tensor pairs ...).
+Batches = Iterable[tuple[Tensor, Tensor]]
+#: ``loss_fn(outputs, targets) -> scalar tensor``.
+LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
 class RunData:
-    """The batches a method may draw on besides the training batch it is handed.
+    """The batches a method may draw on besides the training batch it is handed, and what it
+    must know of the task.
 
     ``val`` iterates the held-out validation split (no augmentation); ``train_for_hvp`` yields
-    training batches for curvature estimates; ``hyper_generator`` drives their order;
-    ``second_half`` iterates the training images a method reserved with
-    :meth:`CompressionMethod.split_training` (None when it reserved none).
+    training batches for curvature estimates; ``hyper_generator`` drives their order (it is
+    saved in checkpoints; None when the loaders draw from elsewhere); ``second_half`` iterates
+    the training data a method reserved with :meth:`CompressionMethod.split_training` (None
+    when it reserved none).  Every loader is any iterable of ``(inputs, targets)``.
+    ``input_shape`` is one input's shape without the batch dimension (None: taken from the
+    first batch the method sees); ``loss_fn`` the training loss (None: cross-entropy);
+    ``regularized`` the names of the regularized weights (None: every Conv/Linear weight,
+    ``cvsparse.params.select_weights``).
     """
 
-    val: BatchLoader
-    train_for_hvp: BatchLoader
-    hyper_generator: torch.Generator
-    second_half: BatchLoader | None = None
+    val: Batches
+    train_for_hvp: Batches
+    hyper_generator: torch.Generator | None = None
+    second_half: Batches | None = None
+    input_shape: tuple[int, ...] | None = None
+    loss_fn: LossFn | None = None
+    regularized: Sequence[str] | None = None
 
 
 class CompressionMethod(ABC):
@@ -56,6 +71,10 @@ class CompressionMethod(ABC):
         self.config = config
         self.model = model
         self.data = data
+        self.loss_fn: LossFn = data.loss_fn if data.loss_fn is not None else F.cross_entropy
+        self.regularized: list[str] | None = (
+            None if data.regularized is None else list(data.regularized))
+        self._input_shape = None if data.input_shape is None else tuple(data.input_shape)
 
     @abstractmethod
     def set_epoch(self, epoch: int) -> float:
@@ -92,20 +111,32 @@ class CompressionMethod(ABC):
         return self.model
 
     def input_shape(self) -> tuple[int, ...]:
-        """One input image's shape ``(C, H, W)``, as the validation split holds it."""
-        return tuple(self.data.val.images.shape[1:])
+        """One input's shape without the batch dimension (e.g. ``(C, H, W)``): as
+        ``RunData.input_shape`` gives it, else as the first training batch the method saw had
+        it (:meth:`observe`), else as the first validation batch has it."""
+        if self._input_shape is None:
+            x, _ = next(iter(self.data.val))
+            self._input_shape = tuple(x.shape[1:])
+        return self._input_shape
+
+    def observe(self, x: Tensor) -> None:
+        """Remember the input shape of the training batch ``x`` (the first one counts)."""
+        if self._input_shape is None:
+            self._input_shape = tuple(x.shape[1:])
 
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
-                    y: Tensor, guard: StepGuard | None = None) -> tuple[Tensor, Tensor]:
-    """One cross-entropy step of ``optimizer`` on ``(x, y)``; returns detached loss and logits.
+                    y: Tensor, guard: StepGuard | None = None,
+                    loss_fn: LossFn = F.cross_entropy) -> tuple[Tensor, Tensor]:
+    """One step of ``optimizer`` on ``loss_fn(model(x), y)`` (cross-entropy by default);
+    returns detached loss and logits.
 
     With a ``guard``, a loss or gradient it rejects (not finite, or exploding: see
     :mod:`cvsparse.faults`) raises :class:`~cvsparse.faults.SkippedStep` before the optimizer
     changes anything."""
     model.zero_grad(set_to_none=True)
     logits = model(x)
-    loss = faults.poisoned("loss", F.cross_entropy(logits, y))
+    loss = faults.poisoned("loss", loss_fn(logits, y))
     if guard is not None:
         guard.check_loss(loss)
     loss.backward()
@@ -157,23 +188,26 @@ def finetune_base_lr(config: RunConfig) -> float:
 
 
 def budget_met(model: nn.Module, input_shape: tuple[int, ...], compression: float | None,
-               flops: float | None) -> bool:
+               flops: float | None, names: Sequence[str] | None = None) -> bool:
     """Whether ``model``, as the report measures it, meets a compression budget: compression
     rate ``>= compression`` or effective FLOPs ``<= flops`` (a fraction of the dense FLOPs).
-    False when both are None.  ``input_shape`` is one image's ``(C, H, W)``."""
+    False when both are None.  ``input_shape`` is one input's shape (e.g. ``(C, H, W)``);
+    ``names`` the regularized weights (None: every Conv/Linear weight)."""
     if compression is None and flops is None:
         return False
-    return _meets(metrics.summarize(metrics.layer_table(model, input_shape)), compression, flops)
+    return _meets(metrics.summarize(metrics.layer_table(model, input_shape, names)),
+                  compression, flops)
 
 
 def warn_if_budget_missed(method: str, model: nn.Module, input_shape: tuple[int, ...],
-                          compression: float | None, flops: float | None, epochs: int) -> None:
+                          compression: float | None, flops: float | None, epochs: int,
+                          names: Sequence[str] | None = None) -> None:
     """At the end of ``method``'s pruning phase, after ``epochs`` epochs: warn, saying how far
     ``model`` got, if it does not meet the budget as :func:`budget_met` reads it; nothing when
     there is no budget.  The run goes on: the epochs left fine-tune the support as it is."""
     if compression is None and flops is None:
         return
-    totals = metrics.summarize(metrics.layer_table(model, input_shape))
+    totals = metrics.summarize(metrics.layer_table(model, input_shape, names))
     if _meets(totals, compression, flops):
         return
     missed = []

@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvsparse import faults
@@ -96,10 +95,11 @@ class CVGradMethod(CompressionMethod):
     def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
         super().__init__(config, model, data)
         cv = config.cvgrad
-        named = regularized_parameters(model)
+        named = regularized_parameters(model, self.regularized)
         self.names = [n for n, _ in named]
         self.weights = [p for _, p in named]
-        self.unregularized = [p for _, p in other_parameters(model) if p.requires_grad]
+        self.unregularized = [p for _, p in other_parameters(model, self.regularized)
+                              if p.requires_grad]
         size = len(self.weights) if cv.per_layer else 1
         self.lambdas = LambdaOptimizer(
             torch.full((size,), cv.lambda1, dtype=torch.float64),
@@ -172,7 +172,8 @@ class CVGradMethod(CompressionMethod):
             cv = self.config.cvgrad
             if self.stopped_at is None:   # the outer iterations ran out before any budget
                 warn_if_budget_missed("cvgrad", self.model, self.input_shape(),
-                                      cv.target_compression, cv.target_flops, self._epoch)
+                                      cv.target_compression, cv.target_flops, self._epoch,
+                                      self.regularized)
             if self.floor is not None and (reached := self._compression()) < cv.min_compression:
                 warnings.warn(f"cvgrad: the L1 phase ended after epoch {self._epoch} at "
                               f"{reached:.1f}x, below min_compression "
@@ -185,7 +186,9 @@ class CVGradMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        loss, logits = supervised_step(self.model, self.optimizer, x, y, self.guard)
+        self.observe(x)
+        loss, logits = supervised_step(self.model, self.optimizer, x, y, self.guard,
+                                       self.loss_fn)
         self.steps += 1
         cv = self.config.cvgrad
         k = cv.online_every
@@ -275,7 +278,7 @@ class CVGradMethod(CompressionMethod):
                 break
             x, y = (t.to(device) for t in batch)
             with torch.enable_grad():
-                grads = torch.autograd.grad(F.cross_entropy(self.model(x), y), self.weights)
+                grads = torch.autograd.grad(self.loss_fn(self.model(x), y), self.weights)
             torch._foreach_add_(sums, grads)
             used += 1
         self.model.train()
@@ -295,7 +298,8 @@ class CVGradMethod(CompressionMethod):
         """End the L1 phase: mask the weights below τ (zero from now on) and stop L1 and
         thresholding; λ2 and the learning rate stay as they are until the next epoch."""
         group = self.optimizer.param_groups[0]
-        self.optimizer.prune(self.config.cvgrad.threshold)
+        group["threshold"] = self.config.cvgrad.threshold
+        self.optimizer.prune()   # the groups with a threshold: the regularized weights only
         group["lambda1"], group["threshold"] = 0.0, None
 
     def _budget_reached(self) -> bool:
@@ -304,7 +308,8 @@ class CVGradMethod(CompressionMethod):
         cv = self.config.cvgrad
         if self.optimizer.param_groups[0]["threshold"] is None:
             return False
-        return budget_met(self.model, self.input_shape(), cv.target_compression, cv.target_flops)
+        return budget_met(self.model, self.input_shape(), cv.target_compression,
+                          cv.target_flops, self.regularized)
 
     def _hyper_step(self, val_batch: tuple[Tensor, Tensor]) -> None:
         """One λ update from a validation batch (model in eval mode: BN uses running stats).
@@ -322,11 +327,13 @@ class CVGradMethod(CompressionMethod):
         self.model.eval()
 
         def val_loss() -> Tensor:
+            if cv.val_objective == "ce" and self.data.loss_fn is not None:
+                return self.loss_fn(self.model(xv), yv)   # the user's loss, on validation
             return validation_loss(self.model(xv), yv, cv.val_objective)
 
         def train_loss() -> Tensor:
             xt, yt = (t.to(device) for t in self._train_batch())
-            return F.cross_entropy(self.model(xt), yt)
+            return self.loss_fn(self.model(xt), yt)
 
         lam1, lam2 = self._lambda_args()
         diagnostics: dict[str, Any] = {}

@@ -36,10 +36,11 @@ class MagnitudeMethod(CompressionMethod):
 
     def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
         super().__init__(config, model, data)
-        self.weights = [p for _, p in regularized_parameters(model)]
+        self.weights = [p for _, p in regularized_parameters(model, self.regularized)]
         self.optimizer = ProxSGD(
             [{"params": self.weights, "lambda2": config.magnitude.weight_l2},
-             {"params": [p for _, p in other_parameters(model)], "lambda2": 0.0}],
+             {"params": [p for _, p in other_parameters(model, self.regularized)],
+              "lambda2": 0.0}],
             lr=config.optim.lr, momentum=config.optim.momentum,
         )
         self.pruned = False
@@ -62,7 +63,8 @@ class MagnitudeMethod(CompressionMethod):
         return lr
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return supervised_step(self.model, self.optimizer, x, y, self.guard)
+        self.observe(x)
+        return supervised_step(self.model, self.optimizer, x, y, self.guard, self.loss_fn)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         return {}

@@ -209,6 +209,7 @@ class Trainer:
             second_half=None if reserved_idx is None else loader(
                 ds.x_train, ds.y_train, reserved_idx, dc.batch_size, shuffle=True,
                 augment=augment, generator=hyper_generator),
+            input_shape=self.input_shape,
         )
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
