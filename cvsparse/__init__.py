@@ -1,8 +1,24 @@
 """cvsparse: compress CNNs with sparse regularization whose strengths are learned.
 
-Subpackages: ``ops`` (fused operators), ``optim`` (ProxSGD), ``hyper`` (hypergradients and the
-λ optimizer), ``nn`` (AutoPrune gated layers), ``models``, ``data``, ``metrics``, ``train``,
-``methods``; ``cli`` is the ``cvsparse`` command.
+``cvsparse.compress(model, train_loader, val_loader, ...)`` (:mod:`cvsparse.api`) compresses
+any model on any data.  Subpackages: ``ops`` (fused operators), ``optim`` (ProxSGD), ``hyper``
+(hypergradients and the λ optimizer), ``nn`` (AutoPrune gated layers), ``models``, ``data``,
+``metrics``, ``train``, ``methods``; ``cli`` is the ``cvsparse`` command.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["CompressionResult", "compress"]
+
+
+def __getattr__(name: str) -> Any:
+    """``compress`` and ``CompressionResult``, imported on first use (``import cvsparse`` stays
+    light for the operators and the command line)."""
+    if name in __all__:
+        from cvsparse import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'cvsparse' has no attribute {name!r}")

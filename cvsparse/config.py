@@ -273,8 +273,12 @@ def resolve_defaults(config: RunConfig) -> RunConfig:
     return config
 
 
-def validate(config: RunConfig, *, n_train: int | None = None) -> None:
-    """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size)."""
+def validate(config: RunConfig, *, n_train: int | None = None,
+             named_sources: bool = True) -> None:
+    """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size).
+
+    ``named_sources=False`` leaves ``model`` and ``data.dataset`` unchecked: the Python API
+    (``cvsparse.compress``) takes a module and loaders rather than names of the registries."""
     from cvsparse.data import DATASETS, IMAGE_SHAPES
     from cvsparse.hyper.objectives import OBJECTIVES
     from cvsparse.models import MODELS
@@ -282,11 +286,11 @@ def validate(config: RunConfig, *, n_train: int | None = None) -> None:
     def fail(message: str) -> None:
         raise ValueError(f"bad config: {message}")
 
-    if config.model not in MODELS:
+    if named_sources and config.model not in MODELS:
         fail(f"unknown model {config.model!r}; choose one of {', '.join(sorted(MODELS))}")
     if config.method not in METHODS:
         fail(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if config.data.dataset not in DATASETS:
+    if named_sources and config.data.dataset not in DATASETS:
         fail(f"unknown dataset {config.data.dataset!r}; choose one of {', '.join(DATASETS)}")
     _check_finite(config, "", fail)
     _check_counts(config, fail)

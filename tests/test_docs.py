@@ -194,10 +194,11 @@ def test_no_paths_of_a_particular_machine(path):
         assert fragment not in text, f"{path.name} mentions {fragment}"
 
 
-def test_readme_python_example_runs(tmp_path):
+@pytest.mark.parametrize("index", [0, 1], ids=["compress", "pieces"])
+def test_readme_python_examples_run(tmp_path, index):
     blocks = _fenced_blocks(README.read_text(), "python")
-    assert blocks, "the README has no python block"
-    result = subprocess.run([sys.executable, "-c", "\n".join(blocks[0])], cwd=tmp_path,
+    assert len(blocks) == 2, "the README has two python blocks (compress, the pieces)"
+    result = subprocess.run([sys.executable, "-c", "\n".join(blocks[index])], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "weights kept" in result.stdout

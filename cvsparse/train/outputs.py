@@ -45,7 +45,7 @@ def summary_table(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['config']['model']} on {report['config']['data']['dataset']}, "
         f"method {report['config']['method']}, {report['wall_time_s']:.0f} s",
-        f"test acc {100 * report['test_acc']:.2f}%   val acc {100 * report['val_acc']:.2f}%",
+        f"test acc {_percent(report['test_acc'])}   val acc {_percent(report['val_acc'])}",
         f"weights {report['params_nonzero']:,} / {report['params_total']:,} nonzero   "
         f"compression {report['compression_rate']:.1f}x   pruned {report['pruned_pct']:.2f}%",
         f"FLOPs {report['flops_effective']:,} / {report['flops_dense']:,} "
@@ -61,6 +61,11 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(f"{row['name']:<28}{shape:>20}{row['nonzero']:>12,}"
                      f"{row['pruned_pct']:>10.2f}{units:>12}")
     return "\n".join(lines)
+
+
+def _percent(fraction: float | None) -> str:
+    """``0.9804`` as ``98.04%``; ``-`` for None (a run without a test set)."""
+    return "-" if fraction is None else f"{100 * fraction:.2f}%"
 
 
 def _budget_line(report: dict[str, Any]) -> list[str]:
@@ -100,9 +105,10 @@ def comparison_table(reports: dict[str, dict[str, Any]]) -> str:
     ]
     for name, r in reports.items():
         flops = 100 * r["flops_effective"] / r["flops_dense"] if r["flops_dense"] else 100.0
+        error = "-" if r["test_acc"] is None else f"{100 * (1 - r['test_acc']):.2f}"
         lines.append(
             f"| {name} | {r['config']['model']} | {r['config']['method']} | {r['epochs']} "
-            f"| {100 * (1 - r['test_acc']):.2f} | {r['compression_rate']:.1f}x "
+            f"| {error} | {r['compression_rate']:.1f}x "
             f"| {r['pruned_pct']:.2f} | {flops:.1f} |"
         )
     return "\n".join(lines)
@@ -132,8 +138,10 @@ def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Pa
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")):
-        if rows and key in rows[0]:
-            ax.plot(epochs, [100 * r[key] for r in rows], marker="o", ms=3, label=label)
+        shown = [r for r in rows if key in r]   # e.g. no test accuracy without a test set
+        if shown:
+            ax.plot([r["epoch"] for r in shown], [100 * r[key] for r in shown], marker="o",
+                    ms=3, label=label)
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,0 +1,465 @@
+"""The Python API: compress your own model on your own data.
+
+    result = cvsparse.compress(model, train_loader, val_loader, method="cvgrad", epochs=2)
+    result.model     # the same module, its pruned weights exact zeros
+    result.report    # what report.json holds: compression_rate, val_acc, λ history, layers ...
+    result.history   # the metrics.csv rows, one per epoch
+
+Loaders are any iterables of ``(inputs, targets)`` batches (``torch.utils.data.DataLoader``
+over any ``Dataset``); the loss is cross-entropy or any ``loss_fn(outputs, targets)``.  The
+settings are those of the command line (docs/cli.md): the built-in defaults, then ``config``
+(a :class:`~cvsparse.config.RunConfig`, a nested dict as in a YAML recipe, or a YAML file),
+then ``epochs`` and the keyword ``overrides``.  docs/api.md describes the whole contract.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+from cvsparse import metrics
+from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, validate
+from cvsparse.faults import SkippedStep, StepGuard
+from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
+from cvsparse.methods.base import Batches, LossFn
+from cvsparse.nn import strip
+from cvsparse.params import Selector, select_weights
+from cvsparse.train import checkpoint, outputs, rundir
+from cvsparse.train.averaging import WeightAverage
+from cvsparse.train.loop import _check_evaluation, _seed_everything
+
+#: Keys every checkpoint :func:`compress` writes holds.
+_STATE_KEYS = ("epoch", "model", "method", "rng", "average", "rows", "wall_time_s", "config",
+               "guard", "input_shape", "regularized", "loader_generators")
+#: The configuration sections a flat override key is looked up in, after the method's own
+#: (``data`` does not apply: the loaders are the caller's).
+_SECTIONS = ("optim",)
+#: Top-level settings that apply to :func:`compress` (the device is the model's).
+_TOP = ("seed", "threads")
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns.
+
+    ``model``: the module passed in (same object, same class), compressed in place — pruned
+    weights are exact zeros, AutoPrune's gates stripped back to plain layers.  ``report``: the
+    dict ``report.json`` holds (``compression_rate``, ``val_acc``, ``test_acc``, the λ history,
+    the per-layer table ``layers``, the resolved ``config`` ...).  ``history``: one dict per
+    epoch, the rows of ``metrics.csv``.  ``out``: the folder written, or None."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    history: list[dict[str, Any]]
+    out: Path | None = None
+
+
+def compress(
+    model: nn.Module,
+    train_loader: Batches,
+    val_loader: Batches,
+    *,
+    method: str = "cvgrad",
+    epochs: int | None = None,
+    test_loader: Batches | None = None,
+    out: str | Path | None = None,
+    config: RunConfig | dict[str, Any] | str | Path | None = None,
+    include: Selector | None = None,
+    exclude: Selector | None = None,
+    loss_fn: LossFn | None = None,
+    gate_loader: Batches | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    **overrides: Any,
+) -> CompressionResult:
+    """Compress ``model`` with ``method`` ("cvgrad", "autoprune" or "magnitude").
+
+    Args:
+        model: any ``nn.Module`` (on the device it should train on); trained and compressed in
+            place.
+        train_loader, val_loader, test_loader: iterables of ``(inputs, targets)`` batches,
+            iterated once per epoch (``val_loader`` also feeds cvgrad's hyper steps).
+        method: the compression method.
+        epochs: ``optim.epochs`` — inner epochs per outer iteration for cvgrad (the run has
+            ``outer · epochs + finetune_epochs``), the pruning phase for the others.
+        out: a folder for ``report.json``, ``metrics.csv``, ``plots/`` and ``checkpoint.pt``
+            (refused if it holds another run, unless ``overwrite``); None writes nothing.
+        config: settings under the overrides (a ``RunConfig``, a nested dict, a YAML path).
+        include, exclude: the regularized tensors — module names (a name covers every layer
+            under it) or a predicate ``(module_name, module) -> bool``; default every
+            Conv/Linear weight.
+        loss_fn: ``loss_fn(outputs, targets)`` for training and validation; default
+            cross-entropy.
+        gate_loader: AutoPrune's gate batches; default: the second half of ``train_loader``'s
+            dataset (the first half trains the weights), which needs a ``DataLoader`` over a
+            sized dataset.
+        resume: continue the run in ``out`` from its checkpoint (pass the same model
+            architecture, freshly built, and the same loaders); the stored settings are used.
+        progress: print one line per epoch to stderr.
+        **overrides: any setting by its key in the method's section, ``optim``, or ``seed`` /
+            ``threads`` (``lambda1=1e-5``, ``lr=0.05``, ``max_steps_per_epoch=10``,
+            ``seed=1`` ...); a key that does not apply to ``method`` is a TypeError.
+
+    Returns:
+        A :class:`CompressionResult`.  Raises ValueError (or TypeError for an unknown setting)
+        before any training for bad arguments.
+    """
+    if resume and out is None:
+        raise ValueError("resume=True needs out= (the folder of the run to continue)")
+    out_dir = None if out is None else Path(out)
+    store = None
+    state = None
+    if out_dir is not None:
+        rundir.check_writable(out_dir)
+        rundir.check_unlocked(out_dir)
+        store = checkpoint.CheckpointStore(out_dir, required=_STATE_KEYS)
+        if resume:
+            state = store.load()
+        else:
+            rundir.check_free(out_dir, overwrite)
+    if state is not None:
+        run_config = from_dict(state["config"])
+        validate(run_config, named_sources=False)
+    else:
+        run_config = build_config(model, method, epochs, config, overrides)
+    run = _Run(run_config, model, train_loader, val_loader, test_loader, include, exclude,
+               loss_fn, gate_loader, state, progress)
+    if out_dir is None:
+        run.train()
+        return run.finish(None)
+    with rundir.RunLock(out_dir):
+        if state is None:
+            rundir.check_free(out_dir, overwrite)
+            rundir.clear(out_dir)
+        run.train(out_dir, store)
+        return run.finish(out_dir)
+
+
+def build_config(model: nn.Module, method: str, epochs: int | None,
+                 config: RunConfig | dict[str, Any] | str | Path | None,
+                 overrides: dict[str, Any]) -> RunConfig:
+    """The resolved, validated :class:`RunConfig` of a :func:`compress` call: defaults ←
+    ``config`` ← ``method``, ``epochs`` and ``overrides`` (flat keys looked up in the method's
+    section, then ``optim``, then ``seed`` and ``threads``).  ``model`` names the model in the
+    report (``"custom:<class name>"``)."""
+    if config is None:
+        base = RunConfig()
+    elif isinstance(config, RunConfig):
+        base = copy.deepcopy(config)
+    elif isinstance(config, dict):
+        base = from_dict(copy.deepcopy(config))
+    elif isinstance(config, (str, Path)):
+        base = load_yaml(config)
+    else:
+        raise TypeError(f"config must be a RunConfig, a dict or a YAML path, got "
+                        f"{type(config).__name__}")
+    if method not in METHOD_CLASSES:
+        raise ValueError(f"unknown method {method!r}; choose one of "
+                         f"{', '.join(METHOD_CLASSES)}")
+    base.method = method
+    base.model = f"custom:{type(model).__name__}"
+    base.data.dataset = "custom"
+    values: dict[str, Any] = {}
+    if epochs is not None:
+        values["optim"] = {"epochs": epochs}
+    for key, value in overrides.items():
+        section = _section_of(base, key)
+        if section:
+            values.setdefault(section, {})[key] = value
+        else:
+            values[key] = value
+    config = from_dict(values, base)
+    resolve_defaults(config)
+    validate(config, named_sources=False)
+    return config
+
+
+def _section_of(config: RunConfig, key: str) -> str:
+    """The section a flat override ``key`` belongs to ("" for the top level); TypeError
+    naming the valid keys when it is none of them."""
+    for section in (config.method, *_SECTIONS):
+        if key in {f.name for f in fields(getattr(config, section))}:
+            return section
+    if key in _TOP:
+        return ""
+    valid = sorted({f.name for s in (config.method, *_SECTIONS)
+                    for f in fields(getattr(config, s))} | set(_TOP))
+    raise TypeError(f"compress() got an unknown setting {key!r} for method "
+                    f"{config.method!r}; valid: {', '.join(valid)}")
+
+
+class _Run:
+    """One :func:`compress` run: the method, its loaders and the per-epoch bookkeeping (the
+    Python API's counterpart of :class:`cvsparse.train.Trainer`)."""
+
+    def __init__(self, config: RunConfig, model: nn.Module, train_loader: Batches,
+                 val_loader: Batches, test_loader: Batches | None,
+                 include: Selector | None, exclude: Selector | None, loss_fn: LossFn | None,
+                 gate_loader: Batches | None, state: dict[str, Any] | None,
+                 progress: bool) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.config = config
+        self.model = model
+        self.progress = progress
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        _seed_everything(config.seed)
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        if state is not None:
+            self.regularized = list(state["regularized"])
+        else:
+            self.regularized = select_weights(model, include, exclude)
+        method_class = METHOD_CLASSES[config.method]
+        self.train_loader = train_loader
+        second = None
+        if method_class.split_training is not CompressionMethod.split_training:
+            if gate_loader is not None:
+                second = gate_loader
+            else:
+                self.train_loader, second = _halves(train_loader, config.seed)
+        self.val_loader, self.test_loader = val_loader, test_loader
+        self.loaders = [self.train_loader, val_loader, test_loader, second]
+        self.input_shape: tuple[int, ...] | None = (
+            None if state is None else tuple(state["input_shape"]))
+        data = RunData(val=val_loader, train_for_hvp=self.train_loader, second_half=second,
+                       input_shape=self.input_shape, loss_fn=loss_fn,
+                       regularized=self.regularized)
+        self.method = method_class(config, model, data)
+        self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
+        self.average = WeightAverage(model, self.train_loader, self.device)
+        self.rows: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.wall_time = 0.0
+        if state is not None:
+            self._restore(state)
+
+    # ---- the run ------------------------------------------------------------------------------
+
+    def train(self, out_dir: Path | None = None,
+              store: checkpoint.CheckpointStore | None = None) -> None:
+        """Every epoch left; with ``out_dir``, metrics.csv and the checkpoint after each."""
+        total = self.config.total_epochs
+        while self.epoch < total:
+            start = time.perf_counter()
+            row = self._epoch(self.epoch)
+            self.wall_time += time.perf_counter() - start
+            row["wall_time_s"] = round(self.wall_time, 3)
+            self.rows.append(row)
+            self.epoch += 1
+            if self.epoch == total and self.average.count:
+                self.average.copy_to_model()   # the finished model is the weight average
+            if out_dir is not None and store is not None:
+                outputs.write_metrics_csv(self.rows, out_dir / "metrics.csv")
+                store.save(self._state())
+
+    def finish(self, out_dir: Path | None) -> CompressionResult:
+        """The report (written with the plots into ``out_dir``), then the model stripped of
+        AutoPrune's gates."""
+        report = self.report()
+        if out_dir is not None:
+            outputs.write_json(report, out_dir / "report.json")
+            outputs.write_plots(self.rows, report, out_dir / "plots")
+        model = strip(self.model)
+        if model is not self.model:   # the model was itself one gated layer
+            raise ValueError("compress: the model is a single layer; wrap it in a module")
+        return CompressionResult(model=model, report=report, history=list(self.rows),
+                                 out=out_dir)
+
+    def report(self) -> dict[str, Any]:
+        """The report of the model as it is now (docs/method.md §7)."""
+        with self._evaluated():
+            measured = self.method.measured_model()
+        layers = metrics.layer_table(measured, self._shape(), self.regularized)
+        totals = metrics.summarize(layers, measured)
+        last = self.rows[-1] if self.rows else {}
+        return {
+            "test_acc": last.get("test_acc"),
+            "val_acc": last.get("val_acc"),
+            **totals,
+            **self.method.report(),
+            "layers": layers,
+            "regularized": self.regularized,
+            "epochs": self.rows and self.rows[-1]["epoch"] + 1,
+            "config": self.config.to_dict(),
+            "wall_time_s": self.wall_time,
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+        }
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        self.guard.start_epoch()
+        lr = self.method.set_epoch(epoch)
+        window = self.config.optim.swa_epochs
+        averaging = window > 0 and epoch >= self.config.total_epochs - window
+        self.model.train()
+        cap = self.config.optim.max_steps_per_epoch
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step, (x, y) in enumerate(self.train_loader):
+            if cap is not None and step >= cap:
+                break
+            x, y = x.to(self.device), y.to(self.device)
+            if self.input_shape is None:
+                self.input_shape = tuple(x.shape[1:])
+            try:
+                loss, logits = self._guarded_step(x, y)
+            except SkippedStep:
+                continue
+            if averaging:
+                self.average.update()
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        if seen == 0 and self.guard.counts["step"] == 0:
+            raise ValueError("train_loader yielded no batches")
+        extra = self.method.end_epoch(epoch)
+        with self._evaluated():
+            val = evaluate(self.model, self.val_loader, self.loss_fn, self.device)
+            test = (None if self.test_loader is None
+                    else evaluate(self.model, self.test_loader, self.loss_fn, self.device))
+            totals = metrics.summarize(metrics.layer_table(
+                self.method.measured_model(), self._shape(), self.regularized))
+        _check_evaluation(epoch, val["loss"], test["loss"] if test else val["loss"])
+        row = {
+            "epoch": epoch, "lr": lr,
+            "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"],
+            **({} if test is None else {"test_loss": test["loss"], "test_acc": test["acc"]}),
+            "params_nonzero": totals["params_nonzero"],
+            "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
+            "skipped_steps": self.guard.counts["step"],
+            "skipped_hyper_steps": self.guard.counts["hyper"],
+            **extra,
+        }
+        if self.progress:
+            print(f"epoch {epoch + 1}/{self.config.total_epochs}: train acc "
+                  f"{row['train_acc']:.4f}  val acc {row['val_acc']:.4f}  compression "
+                  f"{row['compression_rate']:.1f}x", file=sys.stderr, flush=True)
+        return row
+
+    def _guarded_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The method's step; a skipped one leaves the model's buffers as they were."""
+        saved = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            result = self.method.train_step(x, y)
+        except SkippedStep as exc:
+            with torch.no_grad():
+                for buffer, value in zip(self.model.buffers(), saved, strict=True):
+                    buffer.copy_(value)
+            self.model.train()
+            self.guard.skipped("step", str(exc))
+            raise
+        self.guard.passed("step")
+        return result
+
+    def _shape(self) -> tuple[int, ...]:
+        if self.input_shape is None:
+            self.input_shape = self.method.input_shape()
+        return self.input_shape
+
+    def _evaluated(self) -> AbstractContextManager[None]:
+        finished = self.epoch >= self.config.total_epochs
+        return self.average.applied() if self.average.count and not finished else nullcontext()
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "average": self.average.state_dict(),
+            "rows": self.rows,
+            "wall_time_s": self.wall_time,
+            "config": self.config.to_dict(),
+            "guard": self.guard.state_dict(),
+            "input_shape": list(self._shape()),
+            "regularized": self.regularized,
+            "loader_generators": [None if g is None else g.get_state()
+                                  for g in _generators(self.loaders)],
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.average.load_state_dict(state["average"])
+        self.guard.load_state_dict(state["guard"])
+        for generator, saved in zip(_generators(self.loaders), state["loader_generators"],
+                                    strict=True):
+            if generator is not None and saved is not None:
+                generator.set_state(saved)
+        checkpoint.set_rng_state(state["rng"])
+        self.rows = state["rows"]
+        self.epoch = state["epoch"]
+        self.wall_time = state["wall_time_s"]
+
+
+def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
+             loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+             device: torch.device | None = None) -> dict[str, float]:
+    """Mean ``loss`` (``loss_fn`` per batch, weighted by its size) and top-1 accuracy ``acc``
+    of ``model`` over ``loader``, in eval mode (the modes are restored), without gradients."""
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    modes = {m: m.training for m in model.modules()}
+    loss_sum, correct, n = 0.0, 0, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits = model(x)
+                loss_sum += float(loss_fn(logits.float(), y)) * len(y)
+                correct += int((logits.argmax(dim=1) == y).sum())
+                n += len(y)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if n == 0:
+        raise ValueError("loader yielded no samples")
+    return {"loss": loss_sum / n, "acc": correct / n, "n": n}
+
+
+def _halves(loader: Batches, seed: int) -> tuple[DataLoader, DataLoader]:
+    """Two DataLoaders like ``loader`` over the two halves of a seeded permutation of its
+    dataset (weights on the first, AutoPrune's gates on the second)."""
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(loader, DataLoader) or not hasattr(dataset, "__len__") \
+            or loader.batch_size is None:
+        raise ValueError("autoprune trains its gates on separate batches: pass "
+                         "gate_loader=..., or a DataLoader with a batch_size over a sized "
+                         "dataset as train_loader (it is split in two halves)")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    half = len(order) // 2
+    if half == 0:
+        raise ValueError("train_loader's dataset is too small to split in two halves")
+    shuffle = isinstance(loader.sampler, RandomSampler)
+
+    def like(indices: Tensor) -> DataLoader:
+        return DataLoader(Subset(dataset, indices.tolist()), batch_size=loader.batch_size,
+                          shuffle=shuffle, num_workers=loader.num_workers,
+                          collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                          drop_last=loader.drop_last, generator=loader.generator)
+
+    return like(order[:half]), like(order[half:])
+
+
+def _generators(loaders: list[Any]) -> list[torch.Generator | None]:
+    """The ``generator`` of each loader that has one (a DataLoader's shuffling), else None."""
+    return [g if isinstance(g := getattr(loader, "generator", None), torch.Generator) else None
+            for loader in loaders]
