@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cvsparse import faults
 from cvsparse.config import RunConfig
-from cvsparse.faults import NonFiniteError
+from cvsparse.faults import NonFiniteError, SkippedStep
 from cvsparse.hyper import CompressionFloor, LambdaOptimizer, hypergradient
 from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
@@ -349,9 +349,12 @@ class CVGradMethod(CompressionMethod):
         if cv.lr_scaled_hyper:  # one unrolled step: dw/dλ1 = −η·sign(w), dw/dλ2 = −η·w
             d1, d2 = d1 * lr_scale, d2 * lr_scale
         before = self.lambdas.lambda1.clone()
+        d1 = faults.poisoned("hyper", d1)
         try:
-            self.lambdas.step(faults.poisoned("hyper", d1), d2)
-        except NonFiniteError as exc:   # λ, its moments and the floor stay as they are
+            if self.guard is not None:   # non-finite or exploding: skipped
+                self.guard.check_hypergradient(d1, d2)
+            self.lambdas.step(d1, d2)
+        except (NonFiniteError, SkippedStep) as exc:   # λ, its moments and the floor stay
             if self.guard is None:
                 raise
             self.guard.skipped("hyper", str(exc))

@@ -190,6 +190,28 @@ def test_lenet5_at_lr_0_1_stops_with_exit_3_and_no_false_checkpoint(tmp_path):
     assert not (out / checkpoint.CHECKPOINT_NAME).exists()
 
 
+def test_an_exploding_hypergradient_is_skipped_once_its_history_is_known(tmp_path, inject):
+    """After MIN_HISTORY ordinary hyper steps, one whose hypergradient is 1e9 x larger (finite)
+    leaves λ and its optimizer as they were and is counted; the next one goes through."""
+    trainer = Trainer(tiny_config(), tmp_path, progress=False)
+    method = trainer.method
+    batches = iter(trainer.val_loader)
+    batch = next(batches)
+    for _ in range(faults.MIN_HISTORY):
+        method._hyper_step(batch)
+    assert trainer.guard.counts["hyper"] == 0
+    before = checkpoint.digest({"lambdas": method.lambdas.state_dict(),
+                                "group": method.optimizer.param_groups[0]["lambda1"]})
+    inject("hyperx", {faults._CALLS["hyperx"] + 1})
+    method._hyper_step(batch)
+    after = checkpoint.digest({"lambdas": method.lambdas.state_dict(),
+                               "group": method.optimizer.param_groups[0]["lambda1"]})
+    assert after == before and trainer.guard.counts["hyper"] == 1
+    method._hyper_step(batch)
+    assert trainer.guard.consecutive["hyper"] == 0
+    assert method.lambdas.state_dict()["step"] == faults.MIN_HISTORY + 1
+
+
 def test_guard_judges_hypergradients_against_their_running_median():
     guard = StepGuard(max_consecutive=3)
     with pytest.raises(SkippedStep, match="hypergradient is nan"):
