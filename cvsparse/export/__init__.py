@@ -8,23 +8,17 @@
 - :func:`save` / :func:`load` — a portable, pickle-free file that rebuilds the model without
   its class; :func:`to_onnx` — standard ONNX.
 
-The submodules load on first use, so ``import cvsparse.export`` stays cheap.
+The functions are imported here, after their submodules, so that ``cvsparse.export.shrink``
+(and ``summary``, ``sparsify``) names the function whatever is imported later; the submodules
+stay reachable with ``from cvsparse.export.<module> import …``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .onnx_export import to_onnx
+from .portable import load, save
+from .shrink import shrink
+from .sparsify import sparsify
+from .summary import summary
 
-_WHERE = {
-    "shrink": "shrink", "summary": "summary", "sparsify": "sparsify",
-    "save": "portable", "load": "portable", "to_onnx": "onnx_export",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'cvsparse.export' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+__all__ = ["load", "save", "shrink", "sparsify", "summary", "to_onnx"]

@@ -35,8 +35,6 @@ from __future__ import annotations
 import copy
 import math
 import operator
-import sys
-import types
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -699,15 +697,3 @@ def shrink(model: nn.Module, example_input: Tensor, *, round_to: int | None = No
         _apply(g, roots, removed)
     _check(want, gm, example_input)
     return gm
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule makes ``cvsparse.export.shrink`` name the module instead of the
-    function (the import system sets the package attribute); calling the module calls the
-    function, so both spellings work in any import order."""
-
-    def __call__(self, *args, **kwargs):
-        return shrink(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -15,9 +15,7 @@ the sparse median is lower.  Everything measured goes into the returned report.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -236,15 +234,3 @@ def _time_pair(dense: Callable[[Tensor], object], sparse: Callable[[Tensor], obj
 
 def _set(parent: nn.Module, key: str, module: nn.Module) -> None:
     setattr(parent, key, module)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing ``cvsparse.export.sparsify`` (the module) makes Python set it as the package's
-    ``sparsify`` attribute, hiding the package's lazy mapping to the function: calling the module
-    calls the function, so ``from cvsparse.export import sparsify`` works either way."""
-
-    def __call__(self, *args, **kwargs) -> SparsifyReport:
-        return sparsify(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import statistics
-import sys
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -119,15 +117,3 @@ def format_summary(report: dict[str, dict[str, float]]) -> str:
         for row in rows
     ]
     return "\n".join(lines)
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule makes ``cvsparse.export.summary`` name the module instead of the
-    function (the import system sets the package attribute); calling the module calls the
-    function, so both spellings work in any import order."""
-
-    def __call__(self, *args, **kwargs):
-        return summary(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
