@@ -79,7 +79,7 @@ class LayerFlops:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode; restore each one's own flag afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -195,7 +195,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> list[LayerFlops
             handles.append(m.register_forward_pre_hook(input_hook))
         elif _is_plain_sequential(m):
             handles.append(m.register_forward_pre_hook(sequential_hook))
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         try:
             model(x)
         finally:
@@ -297,7 +297,7 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import io
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from ..metrics import count_flops
+from ..metrics import count_flops, eval_mode
 
 __all__ = ["format_summary", "measure", "summary"]
 
@@ -28,18 +26,6 @@ FIELDS: dict[str, str] = {
     "file_bytes": "file size (state_dict, bytes)",
     "latency_ms": "latency (ms, median)",
 }
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode; each one's own flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _file_bytes(model: nn.Module) -> int:
@@ -67,7 +53,7 @@ def measure(model: nn.Module, example_input: Tensor, *, runs: int = 20, warmup: 
     :func:`cvsparse.metrics.count_flops`), serialized ``state_dict`` bytes and the median
     latency of a whole batch."""
     flops = count_flops(model, tuple(example_input.shape[1:]))
-    with _eval_mode(model):
+    with eval_mode(model):
         latency = _latency_ms(model, example_input, runs, warmup)
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -88,7 +74,7 @@ def summary(model_before: nn.Module, model_after: nn.Module, example_input: Tens
     before = measure(model_before, example_input, runs=1)
     after = measure(model_after, example_input, runs=1)
     t_before, t_after = [], []
-    with _eval_mode(model_before), _eval_mode(model_after):
+    with eval_mode(model_before), eval_mode(model_after):
         for _ in range(runs):
             t_before.append(_latency_ms(model_before, example_input, 1, 0))
             t_after.append(_latency_ms(model_after, example_input, 1, 0))
