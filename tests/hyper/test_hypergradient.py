@@ -128,6 +128,16 @@ def _soft(z, t):
     return np.sign(z) * np.maximum(np.abs(z) - t, 0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems have tens of parameters: thousands of tiny products (Neumann terms,
+    L-BFGS steps) run fastest on one thread, and a second thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def logistic():
     return ElasticNetLogistic()
