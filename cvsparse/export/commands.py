@@ -226,7 +226,7 @@ def _load_onnx(path: Path) -> tuple[Callable[[Tensor], Tensor], dict[str, Any], 
                            f"(pip install 'cvsparse[export]'): {exc}") from None
     try:
         proto = onnx.load(str(path))
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:   # a damaged or foreign file
         raise CommandError(f"{path} is not a readable ONNX model: {_one_line(exc)}") from None
     props = {p.key: p.value for p in proto.metadata_props}
@@ -238,10 +238,10 @@ def _load_onnx(path: Path) -> tuple[Callable[[Tensor], Tensor], dict[str, Any], 
     floats = [a for a in arrays if a.dtype.kind == "f"]
     counts = {"params": int(sum(a.size for a in floats)),
               "nonzero_params": int(sum((a != 0).sum() for a in floats))}
-    name = session.get_inputs()[0].name
+    name = runner.get_inputs()[0].name
 
     def call(x: Tensor) -> Tensor:
-        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        return torch.from_numpy(runner.run(None, {name: x.numpy()})[0])
 
     return call, metadata, counts, "onnx"
 

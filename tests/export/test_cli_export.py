@@ -139,8 +139,8 @@ def test_onnx_export_matches_the_model(pruned_run, tmp_path, capsys):
     code, out, err = _main(capsys, "export", folder, "--format", "onnx",
                            "--out", tmp_path / "m.onnx")
     assert code == 0, err
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    runner = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = runner.run(None, {runner.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
     code, out, err = _main(capsys, "eval", tmp_path / "m.onnx", "--dataset", "mnist",
                            "--batch-size", "100")
