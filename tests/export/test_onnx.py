@@ -20,9 +20,9 @@ TOL = 1e-4
 
 
 def _run(path, *inputs: torch.Tensor) -> list[np.ndarray]:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=True)}
-    return session.run(None, feeds)
+    runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x.numpy() for i, x in zip(runner.get_inputs(), inputs, strict=True)}
+    return runner.run(None, feeds)
 
 
 def _check(model: nn.Module, path, shape: tuple[int, ...], batches=(1, 4)) -> None:
