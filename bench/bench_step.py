@@ -13,7 +13,10 @@ the step runs right after the backward pass that wrote the gradients), on one in
   cross-entropy, the step guard's loss and gradient checks, backward, ``ProxSGD.step()`` — against
   the same step with fused SGD and no guard — issue target 1.05x;
 * one hypergradient step with the ``identity`` estimator (validation forward and backward in
-  eval mode, ``mixed_partial_dot``, the λ update) against one training step: reported only.
+  eval mode, ``mixed_partial_dot``, the λ update) against one training step: reported only;
+* a whole ``cvgrad`` training step of ResNet-56 and VGG-16 at batch 128 under
+  ``cvsparse.precision`` (bf16 autocast and/or channels-last; the fp32 master weights take the
+  same ``ProxSGD`` step) against the same step in fp32, contiguous.
 
 The assertions are regression bounds at the measured level (bench/README.md, "Optimizer
 step"), not the issue's targets, which the step does not reach: the finiteness check is one
@@ -34,6 +37,7 @@ from cvsparse.methods.base import supervised_step
 from cvsparse.models import build_model, input_shape
 from cvsparse.optim import ProxSGD
 from cvsparse.params import regularized_parameters
+from cvsparse.precision import Precision
 
 MODELS = ["lenet300", "lenet5", "vgg16", "resnet20", "resnet56", "densenet40"]
 HYPER_MODELS = ["lenet300", "lenet5", "resnet20"]
@@ -41,6 +45,10 @@ BATCH, VAL_BATCH = 64, 1000
 LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4  # small lr: one batch is trained on again and again
 # Regression bounds (measured: step 1.4-1.7x, training step 0.99-1.13x; see the docstring).
 STEP_BOUND, TRAIN_BOUND = 2.0, 1.25
+PRECISION_MODELS, PRECISION_BATCH = ["resnet56", "vgg16"], 128
+#: (precision, channels_last) → regression bound on its step time / the fp32 step's (measured:
+#: 0.37-0.49, 0.52-0.57, 0.81-1.15; bench/README.md, "Mixed precision").
+PRECISION_BOUNDS = {("bf16", True): 0.6, ("bf16", False): 0.75, ("fp32", True): 1.3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,15 +67,15 @@ def _no_scrub() -> None:
     """Paired's cache scrub, left out: the step follows the backward pass in a loop."""
 
 
-def _setup(name: str, seed: int = 0):
+def _setup(name: str, seed: int = 0, batch: int = BATCH):
     """Model, its regularized weights, the other trainable tensors, a batch."""
     torch.manual_seed(seed)
     model = build_model(name)
     weights = [p for _, p in regularized_parameters(model)]
     ids = {id(p) for p in weights}
     others = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
-    x = torch.randn(BATCH, *input_shape(name))
-    y = torch.randint(0, 10, (BATCH,))
+    x = torch.randn(batch, *input_shape(name))
+    y = torch.randint(0, 10, (batch,))
     return model, weights, others, x, y
 
 
@@ -143,3 +151,18 @@ def test_identity_hyper_step_vs_training_step(benchmark, paired, name):
     ratio = _paired_ratio(benchmark, paired, hyper_step,
                           lambda: supervised_step(model, prox, x, y), 10)
     assert ratio > 0
+
+
+@pytest.mark.parametrize("setting", list(PRECISION_BOUNDS), ids=lambda s: f"{s[0]}-cl{int(s[1])}")
+@pytest.mark.parametrize("name", PRECISION_MODELS)
+def test_cvgrad_training_step_reduced_precision_vs_fp32(benchmark, paired, name, setting):
+    model, weights, others, x, y = _setup(name, batch=PRECISION_BATCH)
+    fp32, weights32, others32, _, _ = _setup(name, batch=PRECISION_BATCH)
+    precision = Precision(*setting)
+    precision.prepare(model)
+    prox, prox32 = _prox(weights, others), _prox(weights32, others32)
+    guard, guard32 = StepGuard(max_consecutive=10), StepGuard(max_consecutive=10)
+    ratio = _paired_ratio(benchmark, paired,
+                          lambda: supervised_step(model, prox, x, y, guard, precision=precision),
+                          lambda: supervised_step(fp32, prox32, x, y, guard32), 8)
+    assert ratio <= PRECISION_BOUNDS[setting]

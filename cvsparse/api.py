@@ -35,8 +35,10 @@ from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
 from cvsparse.nn import strip
 from cvsparse.params import Selector, select_weights
+from cvsparse.precision import FP32, Precision
 from cvsparse.train import checkpoint, outputs, rundir
 from cvsparse.train.averaging import WeightAverage
+from cvsparse.train.distributed import Ranks
 from cvsparse.train.loop import _check_evaluation, _seed_everything
 
 #: Keys every checkpoint :func:`compress` writes holds.
@@ -44,9 +46,9 @@ _STATE_KEYS = ("epoch", "model", "method", "rng", "average", "rows", "wall_time_
                "guard", "input_shape", "regularized", "loader_generators")
 #: The configuration sections a flat override key is looked up in, after the method's own
 #: (``data`` does not apply: the loaders are the caller's).
-_SECTIONS = ("optim",)
+_SECTIONS = ("optim", "accuracy")
 #: Top-level settings that apply to :func:`compress` (the device is the model's).
-_TOP = ("seed", "threads")
+_TOP = ("seed", "threads", "precision", "channels_last")
 
 
 @dataclass
@@ -108,9 +110,11 @@ def compress(
         resume: continue the run in ``out`` from its checkpoint (pass the same model
             architecture, freshly built, and the same loaders); the stored settings are used.
         progress: print one line per epoch to stderr.
-        **overrides: any setting by its key in the method's section, ``optim``, or ``seed`` /
-            ``threads`` (``lambda1=1e-5``, ``lr=0.05``, ``max_steps_per_epoch=10``,
-            ``seed=1`` ...); a key that does not apply to ``method`` is a TypeError.
+        **overrides: any setting by its key in the method's section, ``optim``, ``accuracy``,
+            or ``seed`` / ``threads`` / ``precision`` / ``channels_last`` (``lambda1=1e-5``,
+            ``lr=0.05``, ``max_steps_per_epoch=10``, ``max_accuracy_drop=0.5``,
+            ``precision="bf16"`` ...); a key that does not apply to ``method`` is a
+            TypeError.
 
     Returns:
         A :class:`CompressionResult`.  Raises ValueError (or TypeError for an unknown setting)
@@ -118,16 +122,18 @@ def compress(
     """
     if resume and out is None:
         raise ValueError("resume=True needs out= (the folder of the run to continue)")
+    ranks = Ranks.from_env()   # several with a process group (docs/distributed.md)
     out_dir = None if out is None else Path(out)
     store = None
     state = None
     if out_dir is not None:
-        rundir.check_writable(out_dir)
-        rundir.check_unlocked(out_dir)
+        if ranks.is_main:   # only rank 0 writes into the folder
+            rundir.check_writable(out_dir)
+            rundir.check_unlocked(out_dir)
         store = checkpoint.CheckpointStore(out_dir, required=_STATE_KEYS)
         if resume:
             state = store.load()
-        else:
+        elif ranks.is_main:
             rundir.check_free(out_dir, overwrite)
     if state is not None:
         run_config = from_dict(state["config"])
@@ -135,8 +141,8 @@ def compress(
     else:
         run_config = build_config(model, method, epochs, config, overrides)
     run = _Run(run_config, model, train_loader, val_loader, test_loader, include, exclude,
-               loss_fn, gate_loader, state, progress)
-    if out_dir is None:
+               loss_fn, gate_loader, state, progress, ranks)
+    if out_dir is None or not ranks.is_main:
         run.train()
         return run.finish(None)
     with rundir.RunLock(out_dir):
@@ -152,8 +158,8 @@ def build_config(model: nn.Module, method: str, epochs: int | None,
                  overrides: dict[str, Any]) -> RunConfig:
     """The resolved, validated :class:`RunConfig` of a :func:`compress` call: defaults ←
     ``config`` ← ``method``, ``epochs`` and ``overrides`` (flat keys looked up in the method's
-    section, then ``optim``, then ``seed`` and ``threads``).  ``model`` names the model in the
-    report (``"custom:<class name>"``)."""
+    section, then ``optim``, then ``seed``, ``threads``, ``precision`` and ``channels_last``).
+    ``model`` names the model in the report (``"custom:<class name>"``)."""
     if config is None:
         base = RunConfig()
     elif isinstance(config, RunConfig):
@@ -208,17 +214,20 @@ class _Run:
                  val_loader: Batches, test_loader: Batches | None,
                  include: Selector | None, exclude: Selector | None, loss_fn: LossFn | None,
                  gate_loader: Batches | None, state: dict[str, Any] | None,
-                 progress: bool) -> None:
+                 progress: bool, ranks: Ranks | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
         self.model = model
-        self.progress = progress
+        self.ranks = Ranks() if ranks is None else ranks
+        self.progress = progress and self.ranks.is_main
         if config.threads:
             torch.set_num_threads(config.threads)
         _seed_everything(config.seed)
         first = next(model.parameters(), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device = self.ranks.join(first.device if first is not None
+                                      else torch.device("cpu"))
+        self.precision = Precision(config.precision, config.channels_last, self.device)
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         if state is not None:
             self.regularized = list(state["regularized"])
@@ -232,16 +241,22 @@ class _Run:
                 second = gate_loader
             else:
                 self.train_loader, second = _halves(train_loader, config.seed)
-        self.val_loader, self.test_loader = val_loader, test_loader
         self.loaders = [self.train_loader, val_loader, test_loader, second]
+        whole_train = self.train_loader   # every rank its share of each batch of the others:
+        self.train_loader, self.val_loader, self.test_loader, second = (
+            None if loader is None else self.ranks.shard(loader) for loader in self.loaders)
         self.input_shape: tuple[int, ...] | None = (
             None if state is None else tuple(state["input_shape"]))
-        data = RunData(val=val_loader, train_for_hvp=self.train_loader, second_half=second,
-                       input_shape=self.input_shape, loss_fn=loss_fn,
-                       regularized=self.regularized)
+        data = RunData(val=self.val_loader, train_for_hvp=self.train_loader,
+                       second_half=second, input_shape=self.input_shape,
+                       loss_fn=self.ranks.loss(self.loss_fn) or loss_fn,
+                       regularized=self.regularized, reduce=self.ranks.reducer())
         self.method = method_class(config, model, data)
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
-        self.average = WeightAverage(model, self.train_loader, self.device)
+        self.method.precision = self.precision
+        self.precision.prepare(model)   # after the method: AutoPrune's gates too
+        self.method.step_module = self.ranks.wrap(model)   # DDP with several ranks
+        self.average = WeightAverage(model, whole_train, self.device)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
         self.wall_time = 0.0
@@ -277,6 +292,7 @@ class _Run:
         model = strip(self.model)
         if model is not self.model:   # the model was itself one gated layer
             raise ValueError("compress: the model is a single layer; wrap it in a module")
+        self.precision.prepare(model)   # the plain layers that replaced gated ones too
         return CompressionResult(model=model, report=report, history=list(self.rows),
                                  out=out_dir)
 
@@ -298,6 +314,7 @@ class _Run:
             "config": self.config.to_dict(),
             "wall_time_s": self.wall_time,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "world_size": self.ranks.world_size,
         }
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
@@ -323,13 +340,20 @@ class _Run:
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+        loss_sum, correct, seen = self.ranks.sum(loss_sum, correct, seen)
         if seen == 0 and self.guard.counts["step"] == 0:
             raise ValueError("train_loader yielded no batches")
         extra = self.method.end_epoch(epoch)
+        self.ranks.check_agreement(epoch, {
+            "model": self.model.state_dict(),
+            "method state (lambda, masks, gates, optimizer)": self.method.state_dict()})
         with self._evaluated():
-            val = evaluate(self.model, self.val_loader, self.loss_fn, self.device)
+            val = self.ranks.combined(evaluate(self.model, self.val_loader, self.loss_fn,
+                                               self.device, self.precision))
             test = (None if self.test_loader is None
-                    else evaluate(self.model, self.test_loader, self.loss_fn, self.device))
+                    else self.ranks.combined(evaluate(self.model, self.test_loader,
+                                                      self.loss_fn, self.device,
+                                                      self.precision)))
             totals = metrics.summarize(metrics.layer_table(
                 self.method.measured_model(), self._shape(), self.regularized))
         _check_evaluation(epoch, val["loss"], test["loss"] if test else val["loss"])
@@ -387,6 +411,7 @@ class _Run:
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
             "guard": self.guard.state_dict(),
+            "precision": self.precision.state_dict(),
             "input_shape": list(self._shape()),
             "regularized": self.regularized,
             "loader_generators": [None if g is None else g.get_state()
@@ -398,6 +423,8 @@ class _Run:
         self.method.load_state_dict(state["method"])
         self.average.load_state_dict(state["average"])
         self.guard.load_state_dict(state["guard"])
+        if "precision" in state:   # checkpoints written before mixed precision: fp32 runs
+            self.precision.load_state_dict(state["precision"])
         for generator, saved in zip(_generators(self.loaders), state["loader_generators"],
                                     strict=True):
             if generator is not None and saved is not None:
@@ -410,9 +437,11 @@ class _Run:
 
 def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
              loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-             device: torch.device | None = None) -> dict[str, float]:
+             device: torch.device | None = None,
+             precision: Precision = FP32) -> dict[str, float]:
     """Mean ``loss`` (``loss_fn`` per batch, weighted by its size) and top-1 accuracy ``acc``
-    of ``model`` over ``loader``, in eval mode (the modes are restored), without gradients."""
+    of ``model`` over ``loader``, in eval mode (the modes are restored), without gradients;
+    forward passes under ``precision``'s autocast and layout, the loss on float32 logits."""
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -423,7 +452,8 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
         with torch.no_grad():
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
-                logits = model(x)
+                with precision.autocast():
+                    logits = model(precision.input(x))
                 loss_sum += float(loss_fn(logits.float(), y)) * len(y)
                 correct += int((logits.argmax(dim=1) == y).sum())
                 n += len(y)

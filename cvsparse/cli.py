@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cvsparse.config import AUGMENT_PHASES, ESTIMATORS, METHODS, RunConfig, load_yaml
 from cvsparse.faults import Diverged
+from cvsparse.precision import PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,8 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="compress a model (writes report, metrics, plots)")
     train.add_argument("--config", type=Path, help="YAML recipe (see configs/)")
-    train.add_argument("--model", help="lenet300, lenet5, vgg16, resnet20/32/56/110, densenet40")
-    train.add_argument("--dataset", help="mnist, cifar10, cifar100")
+    train.add_argument("--model", help="lenet300, lenet5, vgg16, resnet20/32/56/110, "
+                       "densenet40, torchvision:NAME (e.g. torchvision:resnet18) or "
+                       "package.module:factory")
+    train.add_argument("--dataset", help="mnist, cifar10, cifar100 or imagefolder:PATH "
+                       "(PATH/train/CLASS/*, PATH/val/CLASS/*)")
+    train.add_argument("--num-classes", type=int, metavar="N",
+                       help="model outputs (default: the dataset's classes)")
+    train.add_argument("--image-size", type=int, metavar="PIXELS",
+                       help="imagefolder: resize and center-crop images to PIXELS square "
+                       "(default 224)")
     train.add_argument("--method", choices=METHODS)
     train.add_argument("--data-root", help="folder with <dataset>.npz or torchvision layouts "
                        "(default: $CVSPARSE_DATA, ../shared/data, ~/.cache/torchvision)")
@@ -73,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--min-compression-epochs", type=int, metavar="R",
                        help="cvgrad: the floor grows geometrically from 1 to --min-compression "
                        "over R epochs (default: the whole L1 phase)")
+    train.add_argument("--max-accuracy-drop", type=float, metavar="D",
+                       help="cvgrad: compress as far as the validation accuracy stays within D "
+                       "points of a reference (the run's own dense phase, or --reference / "
+                       "--reference-accuracy)")
+    train.add_argument("--max-relative-drop", type=float, metavar="R",
+                       help="cvgrad: ... within R percent of the reference accuracy (with "
+                       "--max-accuracy-drop too, the stricter bound holds)")
+    train.add_argument("--reference", metavar="RUN_DIR",
+                       help="the reference accuracy: the validation accuracy of this finished "
+                       "dense run (same dataset and split); no dense phase")
+    train.add_argument("--reference-accuracy", type=float, metavar="A",
+                       help="the reference validation accuracy in percent (e.g. 98.3); no "
+                       "dense phase")
     train.add_argument("--finetune-epochs", type=int,
                        help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--finetune-lr", type=float,
@@ -106,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--precision", choices=tuple(PRECISIONS),
+                       help="autocast of the training steps and evaluation: fp32 (default), "
+                       "bf16, or fp16 with loss scaling; weights and hyper steps stay fp32")
+    train.add_argument("--channels-last", action="store_true", default=None,
+                       help="model and image batches in torch.channels_last memory format")
     train.add_argument("--out", type=Path,
                        help="output folder (refused if it holds another run, see --overwrite)")
     train.add_argument("--overwrite", action="store_true",
@@ -127,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
 
 _FLAGS = {  # flag attribute → config path
     "model": "model", "method": "method", "seed": "seed", "device": "device",
-    "threads": "threads", "dataset": "data.dataset", "data_root": "data.root",
+    "threads": "threads", "precision": "precision", "channels_last": "channels_last",
+    "dataset": "data.dataset", "data_root": "data.root", "num_classes": "num_classes",
+    "image_size": "data.image_size",
     "download": "data.download", "batch_size": "data.batch_size",
     "mnist_shift": "data.mnist_shift", "augment_phase": "data.augment_phase",
     "epochs": "optim.epochs",
@@ -141,6 +170,9 @@ _FLAGS = {  # flag attribute → config path
     "lambda2": "cvgrad.lambda2", "hyper_lr": "cvgrad.hyper_lr",
     "online_every": "cvgrad.online_every", "min_compression": "cvgrad.min_compression",
     "min_compression_epochs": "cvgrad.min_compression_epochs",
+    "max_accuracy_drop": "accuracy.max_accuracy_drop",
+    "max_relative_drop": "accuracy.max_relative_drop", "reference": "accuracy.reference",
+    "reference_accuracy": "accuracy.reference_accuracy",
     "granularity": "autoprune.granularity",
     "ste": "autoprune.ste", "slope": "autoprune.slope", "update": "autoprune.update",
     "aux_lr": "autoprune.aux_lr",
@@ -284,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # another failure during training
         print(f"error: {exc}; {_last_good(trainer)}", file=sys.stderr)
         return 1
-    print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
+    if trainer.ranks.is_main:   # under torchrun only rank 0 wrote
+        print(f"wrote {trainer.out_dir}/report.json, metrics.csv, plots/, checkpoint.pt")
     return 0
 
 

@@ -25,7 +25,9 @@ AUGMENT_PHASES = ("all", "finetune")
 class DataConfig:
     """Where the data comes from and how it is split and batched."""
 
-    dataset: str = "mnist"
+    dataset: str = "mnist"          # a built-in name or imagefolder:<path> (cvsparse.sources)
+    image_size: int | None = None   # imagefolder: side of the square images (pixels);
+                                    # None = 224 (resolve_defaults)
     root: str | None = None          # None: $CVSPARSE_DATA, ../shared/data, ~/.cache/torchvision
     download: bool = True            # torchvision downloads a set found nowhere (docs/data.md)
     val_size: int | None = None      # images held out of training; None = per-dataset default
@@ -107,7 +109,7 @@ class AutoPruneConfig:
     slope: float = 0.01              # LeakyReLU STE slope for closed gates (m ≤ 0)
     update: str = "proposed"
     aux_lr: float = 0.1
-    aux_l1: float = 1e-4
+    aux_l1: float = 2e-3
     aux_l1_ramp_epochs: int = 0      # aux L1 grows linearly to aux_l1 over these epochs (0: none)
     weight_l2: float = 5e-4
     target_compression: float | None = None
@@ -128,19 +130,62 @@ class MagnitudeConfig:
 
 
 @dataclass
+class AccuracyConfig:
+    """Compression bounded by the accuracy a user can give up (docs/method.md §8): cvgrad
+    compresses as far as it can while the validation accuracy stays within the allowed drop
+    of a reference."""
+
+    max_accuracy_drop: float | None = None   # D: allowed drop, accuracy points (0.3 = 0.3 pt)
+    max_relative_drop: float | None = None   # R: allowed drop, percent of the reference
+    reference: str | None = None     # a finished dense run's folder: its report's val_acc
+    reference_accuracy: float | None = None  # or the reference validation accuracy, percent
+    dense_fraction: float = 0.2      # without either: a dense phase of this fraction of the
+                                     # epochs measures it
+    finetune_fraction: float = 0.25  # the last fraction of the epochs fine-tunes the support
+    check_ratio: float = 1.25        # a check each time the drive's level has grown by this
+                                     # factor since the last one
+    probe_fraction: float = 0.05     # a check fine-tunes a copy of the network on its support
+                                     # for this fraction of an epoch's steps, then evaluates it
+    probe_lr: float | None = None    # the probe's learning rate; None = optim.lr · optim.gamma
+    patience: int = 6                # failed checks in a row that end the compression drive
+    max_compression: float = 1000.0  # the drive's level rises geometrically to this rate
+    drive_lr: float | None = None    # learning rate of the drive; None = optim.lr
+
+    @property
+    def active(self) -> bool:
+        """Whether the run is constrained (an allowed drop is given)."""
+        return self.max_accuracy_drop is not None or self.max_relative_drop is not None
+
+    def phases(self, total_epochs: int) -> tuple[int, int]:
+        """``(dense_end, drive_end)``: the dense phase is epochs ``[0, dense_end)`` (empty with
+        a given reference), the compression drive ``[dense_end, drive_end)``, fine-tuning the
+        rest (at least one epoch)."""
+        given = self.reference is not None or self.reference_accuracy is not None
+        dense = 0 if given else max(1, round(self.dense_fraction * total_epochs))
+        finetune = max(1, round(self.finetune_fraction * total_epochs))
+        return dense, total_epochs - finetune
+
+
+@dataclass
 class RunConfig:
     """A whole run."""
 
-    model: str = "lenet300"
+    model: str = "lenet300"          # a zoo name, torchvision:<name> or package.module:factory
+    num_classes: int | None = None   # model outputs; None = the dataset's classes (the
+                                     # Trainer stores the resolved count)
     method: str = "cvgrad"
     seed: int = 0
     device: str = "auto"             # "auto" picks cuda when available
     threads: int | None = None       # torch.set_num_threads; None leaves torch's default
+    precision: str = "fp32"          # "fp32" | "bf16" | "fp16": autocast of the training
+                                     # steps and evaluation (cvsparse.precision)
+    channels_last: bool = False      # model and 4-D inputs in torch.channels_last
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     cvgrad: CVGradConfig = field(default_factory=CVGradConfig)
     autoprune: AutoPruneConfig = field(default_factory=AutoPruneConfig)
     magnitude: MagnitudeConfig = field(default_factory=MagnitudeConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
 
     @property
     def finetune_epochs(self) -> int:
@@ -266,10 +311,14 @@ DEFAULT_LR = {"lenet5": 0.01}
 
 
 def resolve_defaults(config: RunConfig) -> RunConfig:
-    """Fill the settings whose default depends on others (``optim.lr`` on the model), in
-    place; returns ``config``."""
+    """Fill the settings whose default depends on others (``optim.lr`` on the model,
+    ``data.image_size`` on the dataset), in place; returns ``config``."""
     if config.optim.lr is None:
         config.optim.lr = DEFAULT_LR.get(config.model, 0.1)
+    if config.data.image_size is None and config.data.dataset.startswith("imagefolder:"):
+        from cvsparse.imagefolder import DEFAULT_IMAGE_SIZE
+
+        config.data.image_size = DEFAULT_IMAGE_SIZE
     return config
 
 
@@ -279,19 +328,21 @@ def validate(config: RunConfig, *, n_train: int | None = None,
 
     ``named_sources=False`` leaves ``model`` and ``data.dataset`` unchecked: the Python API
     (``cvsparse.compress``) takes a module and loaders rather than names of the registries."""
-    from cvsparse.data import DATASETS, IMAGE_SHAPES
+    from cvsparse.data import IMAGE_SHAPES
     from cvsparse.hyper.objectives import OBJECTIVES
-    from cvsparse.models import MODELS
+    from cvsparse.precision import PRECISIONS
 
     def fail(message: str) -> None:
         raise ValueError(f"bad config: {message}")
 
-    if named_sources and config.model not in MODELS:
-        fail(f"unknown model {config.model!r}; choose one of {', '.join(sorted(MODELS))}")
+    if named_sources:
+        _check_sources(config, fail)
     if config.method not in METHODS:
         fail(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
-    if named_sources and config.data.dataset not in DATASETS:
-        fail(f"unknown dataset {config.data.dataset!r}; choose one of {', '.join(DATASETS)}")
+    if config.precision not in PRECISIONS:
+        fail(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if not isinstance(config.channels_last, bool):
+        fail(f"channels_last must be true or false, got {config.channels_last!r}")
     _check_finite(config, "", fail)
     _check_counts(config, fail)
     if config.optim.epochs < 1:
@@ -338,6 +389,7 @@ def validate(config: RunConfig, *, n_train: int | None = None,
         fail(f"cvgrad.release_batches must be >= 1, got {cv.release_batches}")
     _check_budget("cvgrad", cv.target_compression, cv.target_flops, cv.target_check_every, fail)
     _check_floor(cv, fail)
+    _check_accuracy(config, fail)
     betas = cv.hyper_betas
     if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
         fail(f"cvgrad.hyper_betas must be two numbers in [0, 1), got {betas!r}")
@@ -372,6 +424,27 @@ def validate(config: RunConfig, *, n_train: int | None = None,
     if n_train is not None and val is not None and val >= n_train:
         fail(f"validation split of {val} images is not smaller than the training set "
              f"({n_train} images)")
+
+
+def _check_sources(config: RunConfig, fail: Callable[[str], None]) -> None:
+    """The model and dataset names (zoo, ``torchvision:``, ``module:factory``; built-in or
+    ``imagefolder:``, cvsparse.sources), ``num_classes`` and ``data.image_size``."""
+    from cvsparse.imagefolder import is_image_folder
+    from cvsparse.sources import check_dataset, check_model
+
+    try:
+        check_model(config.model)
+        check_dataset(config.data.dataset)
+    except ValueError as exc:
+        fail(str(exc))
+    for name, value in {"num_classes": config.num_classes,
+                        "data.image_size": config.data.image_size}.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            fail(f"{name} must be an integer >= 1, got {value!r}")
+    if config.data.image_size is not None and not is_image_folder(config.data.dataset):
+        fail(f"data.image_size applies to imagefolder datasets only, not "
+             f"{config.data.dataset!r} (whose images keep their size)")
 
 
 def _check_finite(obj: Any, prefix: str, fail: Callable[[str], None]) -> None:
@@ -437,3 +510,64 @@ def _check_floor(cv: CVGradConfig, fail: Callable[[str], None]) -> None:
         fail(f"cvgrad.min_compression_epochs must be an int >= 1, got {ramp!r}")
     if not 0 < cv.floor_gain < float("inf"):
         fail(f"cvgrad.floor_gain must be a finite number > 0, got {cv.floor_gain}")
+
+
+#: Methods that take an accuracy constraint (``accuracy.*``).
+CONSTRAINED_METHODS = ("cvgrad", "autoprune")
+
+
+def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
+    """The accuracy constraint: allowed drops in range, one reference source that can be read,
+    a method that takes it, no size set by hand beside it, and room for its phases."""
+    acc = config.accuracy
+    if not acc.active:
+        given = [k for k in ("reference", "reference_accuracy") if getattr(acc, k) is not None]
+        if given:
+            fail(f"accuracy.{given[0]} needs accuracy.max_accuracy_drop or "
+                 "accuracy.max_relative_drop")
+        return
+    if config.method not in CONSTRAINED_METHODS:
+        fail(f"an accuracy constraint (max_accuracy_drop / max_relative_drop) applies to "
+             f"{', '.join(CONSTRAINED_METHODS)}, not {config.method!r}")
+    if acc.max_accuracy_drop is not None and not 0 <= acc.max_accuracy_drop < 100:
+        fail("accuracy.max_accuracy_drop is in accuracy points, in [0, 100), got "
+             f"{acc.max_accuracy_drop}")
+    if acc.max_relative_drop is not None and not 0 <= acc.max_relative_drop < 100:
+        fail("accuracy.max_relative_drop is a percentage of the reference, in [0, 100), got "
+             f"{acc.max_relative_drop}")
+    if acc.reference is not None and acc.reference_accuracy is not None:
+        fail("give accuracy.reference (a run folder) or accuracy.reference_accuracy, not both")
+    if acc.reference_accuracy is not None and not 1 < acc.reference_accuracy <= 100:
+        fail("accuracy.reference_accuracy is a validation accuracy in percent, in (1, 100], "
+             f"got {acc.reference_accuracy}")
+    if acc.reference is not None:
+        from cvsparse.hyper.accuracy_constraint import read_reference
+
+        read_reference(acc.reference, config)   # ValueError naming the problem
+    section = getattr(config, config.method)
+    hand_set = [k for k in ("target_compression", "target_flops", "min_compression")
+                if getattr(section, k, None) is not None]
+    if hand_set:
+        fail(f"{config.method}.{hand_set[0]} sets the size by hand; an accuracy constraint "
+             "chooses it (drop one of the two)")
+    if config.method == "autoprune" and config.autoprune.granularity != "weight":
+        fail("an accuracy constraint on autoprune needs autoprune.granularity 'weight' (its "
+             "magnitude cut closes single gates)")
+    for name in ("dense_fraction", "finetune_fraction"):
+        if not 0 <= getattr(acc, name) < 1:
+            fail(f"accuracy.{name} must be in [0, 1), got {getattr(acc, name)}")
+    if not 1 < acc.check_ratio < float("inf") or acc.patience < 1:
+        fail("accuracy.check_ratio must be a finite number > 1 and accuracy.patience >= 1")
+    for name in ("drive_lr", "probe_lr"):
+        if getattr(acc, name) is not None and not getattr(acc, name) > 0:
+            fail(f"accuracy.{name} must be > 0, got {getattr(acc, name)}")
+    if not 0 < acc.probe_fraction <= 1:
+        fail(f"accuracy.probe_fraction must be in (0, 1], got {acc.probe_fraction}")
+    if not 1 < acc.max_compression < float("inf"):
+        fail(f"accuracy.max_compression must be a finite rate > 1, got {acc.max_compression}")
+    total = config.total_epochs
+    dense_end, drive_end = acc.phases(total)
+    if drive_end - dense_end < 1:
+        fail(f"{total} epochs leave no room for an accuracy-constrained run: it needs a dense "
+             f"phase of {dense_end}, at least one compression epoch and "
+             f"{total - drive_end} fine-tuning epochs (give more epochs)")

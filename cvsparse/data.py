@@ -66,7 +66,8 @@ class Dataset:
     ``x_train``/``x_test``: uint8 ``(N, C, H, W)``; ``y_train``/``y_test``: int64 ``(N,)`` in
     ``[0, num_classes)``; ``mean``/``std``: per-channel statistics of the training images on the
     [0, 1] scale (population std over all training pixels); ``source``: the file or directory
-    the data was read from.
+    the data was read from; ``digest``: for an image folder, the SHA-256 of its files (names,
+    sizes, contents; provenance compares it on resume), None otherwise.
     """
 
     name: str
@@ -78,6 +79,7 @@ class Dataset:
     std: tuple[float, ...]
     num_classes: int
     source: Path
+    digest: str | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -333,10 +335,14 @@ def _download(name: str, root: Path) -> None:
 
 
 def load_dataset(
-    name: str, root: str | os.PathLike[str] | None = None, download: bool = False
+    name: str, root: str | os.PathLike[str] | None = None, download: bool = False, *,
+    image_size: int | None = None,
 ) -> Dataset:
     """Load dataset ``name`` (one of :data:`DATASETS`) into memory from the first root of
     :func:`search_roots` that holds it in an accepted layout (see the module docstring).
+
+    ``imagefolder:<path>`` reads that folder instead (:mod:`cvsparse.imagefolder`; ``root``
+    and ``download`` do not apply), its images ``image_size`` pixels square (None: 224).
 
     With ``download=True`` and the set found nowhere, torchvision downloads it into ``root``
     (else ``$CVSPARSE_DATA``, else :data:`DEFAULT_DOWNLOAD_ROOT`) and it is read from there.
@@ -344,6 +350,11 @@ def load_dataset(
     off, :class:`DownloadError` (a FileNotFoundError with a one-line message) if the download
     fails, ValueError if a found file is malformed.
     """
+    if name.startswith("imagefolder:"):
+        from cvsparse import imagefolder
+
+        return imagefolder.load(name, imagefolder.folder_path(name),
+                                image_size or imagefolder.DEFAULT_IMAGE_SIZE)
     _check_name(name)
     roots = search_roots(root)
     found = _locate(name, roots)
@@ -403,8 +414,9 @@ def split_indices(n_train: int, n_val: int, seed: int) -> tuple[Tensor, Tensor]:
 def default_val_size(name: str, n_train: int | None = None) -> int:
     """Validation split size: 5000 images for CIFAR, 6000 for MNIST (10% of the full training
     sets); for a smaller training set of ``n_train`` images (e.g. the test fixtures), 10% of
-    it."""
-    _check_name(name)
+    it.  An image folder (``imagefolder:<path>``) is treated as CIFAR."""
+    if not name.startswith("imagefolder:"):
+        _check_name(name)
     size = 6000 if name == "mnist" else 5000
     return size if n_train is None else min(size, n_train // 10)
 

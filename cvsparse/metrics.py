@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .params import PRUNABLE_LAYERS, regularized_parameters
+from .precision import FP32, Precision
 
 _ZERO_PRESERVING = (
     nn.ReLU,
@@ -287,10 +288,14 @@ def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor]],
     device: torch.device | str | None = None,
+    precision: Precision | None = None,
 ) -> dict:
     """Mean cross-entropy ``loss`` and top-1 accuracy ``acc`` (in [0, 1]) of ``model`` over the
     ``(x, y)`` batches of ``loader``, plus the sample count ``n``; eval mode (every module's own
-    mode is restored afterwards), no grad.  Batches go to ``device`` (default: the model's)."""
+    mode is restored afterwards), no grad.  Batches go to ``device`` (default: the model's).
+    ``precision`` (default fp32, contiguous): the forward passes run under its autocast, on its
+    layout of the batches; the loss is computed in float32."""
+    precision = FP32 if precision is None else precision
     if device is None:
         ref = next(model.parameters(), None)
         device = ref.device if ref is not None else torch.device("cpu")
@@ -300,7 +305,8 @@ def evaluate(
     with eval_mode(model), torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            with precision.autocast():
+                logits = model(precision.input(x))
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(dim=1) == y).sum()
             n += len(y)

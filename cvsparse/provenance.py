@@ -67,12 +67,25 @@ def sha256_file(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
+def file_records(dataset: data_module.Dataset) -> list[dict[str, Any]]:
+    """``{path, sha256, bytes}`` of each file ``dataset`` was decoded from; an image folder is
+    one record: the folder, the digest of its files taken while they were decoded
+    (:func:`cvsparse.imagefolder.load`) and their total size."""
+    if dataset.digest is not None:
+        from cvsparse.imagefolder import check_folder, list_images
+
+        root = Path(dataset.source)
+        size = sum(path.stat().st_size for items in list_images(root, check_folder(root)).values()
+                   for path, _ in items)
+        return [{"path": str(root.resolve()), "sha256": dataset.digest, "bytes": size}]
+    return [{"path": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in data_files(dataset)]
+
+
 def collect(dataset: data_module.Dataset, device: torch.device) -> dict[str, Any]:
     """The provenance record of a run on ``dataset`` computed on ``device``."""
     return {
-        "data": {"dataset": dataset.name,
-                 "files": [{"path": str(p.resolve()), "sha256": sha256_file(p),
-                            "bytes": p.stat().st_size} for p in data_files(dataset)]},
+        "data": {"dataset": dataset.name, "files": file_records(dataset)},
         "package_version": cvsparse.__version__,
         "git_commit": git_commit(),
         "torch_version": torch.__version__,

@@ -92,9 +92,8 @@ def _one_line(exc: BaseException) -> str:
 def _run_model(run_dir: Path) -> tuple[nn.Module, Any]:
     """The model a run folder's checkpoint holds, as plain layers in eval mode, and the run's
     configuration."""
+    from cvsparse import sources
     from cvsparse.config import from_dict
-    from cvsparse.data import NUM_CLASSES
-    from cvsparse.models import DATASET_IMAGE_SHAPES, build_model
     from cvsparse.train.checkpoint import CHECKPOINT_NAME, CheckpointError
     from cvsparse.train.checkpoint import load as load_checkpoint
 
@@ -107,9 +106,8 @@ def _run_model(run_dir: Path) -> tuple[nn.Module, Any]:
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise CommandError(f"{run_dir / CHECKPOINT_NAME} holds no model and configuration")
     config = from_dict(state["config"])
-    dataset = config.data.dataset
-    model = build_model(config.model, num_classes=NUM_CLASSES[dataset],
-                        in_channels=DATASET_IMAGE_SHAPES[dataset][0])
+    model = sources.build(config.model, sources.num_classes(config),
+                          sources.image_shape(config)[0])
     if config.method == "autoprune":
         from cvsparse.methods.autoprune import gated_names
         from cvsparse.nn import convert, strip
@@ -130,7 +128,8 @@ def _normalization(config: Any) -> dict[str, Any] | None:
     from cvsparse.data import load_dataset
 
     try:
-        ds = load_dataset(config.data.dataset, config.data.root, download=False)
+        ds = load_dataset(config.data.dataset, config.data.root, download=False,
+                          image_size=config.data.image_size)
     except (FileNotFoundError, ValueError) as exc:
         warnings.warn(f"the input normalization is not recorded in the file ({_one_line(exc)})",
                       stacklevel=2)
@@ -141,7 +140,7 @@ def _normalization(config: Any) -> dict[str, Any] | None:
 def export_run(run_dir: Path, fmt: str, out: Path, batch_size: int = 1) -> str:
     """Write the model of the run in ``run_dir`` to ``out`` as ``fmt`` (one of
     :data:`FORMATS`); returns the summary table (before and after, and the file written)."""
-    from cvsparse.models import DATASET_IMAGE_SHAPES
+    from cvsparse.sources import image_shape
 
     from .onnx_export import to_onnx
     from .portable import save
@@ -156,7 +155,7 @@ def export_run(run_dir: Path, fmt: str, out: Path, batch_size: int = 1) -> str:
         raise CommandError(f"--out {out}: the folder {out.parent} does not exist")
     model, config = _run_model(run_dir)
     dataset = config.data.dataset
-    example = torch.randn(batch_size, *DATASET_IMAGE_SHAPES[dataset],
+    example = torch.randn(batch_size, *image_shape(config),
                           generator=torch.Generator().manual_seed(0))
     metadata = {"model": config.model, "dataset": dataset, "method": config.method,
                 "normalization": _normalization(config)}

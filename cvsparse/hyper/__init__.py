@@ -5,11 +5,15 @@
   ``identity``, ``diagonal``, ``neumann`` or ``cg`` estimator of ``H_F⁻¹ ∇cv``.
 - :class:`LambdaOptimizer` — SGD / Adam steps on λ or log λ, clipped, kept ≥ 0.
 - :class:`CompressionFloor` — the multiplier of an optional "compression ≥ C" constraint on λ1.
+- :class:`AccuracyConstraint` — "validation accuracy ≥ reference − allowed drop": which
+  support a constrained run keeps, and when its compression drive stops.
 """
 
+from .accuracy_constraint import AccuracyConstraint
 from .compression_floor import CompressionFloor
 from .estimators import ESTIMATORS
 from .hypergradient import hypergradient
 from .lambda_optimizer import LambdaOptimizer
 
-__all__ = ["hypergradient", "CompressionFloor", "LambdaOptimizer", "ESTIMATORS"]
+__all__ = ["hypergradient", "AccuracyConstraint", "CompressionFloor", "LambdaOptimizer",
+           "ESTIMATORS"]

@@ -50,11 +50,12 @@ class CompressionFloor:
         """Whether the floor holds λ1 up (``ν > 0``)."""
         return self.nu > 0
 
-    def level(self, epoch: int) -> float:
-        """The floor ``C(t)`` during global epoch ``epoch`` (0-based)."""
+    def level(self, epoch: float) -> float:
+        """The floor ``C(t)`` during global epoch ``epoch`` (0-based; a fraction of an epoch
+        gives a level between two epochs')."""
         return self.target ** min(1.0, (epoch + 1) / self.ramp_epochs)
 
-    def update(self, compression: float, epoch: int, lr_scale: float) -> float:
+    def update(self, compression: float, epoch: float, lr_scale: float) -> float:
         """One dual-ascent step at a hyper step of epoch ``epoch``, the network at
         ``compression`` and the weight lr at ``lr_scale`` times its base value.
 

@@ -49,6 +49,8 @@ class Problem:
         train_loss: zero-argument closure returning the scalar training data loss.
         n_regularized: how many leading entries of ``params`` are regularized.
         diagnostics: filled by the estimator (see :func:`cvsparse.hyper.hypergradient`).
+        reduce: averages gradient-shaped tensors over the ranks of a data-parallel run
+            (applied to Hessian-vector products and Fisher gradients); None in one process.
     """
 
     params: list[Tensor]
@@ -57,6 +59,11 @@ class Problem:
     train_loss: Callable[[], Tensor]
     n_regularized: int
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    reduce: Callable[[Vectors], Vectors] | None = None
+
+    def reduced(self, vectors: Vectors) -> Vectors:
+        """``vectors`` averaged over the ranks (themselves without ``reduce``)."""
+        return vectors if self.reduce is None else self.reduce(vectors)
 
     def mask(self, vectors: Vectors) -> Vectors:
         """``vectors`` with every component off the free set set to zero."""
@@ -67,7 +74,7 @@ class Problem:
         fixed): what a diagonal curvature needs, since ``diag(H)`` on ``W`` is ``diag(H_WW)``."""
         n = self.n_regularized
         return Problem(self.params[:n], self.free[:n], self.lambda2[:n], self.train_loss, n,
-                       self.diagnostics)
+                       self.diagnostics, self.reduce)
 
     def training_gradient(self, *, create_graph: bool) -> tuple[Tensor | None, ...]:
         """Gradient of ``train_loss()`` w.r.t. ``params`` (``None`` for unused tensors)."""
@@ -96,8 +103,9 @@ class HessianVectorProduct:
         outputs, grad_outputs = zip(*pairs, strict=True)
         products = torch.autograd.grad(outputs, self.problem.params, grad_outputs=grad_outputs,
                                        retain_graph=True, allow_unused=True)
-        return self.problem.mask([torch.zeros_like(v) if h is None else h.detach()
-                                  for h, v in zip(products, vectors, strict=True)])
+        return self.problem.mask(self.problem.reduced(
+            [torch.zeros_like(v) if h is None else h.detach()
+             for h, v in zip(products, vectors, strict=True)]))
 
     def __call__(self, vectors: Vectors) -> Vectors:
         """``mask ⊙ (H_data + λ2_l·I)(mask ⊙ v)``: the Hessian of ``e`` on the free set."""
@@ -258,8 +266,9 @@ def _fisher(problem: Problem, samples: int) -> Vectors:
     total = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in problem.params]
     for _ in range(samples):
         grads = problem.training_gradient(create_graph=False)
-        squares = [torch.zeros_like(t) if g is None else g.detach().square()
-                   for g, t in zip(grads, total, strict=True)]
+        grads = problem.reduced([torch.zeros_like(t) if g is None else g.detach()
+                                 for g, t in zip(grads, total, strict=True)])
+        squares = [g.square() for g in grads]
         total = torch._foreach_add(total, squares)
     return problem.mask(torch._foreach_div(total, float(samples)))
 

@@ -24,6 +24,7 @@ def hypergradient(
     estimator: str = "identity",
     unregularized: Sequence[Tensor] = (),
     diagnostics: dict[str, Any] | None = None,
+    reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
     **opts: object,
 ) -> tuple[Tensor, Tensor]:
     """``(dcv/dλ1, dcv/dλ2)`` at the current parameters by the implicit function theorem.
@@ -62,6 +63,10 @@ def hypergradient(
             ``"partial"`` / ``"identity"`` after non-positive curvature, which also warns);
             ``neumann``: ``iterations``; ``diagonal``: ``clipped`` (free weights whose
             curvature estimate was negative and clipped to 0).
+        reduce: averages a list of gradient-shaped tensors over the ranks of a data-parallel
+            run (``cvsparse.train.distributed.Ranks.reduce``), where each rank's closures see
+            its share of the batch: applied to ``∇cv``, to every Hessian-vector product and to
+            every Fisher gradient.  None (default): one process, nothing is reduced.
 
     Returns:
         Two tensors, each shaped like its λ: a 0-dim float64 tensor for a float λ (on the
@@ -88,11 +93,13 @@ def hypergradient(
     with torch.enable_grad():
         free = [p.detach() != 0 for p in params] + [torch.ones_like(u, dtype=torch.bool)
                                                      for u in others]
-        problem = Problem(everything, free, l2.tolist() + [0.0] * len(others), train_loss, n)
+        problem = Problem(everything, free, l2.tolist() + [0.0] * len(others), train_loss, n,
+                          reduce=reduce)
         val = scalar_loss("val_loss", val_loss())
         grads = torch.autograd.grad(val, everything, allow_unused=True)
-        rhs = problem.mask([torch.zeros_like(p) if g is None else g.detach()
-                            for g, p in zip(grads, everything, strict=True)])
+        rhs = problem.reduced([torch.zeros_like(p) if g is None else g.detach()
+                               for g, p in zip(grads, everything, strict=True)])
+        rhs = problem.mask(rhs)
         vectors, precond = fn(problem, rhs, **opts)
     if diagnostics is not None:
         diagnostics.clear()

@@ -27,11 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cvsparse import metrics
 from cvsparse.config import AutoPruneConfig, RunConfig
-from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
+from cvsparse.hyper.accuracy_constraint import STOP
+from cvsparse.nn import aux_parameters, convert, convertible_layers, gated_layers, strip
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
+from .accuracy_drive import DRIVE, FINETUNE, AccuracyDrive
 from .base import (
     CompressionMethod,
     RunData,
@@ -77,6 +80,11 @@ class AutoPruneMethod(CompressionMethod):
         self._epoch = 0
         self._gate_steps = 0        # gate steps taken in this epoch
         self._target_met = False    # met within this epoch: the gates stop until it ends
+        self.drive: AccuracyDrive | None = None
+        if config.accuracy.active:
+            self.drive = AccuracyDrive(config, data.val,
+                                       lambda: next(iter(self.data.train_for_hvp)),
+                                       self.loss_fn, data.reduce)
 
     @staticmethod
     def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -84,6 +92,8 @@ class AutoPruneMethod(CompressionMethod):
         return train_idx[:half], train_idx[half:]
 
     def set_epoch(self, epoch: int) -> float:
+        if self.drive is not None:
+            return self._set_constrained_epoch(epoch)
         opt = self.config.optim
         self._epoch = epoch
         if epoch >= opt.epochs and self.frozen_at is None:   # the gating budget has ended
@@ -111,47 +121,150 @@ class AutoPruneMethod(CompressionMethod):
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.observe(x)
-        loss, logits = supervised_step(self.model, self.weight_opt, x, y, self.guard,
-                                       self.loss_fn)
+        loss, logits = supervised_step(self.step_module, self.weight_opt, x, y, self.guard,
+                                       self.loss_fn, precision=self.precision)
         if self.frozen_at is not None:  # fine-tuning: the second half trains the weights too
             xb, yb = (t.to(x.device) for t in self._second_batch())
-            supervised_step(self.model, self.weight_opt, xb, yb, self.guard, self.loss_fn)
+            supervised_step(self.step_module, self.weight_opt, xb, yb, self.guard, self.loss_fn,
+                            precision=self.precision)
         elif not self._target_met:
             xb, yb = (t.to(x.device) for t in self._second_batch())
-            supervised_step(self.model, self.aux_opt, xb, yb, self.guard, self.loss_fn)
+            supervised_step(self.step_module, self.aux_opt, xb, yb, self.guard, self.loss_fn,
+                            precision=self.precision)
             self._gate_steps += 1
             every = self.config.autoprune.target_check_every
             if every and self._gate_steps % every == 0:
                 self._target_met = self._target_reached()
+        if self.drive is not None:
+            self._constrained_step()
         return loss, logits
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
-        if self.frozen_at is None and (self._target_met or self._target_reached()):
+        extra: dict[str, float] = {}
+        if self.drive is not None:
+            extra = self._end_constrained_epoch(epoch)
+        elif self.frozen_at is None and (self._target_met or self._target_reached()):
             self.frozen_at = epoch + 1
         gates = torch.cat([(p.detach() > 0).flatten() for _, p in aux_parameters(self.model)])
         record = {"epoch": epoch, "gates_open": float(gates.float().mean()),
                   "frozen": float(self.frozen_at is not None)}
         self.history.append(record)
-        return {"gates_open": record["gates_open"], "frozen": record["frozen"]}
+        return {"gates_open": record["gates_open"], "frozen": record["frozen"], **extra}
 
     def measured_model(self) -> nn.Module:
         return strip(copy.deepcopy(self.model))
 
     def state_dict(self) -> dict[str, Any]:
         return {"weight_opt": self.weight_opt.state_dict(), "aux_opt": self.aux_opt.state_dict(),
-                "frozen_at": self.frozen_at, "history": self.history}
+                "frozen_at": self.frozen_at, "history": self.history,
+                **({} if self.drive is None else {"drive": self.drive.state_dict()})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weight_opt.load_state_dict(state["weight_opt"])
         self.aux_opt.load_state_dict(state["aux_opt"])
         self.frozen_at = state["frozen_at"]
         self.history = state["history"]
+        if self.drive is not None:
+            self.drive.load_state_dict(state["drive"])
 
     def report(self) -> dict[str, Any]:
         # the frozen gates keep the support, so it meets the target now iff it did at the freeze
         met = self.frozen_at is not None and self._target_reached()
-        return {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at,
-                "budget_met_at_epoch": self.frozen_at if met else None}
+        report = {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at,
+                  "budget_met_at_epoch": self.frozen_at if met else None}
+        if self.drive is not None:
+            report.update(self.drive.report(self.measured_model()))
+        return report
+
+    # ---- the accuracy-constrained run (docs/method.md §8) --------------------------------------
+
+    def _set_constrained_epoch(self, epoch: int) -> float:
+        """Dense phase: weight steps only (the gates stay as initialized, open or not).
+        Drive: weight and gate steps, ``accuracy.drive_lr`` (default ``optim.lr``), the
+        magnitude cuts.  Fine-tuning: the kept gates frozen, as after a met budget."""
+        drive, opt = self.drive, self.config.optim
+        phase = drive.start_epoch(epoch)
+        self._epoch, self._second, self._gate_steps = epoch, None, 0
+        self._target_met = phase != DRIVE   # gate steps only in the drive
+        weight_l2 = self.config.autoprune.weight_l2
+        if phase == FINETUNE:
+            self._select_gates()
+            start = drive.finetune_start
+            lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch - start,
+                             self.config.total_epochs - start)
+            weight_l2 = finetune_weight_l2(self.config, weight_l2)
+        else:
+            drive_lr = self.config.accuracy.drive_lr
+            lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
+        for group in self.weight_opt.param_groups:
+            group["lr"] = lr
+        self.weight_opt.param_groups[0]["lambda2"] = weight_l2
+        self.finetuning = phase == FINETUNE
+        self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.config.autoprune, epoch)
+        return lr
+
+    def _constrained_step(self) -> None:
+        """After a training step: in the drive, the magnitude cut when one falls (closing the
+        gates of the smallest open weights), then a check when one falls."""
+        drive = self.drive
+        drive.count_step()
+        in_drive = drive.phase(self._epoch) == DRIVE and not drive.selected
+        if in_drive and drive.cut_due():
+            self._cut()
+        if drive.check_due():
+            self._check_constraint()
+
+    def _end_constrained_epoch(self, epoch: int) -> dict[str, float]:
+        drive = self.drive
+        drive.end_epoch(self.finetuning)
+        in_drive = drive.phase(epoch) == DRIVE and not drive.selected
+        if epoch + 1 == drive.dense_end or (in_drive and drive.last_drive_epoch()):
+            self._check_constraint()
+        return drive.row()
+
+    @torch.no_grad()
+    def _cut(self) -> None:
+        """Close, for good, the gates of the open weights below the drive's cut: ``aux`` set to
+        0 (a closed gate) and masked in the gate optimizer."""
+        layers = gated_layers(self.model)
+        effective = [m.weight * (m.aux > 0) for _, m in layers]
+        cut = self.drive.cut(effective)
+        if cut is None:
+            return
+        for (_, layer), weight in zip(layers, effective, strict=True):
+            close = (weight.abs() < cut) & (layer.aux > 0)
+            state = self.aux_opt.state[layer.aux]
+            mask = state.setdefault("mask", torch.ones_like(layer.aux, dtype=torch.bool))
+            mask &= ~close
+            layer.aux.masked_fill_(~mask, 0.0)
+
+    def _check_constraint(self) -> None:
+        """Probe the gated network's support; the constraint keeps the sparsest feasible one
+        (weights, gates, both optimizers) and a stop freezes the gates on it."""
+        network = self.measured_model()
+        names = [n for n, _ in regularized_parameters(network, self.regularized)]
+        accuracy = self.drive.probe(network, names, 0.0)
+        totals = metrics.summarize(metrics.layer_table(self.measured_model(), self.input_shape(),
+                                                       self.regularized))
+        verdict = self.drive.judge(accuracy, totals["compression_rate"], lambda: {
+            "model": self.model.state_dict(), "weight_opt": self.weight_opt.state_dict(),
+            "aux_opt": self.aux_opt.state_dict()})
+        if verdict == STOP:
+            self._select_gates()
+            self._target_met = True   # no gate step for the rest of this epoch
+
+    def _select_gates(self) -> None:
+        """Freeze the gates of the kept network (restored with its weights and optimizer
+        states; the network as it is when no check was feasible)."""
+        drive = self.drive
+        if drive.selected:
+            return
+        if drive.snapshot is not None:
+            self.model.load_state_dict(drive.snapshot["model"])
+            self.weight_opt.load_state_dict(drive.snapshot["weight_opt"])
+            self.aux_opt.load_state_dict(drive.snapshot["aux_opt"])
+        self.frozen_at = drive.finetune_start
+        drive.selected = True
 
     # ---- internals --------------------------------------------------------------------------
 

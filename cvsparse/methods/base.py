@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from cvsparse import faults, metrics
 from cvsparse.config import RunConfig
 from cvsparse.faults import SkippedStep, StepFault, StepGuard
+from cvsparse.precision import FP32, Precision
 
 #: A loader: any iterable of ``(inputs, targets)`` batches that can be iterated again (a
 #: ``torch.utils.data.DataLoader``, cvsparse's ``BatchLoader``, a list of tensor pairs ...).
@@ -41,7 +42,8 @@ class RunData:
     ``input_shape`` is one input's shape without the batch dimension (None: taken from the
     first batch the method sees); ``loss_fn`` the training loss (None: cross-entropy);
     ``regularized`` the names of the regularized weights (None: every Conv/Linear weight,
-    ``cvsparse.params.select_weights``).
+    ``cvsparse.params.select_weights``); ``reduce`` averages gradient-like tensors over the
+    ranks of a data-parallel run (:mod:`cvsparse.train.distributed`; None: one process).
     """
 
     val: Batches
@@ -51,6 +53,7 @@ class RunData:
     input_shape: tuple[int, ...] | None = None
     loss_fn: LossFn | None = None
     regularized: Sequence[str] | None = None
+    reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None
 
 
 class CompressionMethod(ABC):
@@ -60,12 +63,15 @@ class CompressionMethod(ABC):
     support (after cvgrad's last outer iteration, AutoPrune's freeze, the magnitude cut); each
     method sets it in :meth:`set_epoch`, and the loop reads it after that call.  ``guard`` is
     passed to every :func:`supervised_step`: a step it skips raises
-    :class:`~cvsparse.faults.SkippedStep` out of :meth:`train_step`.
+    :class:`~cvsparse.faults.SkippedStep` out of :meth:`train_step`.  ``precision`` (autocast,
+    loss scaling, input layout) is passed to every :func:`supervised_step` as well; the
+    method's other passes (hyper steps, gradient tests) run in float32.
     """
 
     name: str = ""
     finetuning: bool = False
     guard: StepGuard | None = None   # set by the loop: judges losses, counts skipped steps
+    precision: Precision | None = None   # set by the loop; None: fp32, contiguous
 
     def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
         self.config = config
@@ -75,6 +81,9 @@ class CompressionMethod(ABC):
         self.regularized: list[str] | None = (
             None if data.regularized is None else list(data.regularized))
         self._input_shape = None if data.input_shape is None else tuple(data.input_shape)
+        #: The module training steps run forward and backward through: the model, or (set by
+        #: the loop in a data-parallel run) its DistributedDataParallel wrapper.
+        self.step_module: nn.Module = model
 
     @abstractmethod
     def set_epoch(self, epoch: int) -> float:
@@ -127,31 +136,67 @@ class CompressionMethod(ABC):
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor,
                     y: Tensor, guard: StepGuard | None = None,
-                    loss_fn: LossFn = F.cross_entropy) -> tuple[Tensor, Tensor]:
+                    loss_fn: LossFn = F.cross_entropy, *,
+                    precision: Precision | None = None) -> tuple[Tensor, Tensor]:
     """One step of ``optimizer`` on ``loss_fn(model(x), y)`` (cross-entropy by default);
     returns detached loss and logits.
 
     With a ``guard``, a loss or gradient it rejects (not finite, or exploding: see
     :mod:`cvsparse.faults`) raises :class:`~cvsparse.faults.SkippedStep` before the optimizer
-    changes anything."""
+    changes anything.
+
+    ``precision`` (default: fp32, contiguous): the forward pass runs under its autocast on its
+    layout of ``x``; logits of the reduced dtype are cast to float32 before ``loss_fn``, so
+    the loss, the backward pass into the float32 parameters and the optimizer step are float32.
+    With its fp16 loss scaler the loss is scaled for the backward pass and the gradients
+    unscaled before the guard and the optimizer see them; a step whose scaled gradients
+    overflowed is not taken (the scaler lowers its scale) and, with a ``guard``, raises
+    SkippedStep."""
+    precision = FP32 if precision is None else precision
     model.zero_grad(set_to_none=True)
-    logits = model(x)
+    with precision.autocast():
+        logits = model(precision.input(x))
+    if isinstance(logits, Tensor) and precision.dtype is not None \
+            and logits.dtype == precision.dtype:
+        logits = logits.float()
     loss = faults.poisoned("loss", loss_fn(logits, y))
     if guard is not None:
         guard.check_loss(loss)
-    loss.backward()
+    scaler = precision.scaler
+    (loss if scaler is None else scaler.scale(loss)).backward()
     faults.poison_grads(p for group in optimizer.param_groups for p in group["params"])
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     if guard is not None:
         guard.limit_gradients(optimizer)
     try:
-        optimizer.step()
+        stepped = _optimizer_step(optimizer, scaler)
     except StepFault as exc:
         if guard is None:
             raise
         raise SkippedStep(str(exc)) from None
     if guard is not None:
+        if not stepped:
+            raise SkippedStep(f"fp16 gradients overflowed; the loss scale is lowered to "
+                              f"{scaler.get_scale():g}")
         guard.record_gradients(optimizer)
     return loss.detach(), logits.detach()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None) -> bool:
+    """``optimizer.step()``, through ``scaler`` (then its update) when there is one; whether
+    the step was taken: a scaler skips a step whose unscaled gradients hold inf or NaN, and
+    then lowers its scale."""
+    if scaler is None:
+        optimizer.step()
+        return True
+    scale = scaler.get_scale()
+    try:
+        scaler.step(optimizer)
+    finally:
+        scaler.update()
+    return scaler.get_scale() >= scale
 
 
 def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],

@@ -17,6 +17,16 @@ up to ``min_compression`` over ``min_compression_epochs``": at every hyper step 
 multiplier (:class:`cvsparse.hyper.CompressionFloor`) raises λ1 where the network is below it
 and keeps the hypergradient from lowering λ1 there.  A budget above the floor then ends the L1
 phase near the size asked for.
+
+With an accuracy constraint (``accuracy.max_accuracy_drop`` / ``max_relative_drop``,
+docs/method.md §8) the run has three phases, scheduled by
+:class:`~cvsparse.methods.accuracy_drive.AccuracyDrive`: a dense phase that measures the
+reference validation accuracy (none when the reference is given); a compression drive whose
+level rises geometrically to ``accuracy.max_compression``, global magnitude cuts holding the
+network to it while L1 with the learned λ shapes the magnitudes, the support probed at every
+check; and fine-tuning of the sparsest support that met the constraint, from the weights it had
+then.  The drive ends at ``accuracy.patience`` failed checks in a row or when its epochs run
+out.
 """
 
 from __future__ import annotations
@@ -34,10 +44,12 @@ from cvsparse import faults
 from cvsparse.config import RunConfig
 from cvsparse.faults import NonFiniteError, SkippedStep
 from cvsparse.hyper import CompressionFloor, LambdaOptimizer, hypergradient
+from cvsparse.hyper.accuracy_constraint import STOP
 from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
 from cvsparse.params import other_parameters, regularized_parameters
 
+from .accuracy_drive import DENSE, DRIVE, FINETUNE, AccuracyDrive
 from .base import (
     CompressionMethod,
     RunData,
@@ -123,6 +135,10 @@ class CVGradMethod(CompressionMethod):
             cv.min_compression_epochs or cv.outer * config.optim.epochs,
             cv.floor_gain,
         )
+        self.drive: AccuracyDrive | None = None
+        if config.accuracy.active:
+            self.drive = AccuracyDrive(config, data.val, self._train_batch, self.loss_fn,
+                                       data.reduce)
         self._push_lambdas()
         self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
@@ -138,6 +154,8 @@ class CVGradMethod(CompressionMethod):
     # ---- the loop's hooks -----------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> float:
+        if self.drive is not None:
+            return self._set_constrained_epoch(epoch)
         cv, opt = self.config.cvgrad, self.config.optim
         start = cv.outer * opt.epochs if self.stopped_at is None else self.stopped_at
         self.finetuning = epoch >= start
@@ -168,13 +186,17 @@ class CVGradMethod(CompressionMethod):
         lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch, epochs)
         group = self.optimizer.param_groups[0]
         if epoch == 0:
-            self._fix_support()
+            if self.drive is not None:
+                self._select_support()
+            else:
+                self._fix_support()
             cv = self.config.cvgrad
             if self.stopped_at is None:   # the outer iterations ran out before any budget
                 warn_if_budget_missed("cvgrad", self.model, self.input_shape(),
                                       cv.target_compression, cv.target_flops, self._epoch,
                                       self.regularized)
-            if self.floor is not None and (reached := self._compression()) < cv.min_compression:
+            if (cv.min_compression is not None
+                    and (reached := self._compression()) < cv.min_compression):
                 warnings.warn(f"cvgrad: the L1 phase ended after epoch {self._epoch} at "
                               f"{reached:.1f}x, below min_compression "
                               f"{cv.min_compression:g}; the remaining epochs fine-tune the "
@@ -187,9 +209,11 @@ class CVGradMethod(CompressionMethod):
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.observe(x)
-        loss, logits = supervised_step(self.model, self.optimizer, x, y, self.guard,
-                                       self.loss_fn)
+        loss, logits = supervised_step(self.step_module, self.optimizer, x, y, self.guard,
+                                       self.loss_fn, precision=self.precision)
         self.steps += 1
+        if self.drive is not None:
+            self._constrained_step()
         cv = self.config.cvgrad
         k = cv.online_every
         if k and self.steps % k == 0 and self.hyper_active:
@@ -204,6 +228,8 @@ class CVGradMethod(CompressionMethod):
         return loss, logits
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
+        if self.drive is not None:
+            return self._end_constrained_epoch(epoch)
         cv = self.config.cvgrad
         if (epoch + 1) % self.config.optim.epochs == 0 and not self.finetuning:
             if self.hyper_active:
@@ -236,6 +262,7 @@ class CVGradMethod(CompressionMethod):
             "initial_state": self.initial_state,
             "stopped_at": self.stopped_at,
             "floor": None if self.floor is None else self.floor.state_dict(),
+            **({} if self.drive is None else {"drive": self.drive.state_dict()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -247,11 +274,17 @@ class CVGradMethod(CompressionMethod):
         self.stopped_at = state.get("stopped_at")   # absent in checkpoints before budgets
         if self.floor is not None:
             self.floor.load_state_dict(state["floor"])
+        if self.drive is not None:
+            self.drive.load_state_dict(state["drive"])
         self._push_lambdas()
 
     def report(self) -> dict[str, Any]:
-        return {"lambda_history": self.history, "regularized_tensors": self.names,
-                "budget_met_at_epoch": self.stopped_at}
+        report = {"lambda_history": self.history, "regularized_tensors": self.names,
+                  "budget_met_at_epoch": self.stopped_at}
+        if self.drive is not None:
+            report.update(self.drive.report(self.model))
+            report["budget_met_at_epoch"] = None
+        return report
 
     @torch.no_grad()
     def release_masks(self, batches: int) -> int:
@@ -282,6 +315,8 @@ class CVGradMethod(CompressionMethod):
             torch._foreach_add_(sums, grads)
             used += 1
         self.model.train()
+        if self.data.reduce is not None:   # a data-parallel run: the mean over the ranks
+            sums = self.data.reduce(sums)
         lam1 = self.lambdas.lambda1.expand(len(self.weights))
         released = 0
         for mask, total, level in zip(masks, sums, lam1.tolist(), strict=True):
@@ -291,6 +326,85 @@ class CVGradMethod(CompressionMethod):
             released += int(grow.sum())
             mask |= grow
         return released
+
+    # ---- the accuracy-constrained run (docs/method.md §8) --------------------------------------
+
+    def _set_constrained_epoch(self, epoch: int) -> float:
+        """Dense phase: ``optim.lr``, no L1, no thresholding, no hyper steps.  Drive:
+        ``accuracy.drive_lr`` (default ``optim.lr``), thresholding, hyper steps at the checks.
+        Then fine-tuning, as in the plain run."""
+        drive = self.drive
+        phase = drive.start_epoch(epoch)
+        self._epoch, self._online_val = epoch, None
+        self.finetuning = phase == FINETUNE
+        self.hyper_active = phase == DRIVE
+        if self.finetuning:
+            start = drive.finetune_start
+            return self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
+        opt, drive_lr = self.config.optim, self.config.accuracy.drive_lr
+        lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        group = self.optimizer.param_groups[0]
+        self._push_lambdas()
+        if phase == DENSE:
+            group["lambda1"] = 0.0
+        group["threshold"] = self.config.cvgrad.threshold if phase == DRIVE else None
+        return lr
+
+    def _constrained_step(self) -> None:
+        """After a training step: the drive's magnitude cut when one falls (the weights below
+        the cut are pruned and masked, like τ's), then a check when one falls."""
+        drive = self.drive
+        drive.count_step()
+        if self.hyper_active and drive.cut_due():
+            cut = drive.cut(self.weights)
+            if cut is not None:
+                group = self.optimizer.param_groups[0]
+                group["threshold"] = max(cut, self.config.cvgrad.threshold)
+                self.optimizer.prune()   # the groups with a threshold: this one
+                group["threshold"] = self.config.cvgrad.threshold
+        if drive.check_due():
+            self._check_constraint()
+
+    def _end_constrained_epoch(self, epoch: int) -> dict[str, float]:
+        """The epoch-end check (the last dense epoch's sets the reference), the λ record."""
+        drive = self.drive
+        drive.end_epoch(self.finetuning)
+        if epoch + 1 == drive.dense_end or (self.hyper_active and drive.last_drive_epoch()):
+            self._check_constraint()
+        if drive.dense_end <= epoch < drive.drive_end and not self.finetuning:
+            self.history.append(self._lambda_record(outer=epoch + 1))
+        return {"lambda1": float(self.lambdas.lambda1.mean()),
+                "lambda2": float(self.lambdas.lambda2.mean()),
+                **self._curvature.row(), **drive.row()}
+
+    def _check_constraint(self) -> None:
+        """Probe the support, let the constraint judge it (the sparsest feasible network is
+        kept; a stop ends the drive on it), then, in the drive, one hyper step."""
+        accuracy = self.drive.probe(copy.deepcopy(self.model), self.names,
+                                    self.config.cvgrad.threshold)
+        verdict = self.drive.judge(accuracy, self._compression(), lambda: {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        if verdict == STOP:
+            self.hyper_active = False
+            self._select_support()
+        elif self.hyper_active:
+            self._hyper_step(self._next_online_val_batch())
+            self.model.train()
+
+    def _select_support(self) -> None:
+        """End the drive on the kept network (its weights, momentum and masks; the network
+        as it is when no check was feasible), masked below τ."""
+        drive = self.drive
+        if drive.selected:
+            return
+        if drive.snapshot is not None:
+            self.model.load_state_dict(drive.snapshot["model"])
+            self.optimizer.load_state_dict(drive.snapshot["optimizer"])
+            self._push_lambdas()
+        self._fix_support()
+        drive.selected = True
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -339,7 +453,8 @@ class CVGradMethod(CompressionMethod):
         diagnostics: dict[str, Any] = {}
         d1, d2 = hypergradient(self.weights, lam1, lam2, train_loss, val_loss,
                                estimator=cv.estimator, unregularized=self.unregularized,
-                               diagnostics=diagnostics, **cv.estimator_opts)
+                               diagnostics=diagnostics, reduce=self.data.reduce,
+                               **cv.estimator_opts)
         self._curvature.add(diagnostics)
         d1 = torch.as_tensor(d1, dtype=torch.float64).reshape(-1).cpu()
         d2 = torch.as_tensor(d2, dtype=torch.float64).reshape(-1).cpu()

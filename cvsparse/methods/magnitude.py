@@ -64,7 +64,8 @@ class MagnitudeMethod(CompressionMethod):
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.observe(x)
-        return supervised_step(self.model, self.optimizer, x, y, self.guard, self.loss_fn)
+        return supervised_step(self.step_module, self.optimizer, x, y, self.guard, self.loss_fn,
+                               precision=self.precision)
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         return {}
@@ -81,6 +82,7 @@ class MagnitudeMethod(CompressionMethod):
         target = self.config.magnitude.target_compression
         modules = [m for m in self.model.modules()
                    if any(getattr(m, "weight", None) is p for p in self.weights)]
+        self.model.to(memory_format=torch.contiguous_format)   # torch's pruning flattens views
         prune.global_unstructured([(m, "weight") for m in modules],
                                   pruning_method=prune.L1Unstructured, amount=1 - 1 / target)
         for m in modules:
@@ -90,4 +92,6 @@ class MagnitudeMethod(CompressionMethod):
                 self.optimizer.state[p]["mask"] = p != 0
                 if "momentum_buffer" in self.optimizer.state[p]:
                     self.optimizer.state[p]["momentum_buffer"].mul_(p != 0)
+        if self.precision is not None:
+            self.precision.prepare(self.model)   # channels-last again (masks stay contiguous)
         self.pruned = True

@@ -1,9 +1,12 @@
 """Which implementation runs an operator: ``auto``, ``cpp``, ``cuda``, ``triton``, ``reference``.
 
-``auto`` (the default) picks the compiled CUDA kernels for CUDA tensors (Triton if the library
-was built without CUDA, the reference if neither is there), the C++ kernels for CPU tensors, and
-the reference when the compiled library failed to load.  An explicit choice that cannot serve a
-call raises ``RuntimeError`` saying why instead of silently running something else.
+``auto`` (the default) calls ``torch.ops.cvsparse.<op>`` and lets the PyTorch dispatcher choose:
+the compiled kernel registered for the tensors' device (C++ on CPUs with AVX2, CUDA), else the
+reference registered as every operator's default kernel (``_library.py``).  The one exception:
+CUDA tensors without a compiled CUDA kernel run the Triton kernels when Triton is usable.  The
+other names are explicit overrides, for tests and benchmarks: an explicit choice that cannot serve
+a call raises ``RuntimeError`` saying why instead of silently running something else;
+``reference`` calls the Python functions directly, bypassing the dispatcher.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name in ("cpp", "cuda") and not _library.compiled_library_loaded():
-        raise RuntimeError(f"backend {name!r} needs the compiled library, which failed to load: "
-                           f"{_library.LOAD_ERROR}")
+        raise RuntimeError(f"backend {name!r} needs the compiled library, which is not loaded "
+                           f"({_library.LOAD_ERROR})")
     if name == "cpp" and not _library.has_kernel("prox_sgd_", "CPU"):
         raise RuntimeError("backend 'cpp' has no CPU kernels on this machine: they are built for "
                            "AVX2 and register only where the CPU (and ATEN_CPU_CAPABILITY) "
@@ -82,7 +85,6 @@ def _resolve(op: str, device: torch.device) -> Callable:
         return getattr(reference, op)
     if name == "triton":
         return getattr(triton_ops(), op)
-    compiled = _library.compiled_library_loaded()
     if name == "cpp":
         if device.type != "cpu":
             raise RuntimeError(f"backend 'cpp' runs on CPU tensors, got {device}")
@@ -93,16 +95,11 @@ def _resolve(op: str, device: torch.device) -> Callable:
         if device.type != "cuda":
             raise RuntimeError(f"backend 'cuda' runs on CUDA tensors, got {device}")
         return getattr(torch.ops.cvsparse, op)
-    # auto
-    if device.type == "cuda":
-        if compiled and _library.has_kernel(op, "CUDA"):
-            return getattr(torch.ops.cvsparse, op)
-        if _triton_usable():
-            return getattr(torch.ops.cvsparse_triton, op)
-        return getattr(reference, op)
-    if compiled and _library.has_kernel(op, "CPU"):
-        return getattr(torch.ops.cvsparse, op)
-    return getattr(reference, op)
+    # auto: the dispatcher runs the compiled kernel of the tensors' device where there is one,
+    # the reference (the default kernel) elsewhere; Triton only stands in for missing CUDA ones.
+    if device.type == "cuda" and not _library.has_kernel(op, "CUDA") and _triton_usable():
+        return getattr(torch.ops.cvsparse_triton, op)
+    return getattr(torch.ops.cvsparse, op)
 
 
 def available_backends() -> list[str]:

@@ -1,13 +1,24 @@
 """Loading of the compiled core and registration of what every backend shares.
 
-``cvsparse._C`` registers the schemas (``csrc/ops.cpp``) and the CPU / CUDA kernels.  If it is
-missing or fails to load, the same schemas are defined here with the reference implementations
-as their kernels, a warning says why, and everything keeps working on the reference backend.
-Fake (meta) implementations and autograd formulas are registered here in both cases.
+Per dispatch key (docs/architecture.md, "Operator dispatch"):
+
+* ``CompositeExplicitAutograd``: the reference implementation (``reference.py``) of every
+  operator, registered here whether or not ``cvsparse._C`` loaded: it serves every device without
+  a compiled kernel (a CPU without AVX2, a GPU of a build without CUDA, calls whose lists are all
+  empty, and every CPU when the compiled library is missing or disabled);
+* ``CPU`` / ``CUDA``: the compiled kernels of ``cvsparse._C`` (``csrc/cpu``, ``csrc/cuda``), which
+  take precedence over the default kernel for their key;
+* ``Meta``: the fakes below (output metadata only); ``Autograd``: the formula of ``gated_weight``.
+
+The schemas come from ``csrc/ops.cpp`` when ``cvsparse._C`` loads; otherwise (or for an operator
+that a stale build lacks) they are defined here from the same strings (``schemas.py``).  Setting
+the environment variable ``CVSPARSE_NO_EXTENSION=1`` skips loading ``cvsparse._C``, e.g. to test
+the reference-only configuration with the library installed.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -16,37 +27,44 @@ from torch import Tensor
 from . import reference
 from .schemas import SCHEMAS
 
-LOAD_ERROR: str | None = None
-try:
-    from cvsparse import _C  # noqa: F401  (importing runs the static registrations)
-except Exception as exc:  # pragma: no cover - exercised only on broken installs
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
-    warnings.warn(
-        f"cvsparse: the compiled library could not be loaded ({LOAD_ERROR}); falling back to "
-        "the pure-PyTorch reference operators. Reinstall with `pip install --no-build-isolation "
-        "-e .` to build it.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
-    _fallback = torch.library.Library("cvsparse", "DEF")  # kept alive for the process
-    for _name, _schema in SCHEMAS.items():
-        _fallback.define(_schema)
-        _fallback.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+NO_EXTENSION_VARIABLE = "CVSPARSE_NO_EXTENSION"
 
 
-else:
-    # A compiled library built before an operator was added lacks its schema: define it here
-    # with the reference as its kernel, so the package works until the library is rebuilt.
-    _stale = [name for name in SCHEMAS
-              if not torch._C._dispatch_has_kernel(f"cvsparse::{name}")
-              and not hasattr(torch.ops.cvsparse, name)]
-    if _stale:
-        warnings.warn(f"cvsparse: the compiled library predates {', '.join(_stale)}; they run on "
-                      "the reference until it is rebuilt", RuntimeWarning, stacklevel=2)
-        _fragment = torch.library.Library("cvsparse", "FRAGMENT")  # kept alive for the process
-        for _name in _stale:
-            _fragment.define(SCHEMAS[_name])
-            _fragment.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+def _load_compiled() -> str | None:
+    """Import ``cvsparse._C`` (which runs its static registrations); why it is not loaded, or
+    None when it is."""
+    if os.environ.get(NO_EXTENSION_VARIABLE) == "1":
+        return f"disabled by {NO_EXTENSION_VARIABLE}=1"
+    try:
+        from cvsparse import _C  # noqa: F401
+    except Exception as exc:  # pragma: no cover - exercised only on broken installs
+        reason = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"cvsparse: the compiled library could not be loaded ({reason}); falling back to the "
+            "pure-PyTorch reference operators. Reinstall with `pip install --no-build-isolation "
+            "-e .` to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return reason
+    return None
+
+
+def _schema_defined(name: str) -> bool:
+    return hasattr(torch.ops.cvsparse, name)
+
+
+LOAD_ERROR: str | None = _load_compiled()
+_missing = [name for name in SCHEMAS if not _schema_defined(name)]
+if _missing and LOAD_ERROR is None:
+    warnings.warn(f"cvsparse: the compiled library predates {', '.join(_missing)}; they run on "
+                  "the reference until it is rebuilt", RuntimeWarning, stacklevel=2)
+_registry = torch.library.Library("cvsparse", "FRAGMENT")  # kept alive for the process
+for _name, _schema in SCHEMAS.items():
+    if _name in _missing:
+        _registry.define(_schema)
+    # Replaces the compiled library's own default kernels (they only served empty lists).
+    _registry.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
 
 def compiled_library_loaded() -> bool:

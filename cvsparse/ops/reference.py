@@ -90,14 +90,16 @@ def threshold_(
     params: list[Tensor], momentum_bufs: list[Tensor], masks: list[Tensor], tau: float
 ) -> Tensor:
     """Magnitude pruning at ``tau`` (docs/method.md §4), in place; returns kept elements per
-    tensor."""
+    tensor.  An empty ``masks`` list means no masks (``keep = |w| ≥ τ``), as in the schema."""
     counts = []
     for i, p in enumerate(params):
-        keep = (_opmath(p).abs() >= tau) & masks[i]
+        keep = _opmath(p).abs() >= tau
+        if masks:
+            keep &= masks[i]
+            masks[i].copy_(keep)
         p.mul_(keep)
         if momentum_bufs:
             momentum_bufs[i].mul_(keep)
-        masks[i].copy_(keep)
         counts.append(keep.sum().reshape(1))
     return _stack_counts(counts)
 

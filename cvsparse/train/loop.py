@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from cvsparse import metrics, provenance
+from cvsparse import metrics, provenance, sources
 from cvsparse.config import RunConfig, from_dict, resolve_defaults, validate
 from cvsparse.data import (
     CROP_PADDING,
@@ -33,11 +34,12 @@ from cvsparse.data import (
     split_indices,
 )
 from cvsparse.faults import Diverged, SkippedStep, StepGuard
+from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES
 from cvsparse.methods.base import RunData
-from cvsparse.models import build_model
+from cvsparse.precision import Precision
 
-from . import checkpoint, outputs, rundir
+from . import checkpoint, distributed, outputs, rundir
 from .averaging import WeightAverage
 
 #: Keys every checkpoint state holds (a state without one of them is incomplete).
@@ -57,15 +59,17 @@ class Trainer:
         (which removes them when the run starts).  The folder is checked before any data is
         loaded; RunDirError / CheckpointError / ValueError name the problem."""
         self.out_dir = Path(out_dir)
+        self.ranks = distributed.Ranks.from_env()   # one process unless started by torchrun
         if not resume:
             resolve_defaults(config)
             validate(config)
-        rundir.check_writable(self.out_dir)
-        rundir.check_unlocked(self.out_dir)
-        if not resume:
-            rundir.check_free(self.out_dir, overwrite)
+        if self.ranks.is_main:   # only rank 0 writes into the folder
+            rundir.check_writable(self.out_dir)
+            rundir.check_unlocked(self.out_dir)
+            if not resume:
+                rundir.check_free(self.out_dir, overwrite)
         self.config = config
-        self.progress = progress
+        self.progress = progress and self.ranks.is_main
         self._overwrite = overwrite
         self._owns_folder = resume   # a new run claims the folder when it first runs
         self.checkpoints = checkpoint.CheckpointStore(self.out_dir, required=_STATE_KEYS)
@@ -75,13 +79,17 @@ class Trainer:
             if on_resume is not None:
                 self.config = config = on_resume(config)
             validate(config)
+        self.ranks.check_batch_sizes(**{"data.batch_size": config.data.batch_size,
+                                        "data.val_batch_size": config.data.val_batch_size})
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = _device(config.device)
+        self.device = self.ranks.join(_device(config.device))
+        self.precision = Precision(config.precision, config.channels_last, self.device)
         _seed_everything(config.seed)
 
         provenance.check_data_root(config.data.dataset, config.data.root)
-        self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download)
+        self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download,
+                                    image_size=config.data.image_size)
         self.provenance = provenance.collect(self.dataset, self.device)
         if state is not None:
             provenance.check_same_data(state.get("data_sha256"), self.provenance)
@@ -94,15 +102,22 @@ class Trainer:
         else:
             self.train_idx, self.val_idx = split_indices(n_train, val_size, config.data.split_seed)
 
-        self.model = build_model(config.model, num_classes=self.dataset.num_classes,
-                                 in_channels=self.dataset.x_train.shape[1]).to(self.device)
         self.input_shape = tuple(self.dataset.x_train.shape[1:])
+        config.num_classes = sources.resolve_num_classes(
+            config.num_classes, self.dataset.num_classes, config.data.dataset)
+        self.model = sources.build(config.model, config.num_classes, self.input_shape[0])
+        sources.check_fits(self.model, config.model, self.input_shape, config.num_classes,
+                           config.data.dataset)
+        self.model.to(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         hyper_generator = torch.Generator().manual_seed(config.seed + 1)
         method_class = METHOD_CLASSES[config.method]
         run_data = self._build_loaders(method_class, hyper_generator)
         self.method = method_class(config, self.model, run_data)
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
+        self.method.precision = self.precision
+        self.precision.prepare(self.model)   # after the method: AutoPrune's gates too
+        self.method.step_module = self.ranks.wrap(self.model)   # DDP with several ranks
         self.average = WeightAverage(self.model, self.bn_loader, self.device)
         self.rows: list[dict[str, Any]] = []
         self.epoch = 0
@@ -117,7 +132,10 @@ class Trainer:
         """Train to the end of the schedule (or to global epoch ``max_epochs``, leaving a
         checkpoint to resume from); returns the report, also written to report.json.
 
-        The folder is locked while the run writes (RunDirError if another process holds it)."""
+        The folder is locked while the run writes (RunDirError if another process holds it).
+        In a data-parallel run only rank 0 locks and writes."""
+        if not self.ranks.is_main:
+            return self._run_locked(max_epochs)
         with rundir.RunLock(self.out_dir):
             self._claim_folder()
             return self._run_locked(max_epochs)
@@ -142,13 +160,15 @@ class Trainer:
             row["wall_time_s"] = round(self.wall_time, 3)
             self.rows.append(row)
             self.epoch += 1
-            outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
             if self.epoch == self.config.total_epochs and self.average.count:
                 self.average.copy_to_model()   # the finished model is the weight average
-            self.checkpoints.save(self._state())
+            if self.ranks.is_main:
+                outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
+                self.checkpoints.save(self._state())
         report = self.report()
-        outputs.write_json(report, self.out_dir / "report.json")
-        outputs.write_plots(self.rows, report, self.out_dir / "plots")
+        if self.ranks.is_main:
+            outputs.write_json(report, self.out_dir / "report.json")
+            outputs.write_plots(self.rows, report, self.out_dir / "plots")
         if self.progress:
             print(outputs.summary_table(report))
         return report
@@ -171,6 +191,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "wall_time_s": self.wall_time,
             "provenance": self.provenance,
+            "world_size": self.ranks.world_size,
         }
 
     # ---- internals ----------------------------------------------------------------------------
@@ -183,13 +204,17 @@ class Trainer:
         ds, dc = self.dataset, self.config.data
         if ds.name.startswith("cifar"):
             augment, padding, flip = dc.augment, CROP_PADDING, True
+        elif is_image_folder(ds.name):
+            augment, padding, flip = dc.augment, crop_padding(ds.image_shape[1]), True
         else:
             augment, padding, flip = dc.augment and dc.mnist_shift > 0, dc.mnist_shift, False
 
-        def loader(images, labels, indices, batch_size, *, shuffle, augment, generator):
-            return BatchLoader(images, labels, indices, batch_size, shuffle=shuffle,
+        def loader(images, labels, indices, batch_size, *, shuffle, augment, generator,
+                   whole=False):   # whole: every rank iterates all of it, else its shards
+            made = BatchLoader(images, labels, indices, batch_size, shuffle=shuffle,
                                augment=augment, mean=ds.mean, std=ds.std, generator=generator,
                                crop_padding=padding, flip=flip)
+            return made if whole else self.ranks.shard(made)
 
         self._augment = augment   # what the data config asks for; _set_augmentation applies it
         weight_idx, reserved_idx = method_class.split_training(self.train_idx)
@@ -200,7 +225,7 @@ class Trainer:
         self.test_loader = loader(ds.x_test, ds.y_test, torch.arange(len(ds.y_test)),
                                   dc.val_batch_size, shuffle=False, augment=False, generator=None)
         self.bn_loader = loader(ds.x_train, ds.y_train, self.train_idx, dc.val_batch_size,
-                                shuffle=False, augment=False, generator=None)
+                                shuffle=False, augment=False, generator=None, whole=True)
         return RunData(
             val=self.val_loader,
             train_for_hvp=loader(ds.x_train, ds.y_train, self.train_idx, dc.batch_size,
@@ -210,6 +235,8 @@ class Trainer:
                 ds.x_train, ds.y_train, reserved_idx, dc.batch_size, shuffle=True,
                 augment=augment, generator=hyper_generator),
             input_shape=self.input_shape,
+            loss_fn=self.ranks.loss(F.cross_entropy),
+            reduce=self.ranks.reducer(),
         )
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -243,14 +270,19 @@ class Trainer:
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         bar.close()
+        loss_sum, correct, seen = self.ranks.sum(loss_sum, correct, seen)
         if self.progress and not live:
             print(f"{desc}: {steps} steps, loss {loss_sum / max(seen, 1):.4f}, acc "
                   f"{correct / max(seen, 1):.3f}, {time.perf_counter() - started:.1f} s",
                   file=sys.stderr, flush=True)
         extra = self.method.end_epoch(epoch)
+        self.ranks.check_agreement(epoch, {
+            "model": self.model.state_dict(),
+            "method state (lambda, masks, gates, optimizer)": self.method.state_dict()})
         with self._evaluated():
-            val = metrics.evaluate(self.model, self.val_loader, self.device)
-            test = metrics.evaluate(self.model, self.test_loader, self.device)
+            val = self.ranks.evaluate(self.model, self.val_loader, self.device, self.precision)
+            test = self.ranks.evaluate(self.model, self.test_loader, self.device,
+                                       self.precision)
             totals = metrics.summarize(
                 metrics.layer_table(self.method.measured_model(), self.input_shape))
         _check_evaluation(epoch, val["loss"], test["loss"])
@@ -326,6 +358,7 @@ class Trainer:
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
             "guard": self.guard.state_dict(),
+            "precision": self.precision.state_dict(),
             "data_sha256": [f["sha256"] for f in self.provenance["data"]["files"]],
         }
 
@@ -335,6 +368,8 @@ class Trainer:
         self.average.load_state_dict(state["average"])
         if "guard" in state:   # checkpoints written before the step guard existed lack it
             self.guard.load_state_dict(state["guard"])
+        if "precision" in state:   # ... and before mixed precision (their runs are fp32)
+            self.precision.load_state_dict(state["precision"])
         self.generator.set_state(state["generator"])
         hyper_generator.set_state(state["hyper_generator"])
         checkpoint.set_rng_state(state["rng"])

@@ -1,0 +1,227 @@
+"""The schedule of an accuracy-constrained run (docs/method.md §8), shared by the methods that
+take one (cvgrad, AutoPrune).
+
+A method owns its optimizers and how its state is saved; this object owns the rest: the phases
+(dense, drive, fine-tuning), the drive's rising compression level and the magnitude cut that
+holds the network to it, when cuts and checks fall, the probe that measures a support, the
+constraint's verdicts and the kept network.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cvsparse import metrics
+from cvsparse.config import RunConfig
+from cvsparse.hyper import AccuracyConstraint
+from cvsparse.hyper.accuracy_constraint import BEST, STOP, read_reference
+
+from .base import Batches, LossFn
+
+#: Phases of a constrained run.
+DENSE, DRIVE, FINETUNE = "dense", "drive", "finetune"
+#: Steps per epoch assumed before a whole epoch was seen (a run with a given reference has no
+#: dense phase to count them in).
+FIRST_EPOCH_STEPS = 100
+#: Magnitude cuts per epoch of the drive.
+CUTS_PER_EPOCH = 32
+
+
+class AccuracyDrive:
+    """Phases, drive, checks, probe and kept network of one constrained run.
+
+    Args:
+        config: the run's settings (``accuracy.*``, ``optim.lr``/``gamma``/``momentum``, the
+            epoch count).
+        val: the validation batches the probe is evaluated on.
+        train_batch: returns a fresh training batch for the probe (the hyper generator's).
+        loss_fn: the training loss.
+        reduce: averages tensors over the ranks of a data-parallel run (None: one process),
+            so that every rank probes and judges alike.
+    """
+
+    def __init__(self, config: RunConfig, val: Batches, train_batch: Callable[[], tuple],
+                 loss_fn: LossFn,
+                 reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None) -> None:
+        acc = config.accuracy
+        self.config, self.val, self.train_batch, self.loss_fn = config, val, train_batch, loss_fn
+        self.reduce = reduce
+        self.constraint = AccuracyConstraint(acc.max_accuracy_drop, acc.max_relative_drop,
+                                             acc.patience)
+        self.dense_end, self.drive_end = acc.phases(config.total_epochs)
+        if acc.reference_accuracy is not None:
+            self.constraint.set_reference(acc.reference_accuracy / 100,
+                                          "given (reference_accuracy)")
+        elif acc.reference is not None:
+            self.constraint.set_reference(*read_reference(acc.reference))
+        self.snapshot: dict[str, Any] | None = None   # the kept network's state
+        self.selected = False          # the kept network is in place (drive over)
+        self.steps_per_epoch: int | None = None   # steps of the last whole epoch
+        self.stopped_at: int | None = None        # first fine-tuning epoch, when stopped early
+        self.epoch = 0
+        self.epoch_steps = 0
+        self.next_check = config.accuracy.check_ratio   # the level of the next check
+
+    # ---- phases and clock ----------------------------------------------------------------
+
+    def start_epoch(self, epoch: int) -> str:
+        """Begin global epoch ``epoch``; returns its phase."""
+        self.epoch, self.epoch_steps = epoch, 0
+        return self.phase(epoch)
+
+    def phase(self, epoch: int) -> str:
+        if epoch >= (self.drive_end if self.stopped_at is None else self.stopped_at):
+            return FINETUNE
+        return DENSE if epoch < self.dense_end else DRIVE
+
+    @property
+    def finetune_start(self) -> int:
+        """The first fine-tuning epoch."""
+        return self.drive_end if self.stopped_at is None else self.stopped_at
+
+    def level(self) -> float:
+        """The drive's compression level now: ``C_max ^ (t / R)``, ``t`` the drive's progress
+        in epochs (fractions included), ``R`` its length, ``C_max`` =
+        ``accuracy.max_compression``; 1 before the drive, ``C_max`` after."""
+        fraction = (min(1.0, self.epoch_steps / self.steps_per_epoch)
+                    if self.steps_per_epoch else 1.0)
+        t = self.epoch - self.dense_end + fraction
+        span = self.drive_end - self.dense_end
+        return self.config.accuracy.max_compression ** min(1.0, max(0.0, t / span))
+
+    def cut_due(self) -> bool:
+        """Whether a magnitude cut falls after this drive step (:data:`CUTS_PER_EPOCH` per
+        epoch, every 10 steps before a whole epoch was counted)."""
+        n = self.steps_per_epoch
+        every = max(1, n // CUTS_PER_EPOCH) if n else 10
+        return self.epoch_steps % every == 0
+
+    @torch.no_grad()
+    def cut(self, weights: list[Tensor]) -> float | None:
+        """The global magnitude threshold that brings ``weights`` to the drive's level now:
+        pruning every weight with ``|w| <`` it leaves ``total / level`` of them (ties aside);
+        None when the network is already that compressed."""
+        total = sum(w.numel() for w in weights)
+        nonzero = sum(int(torch.count_nonzero(w)) for w in weights)
+        keep = max(1, int(total / self.level()))
+        if nonzero <= keep:
+            return None
+        magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
+        kth = torch.kthvalue(magnitudes.float().cpu(), total - keep).values
+        return float(torch.nextafter(kth, torch.tensor(math.inf)))
+
+    def count_step(self) -> None:
+        self.epoch_steps += 1
+
+    def end_epoch(self, finetuning: bool) -> None:
+        """Remember a whole pruning epoch's step count (it spaces the next epoch's checks)."""
+        if not finetuning:
+            self.steps_per_epoch = self.epoch_steps
+
+    def check_due(self) -> bool:
+        """Whether a check falls after this drive step: each time the drive's level has grown
+        by ``accuracy.check_ratio`` since the last check, so that the kept network is within
+        that factor of the sparsest one the constraint allows (and the epoch-end check of the
+        drive's last epoch, which the method takes in its ``end_epoch``)."""
+        if self.phase(self.epoch) != DRIVE or self.selected:
+            return False
+        level = self.level()
+        if level < self.next_check:
+            return False
+        self.next_check = level * self.config.accuracy.check_ratio
+        return True
+
+    def last_drive_epoch(self) -> bool:
+        """Whether the current epoch is the drive's last."""
+        return self.epoch + 1 == self.drive_end
+
+    # ---- measuring -------------------------------------------------------------------------
+
+    def probe(self, network: nn.Module, names: list[str], threshold: float) -> float:
+        """What a support is worth: the validation accuracy of ``network`` (a copy the caller
+        may discard; it is trained here) after ``accuracy.probe_fraction`` of an epoch's steps
+        of SGD without L1 (the run's momentum, ``accuracy.probe_lr``, default
+        ``lr · gamma``), its weights ``names`` that are zero or below ``threshold`` held at
+        zero."""
+        acc, opt = self.config.accuracy, self.config.optim
+        steps = max(1, round(acc.probe_fraction * (self.steps_per_epoch or FIRST_EPOCH_STEPS)))
+        named = dict(network.named_parameters())
+        weights = [named[n] for n in names]
+        with torch.no_grad():
+            masks = [(w != 0) & (w.abs() >= threshold) for w in weights]
+            torch._foreach_mul_(weights, masks)
+        trained = [p for p in network.parameters() if p.requires_grad]
+        sgd = torch.optim.SGD(trained, lr=acc.probe_lr or opt.lr * opt.gamma,
+                              momentum=opt.momentum)
+        device = weights[0].device
+        network.train()
+        for _ in range(steps):
+            x, y = (t.to(device) for t in self.train_batch())
+            sgd.zero_grad(set_to_none=True)
+            self.loss_fn(network(x), y).backward()
+            if self.reduce is not None:   # the global batch's gradient on every rank
+                with_grad = [p for p in trained if p.grad is not None]
+                for p, g in zip(with_grad, self.reduce([p.grad for p in with_grad]),
+                                strict=True):
+                    p.grad = g
+            sgd.step()
+            with torch.no_grad():
+                torch._foreach_mul_(weights, masks)
+        return self._accuracy(network)
+
+    def _accuracy(self, network: nn.Module) -> float:
+        """Validation accuracy of ``network`` over the whole split (every rank's shard)."""
+        part = metrics.evaluate(network, self.val)
+        if self.reduce is None:
+            return part["acc"]
+        counts = torch.tensor([part["acc"] * part["n"], part["n"]], dtype=torch.float64)
+        correct, n = self.reduce([counts])[0].tolist()
+        return correct / n   # the ratio of the means is the ratio of the sums
+
+    def judge(self, accuracy: float, compression: float, state: Callable[[], dict]) -> str:
+        """The constraint's verdict on a check measured at ``accuracy``; the dense phase's
+        last check sets a rising reference first.  ``state()`` is called for the network's
+        state when it is the new kept one (a deep copy is stored)."""
+        if self.constraint.reference is None:
+            self.constraint.set_reference(
+                accuracy, f"dense phase of {self.dense_end} epochs, raised by the checks of "
+                "the drive", rising=True)
+        verdict = self.constraint.observe(accuracy, compression, (self.epoch, self.epoch_steps))
+        if verdict == BEST:
+            self.snapshot = copy.deepcopy(state())
+        if verdict == STOP:
+            self.stopped_at = self.epoch + 1
+        return verdict
+
+    def row(self) -> dict[str, float]:
+        """The epoch's ``metrics.csv`` columns of the drive."""
+        row = {"drive_level": self.level()}
+        if self.constraint.reference is not None:
+            row["accuracy_bound"] = self.constraint.bound
+        return row
+
+    def report(self, network: nn.Module) -> dict[str, Any]:
+        """The report's entries, ``constraint_met_val`` judged on ``network`` now."""
+        report = self.constraint.report()
+        accuracy = self._accuracy(network)
+        report["constraint_met_val"] = (self.constraint.reference is not None
+                                        and self.constraint.holds(accuracy))
+        return report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"constraint": self.constraint.state_dict(), "snapshot": self.snapshot,
+                "selected": self.selected, "steps_per_epoch": self.steps_per_epoch,
+                "stopped_at": self.stopped_at, "next_check": self.next_check}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.constraint.load_state_dict(state["constraint"])
+        self.snapshot, self.selected = state["snapshot"], state["selected"]
+        self.steps_per_epoch, self.stopped_at = state["steps_per_epoch"], state["stopped_at"]
+        self.next_check = state["next_check"]
+

@@ -1,0 +1,188 @@
+"""cvgrad with an accuracy constraint (``accuracy.max_accuracy_drop``): a dense phase measures
+the reference, a compression drive prunes, the sparsest support that met the constraint is
+fine-tuned.  Tiny LeNet-300 runs on the MNIST fixture."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from cvsparse.metrics import evaluate
+from cvsparse.train import Trainer
+
+from .cli_helpers import run_cli, tiny_yaml
+from .test_trainer import full_and_resumed, tiny_config
+
+#: 8 epochs: 2 dense, 4 of drive, 2 of fine-tuning; 30 steps each.
+BASE = {"optim.epochs": 4, "cvgrad.outer": 2, "optim.max_steps_per_epoch": 30,
+        "optim.lr": 0.1, "accuracy.probe_fraction": 0.2, "accuracy.max_compression": 300.0}
+
+
+def constrained(tmp_path, name: str, **overrides) -> tuple[Trainer, dict]:
+    trainer = Trainer(tiny_config(**{**BASE, **overrides}), tmp_path / name, progress=False)
+    return trainer, trainer.run()
+
+
+def zeros_rate(model: torch.nn.Module, names: list[str]) -> float:
+    """Compression rate counted from the model's weights: elements / nonzeros."""
+    params = dict(model.named_parameters())
+    total = sum(params[n].numel() for n in names)
+    return total / sum(int(torch.count_nonzero(params[n])) for n in names)
+
+
+def test_the_kept_network_meets_the_bound_on_validation(tmp_path):
+    trainer, report = constrained(tmp_path, "run", **{"accuracy.max_accuracy_drop": 3.0})
+    assert report["reference_source"].startswith("dense phase of 2 epochs")
+    assert report["accuracy_bound"] == pytest.approx(report["reference_val_acc"] - 0.03)
+    val = evaluate(trainer.model, trainer.val_loader)["acc"]   # the loop's split, re-measured
+    assert val == report["val_acc"] and val >= report["accuracy_bound"]
+    assert report["constraint_met_val"] is True
+    rate = zeros_rate(trainer.model, report["regularized_tensors"])
+    assert rate == pytest.approx(report["compression_rate"])
+    assert rate >= report["selected_compression"] > 2   # the support kept, masked below τ
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [float(r["lambda1"]) for r in rows[:2]] == [1e-4, 1e-4]   # dense: λ untouched
+    assert all(float(r["compression_rate"]) == pytest.approx(1.0) for r in rows[:2])
+    assert all(float(r["compression_rate"]) == pytest.approx(rate) for r in rows[-2:])
+
+
+def test_a_larger_drop_never_keeps_a_denser_network(tmp_path):
+    """Same seed, three drops: the runs agree until the stricter one stops, so the kept
+    compression cannot fall as the drop grows (and here it rises)."""
+    rates = []
+    for drop in (0.2, 2.0, 20.0):
+        _, report = constrained(tmp_path, f"d{drop}", **{"accuracy.max_accuracy_drop": drop})
+        rates.append(report["compression_rate"])
+    assert rates == sorted(rates) and rates[-1] > rates[0]
+
+
+def test_a_constraint_that_never_binds_leaves_the_drive_alone(tmp_path):
+    """With drops so large that no check can fail, nothing stops the drive: both runs are
+    bitwise the same, no violation is counted, and the support kept is the sparsest checked."""
+    runs = [constrained(tmp_path, f"d{d}", **{"accuracy.max_accuracy_drop": d})
+            for d in (90.0, 99.0)]
+    (a, ra), (b, rb) = runs
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(x, y), name
+    assert ra["drive_stopped_at"] is None and a.method.drive.constraint.violations == 0
+    assert ra["selected_compression"] == rb["selected_compression"]
+    assert ra["lambda_history"] == rb["lambda_history"]
+
+
+def test_a_given_reference_skips_the_dense_phase(tmp_path):
+    trainer, report = constrained(tmp_path, "given", **{"accuracy.max_accuracy_drop": 1.0,
+                                                         "accuracy.reference_accuracy": 80.0})
+    assert report["reference_val_acc"] == pytest.approx(0.80)
+    assert report["accuracy_bound"] == pytest.approx(0.79)
+    rows = list(csv.DictReader(open(tmp_path / "given" / "metrics.csv")))
+    assert float(rows[0]["lambda1"]) != 1e-4   # λ moves from the first epoch on
+
+
+def test_kill_and_resume_with_the_constraint_is_bitwise(tmp_path):
+    config = tiny_config(**{**BASE, "accuracy.max_accuracy_drop": 1.0})
+    # cut in the middle of the drive (a kept support exists), then once more in fine-tuning
+    full, resumed = full_and_resumed(config, tmp_path, 4)
+    assert full.method.drive.constraint.report() == resumed.method.drive.constraint.report()
+    rows = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("full", "cut")]
+    assert rows[0] == [{**r, "wall_time_s": rows[0][i]["wall_time_s"]}
+                       for i, r in enumerate(rows[1])]
+
+
+def test_a_reference_run_folder_sets_the_reference(tmp_path):
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    config = tiny_config(**BASE)
+    (dense / "report.json").write_text(json.dumps(
+        {"val_acc": 0.9, "config": {"data": {"dataset": "mnist", "val_size": 2000,
+                                             "split_seed": 0}}}))
+    trainer, report = constrained(tmp_path, "ref", **{"accuracy.max_accuracy_drop": 1.0,
+                                                      "accuracy.reference": str(dense)})
+    assert report["reference_val_acc"] == 0.9 and report["reference_source"] == "run folder dense"
+    assert config.data.val_size == trainer.config.data.val_size
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-accuracy-drop", "-1"], "max_accuracy_drop"),
+    (["--max-relative-drop", "100"], "max_relative_drop"),
+    (["--max-accuracy-drop", "1", "--reference", "no-such-run"], "no report.json"),
+    (["--max-accuracy-drop", "1", "--reference-accuracy", "0.9"], "in percent"),
+    (["--reference-accuracy", "90"], "needs accuracy.max_accuracy_drop"),
+    (["--max-accuracy-drop", "1", "--method", "magnitude"], "not 'magnitude'"),
+    (["--max-accuracy-drop", "1", "--target-compression", "10"], "sets the size by hand"),
+    (["--max-accuracy-drop", "1", "--epochs", "1"], "no room"),
+])
+def test_bad_settings_exit_2_before_training(tmp_path, flags, message):
+    out = tmp_path / "out"
+    done = run_cli("train", "--config", tiny_yaml(tmp_path), "--out", out, *flags)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_compress_takes_the_constraint_as_a_keyword(tmp_path):
+    """The Python API: ``max_accuracy_drop=`` on a user's module and plain DataLoaders; the
+    report's bound is recomputed from its reference, the returned model meets it."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import cvsparse
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 20, generator=g)
+    y = (x[:, :5].sum(1) > 0).long()
+    train = DataLoader(TensorDataset(x[:384], y[:384]), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(x[384:], y[384:]), batch_size=128)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 2))
+    result = cvsparse.compress(model, train, val, epochs=4, outer=2, lr=0.1, lambda1=1e-2,
+                               max_accuracy_drop=5.0, probe_fraction=0.5)
+    report = result.report
+    assert report["accuracy_bound"] == pytest.approx(report["reference_val_acc"] - 0.05)
+    assert evaluate(result.model, val)["acc"] >= report["accuracy_bound"]
+    assert report["constraint_met_val"] is True and report["compression_rate"] > 1.5
+
+
+# ---- AutoPrune: the same schedule, gates closed by the cut ------------------------------------
+
+AP = {"method": "autoprune", "optim.epochs": 6, "autoprune.finetune_epochs": 2,
+      "optim.max_steps_per_epoch": 30, "optim.lr": 0.1, "accuracy.probe_fraction": 0.2,
+      "accuracy.max_compression": 300.0}
+
+
+def test_autoprune_keeps_the_sparsest_gates_that_meet_the_bound(tmp_path):
+    trainer = Trainer(tiny_config(**{**AP, "accuracy.max_accuracy_drop": 3.0}),
+                      tmp_path / "ap", progress=False)
+    report = trainer.run()
+    exported = trainer.method.measured_model()
+    val = evaluate(exported, trainer.val_loader)["acc"]
+    assert val == pytest.approx(report["val_acc"]) and val >= report["accuracy_bound"]
+    rate = zeros_rate(exported, [n for n, _ in exported.named_parameters()
+                                 if n.endswith("weight")])   # every Linear is gated here
+    assert rate == pytest.approx(report["compression_rate"])
+    assert rate >= report["selected_compression"] > 2
+    assert report["gates_frozen_at_epoch"] is not None
+
+
+def test_autoprune_is_monotone_in_the_drop_and_resumes_bitwise(tmp_path):
+    rates = []
+    for drop in (0.5, 30.0):
+        config = tiny_config(**{**AP, "accuracy.max_accuracy_drop": drop})
+        if drop == 30.0:   # cut inside the drive, resumed: the same network as uninterrupted
+            full, _ = full_and_resumed(config, tmp_path, 3)
+            report = full.report()
+        else:
+            report = Trainer(config, tmp_path / "strict", progress=False).run()
+        rates.append(report["compression_rate"])
+    assert rates[1] >= rates[0] and rates[1] > 2
+
+
+def test_autoprune_refuses_neuron_gates_with_a_constraint(tmp_path):
+    done = run_cli("train", "--config", tiny_yaml(tmp_path), "--out", tmp_path / "out",
+                   "--method", "autoprune", "--granularity", "neuron",
+                   "--max-accuracy-drop", "1")
+    assert done.returncode == 2 and "granularity 'weight'" in done.stderr
