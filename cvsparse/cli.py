@@ -17,12 +17,20 @@ import sys
 import warnings
 from pathlib import Path
 
-from cvsparse.config import AUGMENT_PHASES, ESTIMATORS, METHODS, RunConfig, load_yaml
+from cvsparse.config import RunConfig, load_yaml
 from cvsparse.faults import Diverged
 from cvsparse.precision import PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The ``cvsparse`` command's parser; the choices of the flags are the lists of the modules
+    that own them."""
+    from cvsparse.data import AUGMENT_PHASES
+    from cvsparse.hyper.estimators import ESTIMATORS
+    from cvsparse.methods import METHOD_CLASSES
+    from cvsparse.nn.gated import GRANULARITIES, UPDATES
+    from cvsparse.ops import STE_CODES
+
     parser = argparse.ArgumentParser(prog="cvsparse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--image-size", type=int, metavar="PIXELS",
                        help="imagefolder: resize and center-crop images to PIXELS square "
                        "(default 224)")
-    train.add_argument("--method", choices=METHODS)
+    train.add_argument("--method", choices=METHOD_CLASSES)
     train.add_argument("--data-root", help="folder with <dataset>.npz or torchvision layouts "
                        "(default: $CVSPARSE_DATA, ../shared/data, ~/.cache/torchvision)")
     train.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
@@ -53,13 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--lambda2", type=float, help="initial λ2")
     train.add_argument("--hyper-lr", type=float, help="λ optimizer step size")
     train.add_argument("--online-every", type=int, help="hyper step every k training steps")
-    train.add_argument("--granularity", choices=("weight", "neuron"),
+    train.add_argument("--granularity", choices=GRANULARITIES,
                        help="autoprune: one gate per weight or per output channel/neuron")
-    train.add_argument("--ste", choices=("linear", "leaky_relu", "softplus"),
+    train.add_argument("--ste", choices=STE_CODES,
                        help="autoprune: straight-through estimator of the gate")
     train.add_argument("--slope", type=float,
                        help="autoprune: LeakyReLU STE slope for closed gates (default 0.01)")
-    train.add_argument("--update", choices=("proposed", "bnn"), help="autoprune: gate update rule")
+    train.add_argument("--update", choices=UPDATES, help="autoprune: gate update rule")
     train.add_argument("--aux-lr", type=float, help="autoprune: learning rate of the gates")
     train.add_argument("--aux-l1", type=float, help="autoprune: L1 strength on the gates")
     train.add_argument("--aux-l1-ramp-epochs", type=int, metavar="R",
@@ -128,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="auto, cpu, cuda, cuda:1 ...")
     train.add_argument("--threads", type=int, help="torch CPU threads")
-    train.add_argument("--precision", choices=tuple(PRECISIONS),
+    train.add_argument("--precision", choices=PRECISIONS,
                        help="autocast of the training steps and evaluation: fp32 (default), "
                        "bf16, or fp16 with loss scaling; weights and hyper steps stay fp32")
     train.add_argument("--channels-last", action="store_true", default=None,
@@ -201,9 +209,19 @@ RESUME_SAFE_FLAGS = ("threads", "device", "data_root", "download")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then ``--config``, then explicit flags."""
+    """Defaults, then ``--config``, then explicit flags; ValueError naming the first flag
+    that sets a key of another method's section (a recipe may carry several sections, the
+    flags must fit the run's method)."""
     config = load_yaml(args.config) if args.config else RunConfig()
-    for flag, path in _given_flags(args, args.method or config.method):
+    method = args.method or config.method
+    given = _given_flags(args, method)
+    refused = [flag for flag, _ in given if method in _methods()   # else validate names it
+               and not flag_applies(flag, method)]
+    if refused:
+        users = [m for m in _methods() if flag_applies(refused[0], m)]
+        raise ValueError(f"--{refused[0].replace('_', '-')} applies to {', '.join(users)}, "
+                         f"not to method {method}")
+    for flag, path in given:
         _set(config, path, getattr(args, flag))
     return config
 
@@ -233,8 +251,27 @@ def resume_config(args: argparse.Namespace, stored: RunConfig) -> RunConfig:
 def _given_flags(args: argparse.Namespace, method: str) -> list[tuple[str, str]]:
     """``(flag attribute, config path)`` of every configuration flag given on the command
     line, method-dependent flags resolved for ``method``."""
-    flags = {**_FLAGS, **_METHOD_FLAGS.get(args.method or method, {})}
-    return [(flag, path) for flag, path in flags.items() if getattr(args, flag) is not None]
+    return [(flag, path) for flag, path in _flag_paths(args.method or method).items()
+            if getattr(args, flag) is not None]
+
+
+def flag_applies(flag: str, method: str) -> bool:
+    """Whether the flag ``flag`` (its attribute name) sets anything ``method`` reads: a key of
+    a shared section or of ``method``'s own section, not of another method's."""
+    section = _flag_paths(method)[flag].partition(".")[0]
+    return section == method or section not in _methods()
+
+
+def _flag_paths(method: str) -> dict[str, str]:
+    """Flag attribute → config path, method-dependent flags resolved for ``method``."""
+    return {**_FLAGS, **_METHOD_FLAGS.get(method, {})}
+
+
+def _methods() -> tuple[str, ...]:
+    """The method names (their sections of the configuration carry the same names)."""
+    from cvsparse.methods import METHOD_CLASSES
+
+    return tuple(METHOD_CLASSES)
 
 
 def _get(config: RunConfig, path: str) -> object:

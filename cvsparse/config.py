@@ -9,16 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-METHODS = ("cvgrad", "autoprune", "magnitude")
-ESTIMATORS = ("identity", "diagonal", "neumann", "cg")
-AUGMENT_PHASES = ("all", "finetune")
+#: A section's own checks: ``fail(message)`` raises the ``ValueError`` naming the bad setting.
+Fail = Callable[[str], None]
 
 
 @dataclass
@@ -40,6 +39,28 @@ class DataConfig:
                                      # pixels each way (zero fill, no flip); 0 = none
     augment_phase: str = "all"       # "all": augment every training batch; "finetune": only
                                      # those of the fine-tuning phase (after the cut / freeze)
+
+    def validate(self, fail: Fail) -> None:
+        """Call ``fail`` on the first bad ``data.*`` setting (``image_size`` and the dataset
+        name are checked with the model's name, ``_check_sources``)."""
+        from cvsparse.data import AUGMENT_PHASES, IMAGE_SHAPES
+
+        _check_finite(self, "data.", fail)
+        if not 0 <= self.split_seed < 2**32:
+            fail(f"data.split_seed must be an integer in [0, 2**32), got {self.split_seed}")
+        if self.batch_size < 1 or self.val_batch_size < 1:
+            fail("batch sizes must be >= 1")
+        shift, max_shift = self.mnist_shift, IMAGE_SHAPES["mnist"][1] // 2 - 1
+        if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= max_shift:
+            fail(f"data.mnist_shift must be an int in [0, {max_shift}] (pixels), got {shift!r}")
+        if shift and self.dataset != "mnist":
+            fail(f"data.mnist_shift applies to MNIST only, not {self.dataset!r} "
+                 "(CIFAR's augmentation is data.augment)")
+        if self.augment_phase not in AUGMENT_PHASES:
+            fail(f"data.augment_phase must be one of {', '.join(AUGMENT_PHASES)}, "
+                 f"got {self.augment_phase!r}")
+        if self.val_size is not None and self.val_size < 1:
+            fail(f"data.val_size must be >= 1, got {self.val_size}")
 
 
 @dataclass
@@ -63,6 +84,30 @@ class OptimConfig:
     max_skipped_steps: int = 10      # this many training (or hyper) steps skipped in a row
                                      # (non-finite or exploding loss, gradient,
                                      # hypergradient) stop the run (cvsparse.faults)
+
+    def validate(self, fail: Fail) -> None:
+        """Call ``fail`` on the first bad ``optim.*`` setting (``swa_epochs`` depends on the
+        method's fine-tuning epochs: checked by :func:`validate`)."""
+        _check_finite(self, "optim.", fail)
+        _check_at_least_one({"optim.max_steps_per_epoch": self.max_steps_per_epoch,
+                             "optim.max_skipped_steps": self.max_skipped_steps}, fail)
+        if not 0 < self.gamma <= 1:
+            fail(f"optim.gamma must be in (0, 1], got {self.gamma}")
+        if not all(0 <= m <= 1 for m in self.milestones):
+            fail(f"optim.milestones are fractions of the epochs in [0, 1], got {self.milestones}")
+        if self.epochs < 1:
+            fail(f"optim.epochs must be >= 1, got {self.epochs}")
+        if self.lr is None:
+            fail("optim.lr is unset; resolve_defaults gives it the model's default")
+        if not self.lr > 0 or self.momentum < 0:
+            fail("optim.lr must be > 0 and optim.momentum >= 0")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            fail(f"optim.finetune_lr must be > 0, got {self.finetune_lr}")
+        ft_l2 = self.finetune_weight_l2
+        if ft_l2 is not None and not 0 <= ft_l2 < float("inf"):
+            fail(f"optim.finetune_weight_l2 must be a finite number >= 0, got {ft_l2}")
+        if self.swa_lr is not None and not 0 < self.swa_lr < float("inf"):
+            fail(f"optim.swa_lr must be a finite number > 0, got {self.swa_lr}")
 
 
 @dataclass
@@ -99,6 +144,45 @@ class CVGradConfig:
     min_compression_epochs: int | None = None  # … ramped over these epochs (None: L1 phase)
     floor_gain: float = 0.1          # dual step of the floor's multiplier (hyper/compression_floor)
 
+    def validate(self, fail: Fail) -> None:
+        """Call ``fail`` on the first bad ``cvgrad.*`` setting (estimators, objectives and λ
+        optimizers are those of cvsparse.hyper)."""
+        from cvsparse.hyper.estimators import ESTIMATORS
+        from cvsparse.hyper.lambda_optimizer import METHODS as HYPER_METHODS
+        from cvsparse.hyper.objectives import OBJECTIVES
+
+        _check_finite(self, "cvgrad.", fail)
+        _check_at_least_one({"cvgrad.hyper_batches": self.hyper_batches}, fail)
+        if self.threshold_start_epoch < 0:
+            fail(f"cvgrad.threshold_start_epoch must be >= 0, got {self.threshold_start_epoch}")
+        if self.outer < 1:
+            fail(f"cvgrad.outer must be >= 1, got {self.outer}")
+        for name in ("lambda1", "lambda2", "threshold", "hyper_lr"):
+            value = getattr(self, name)
+            if not value >= 0:
+                fail(f"cvgrad.{name} must be >= 0, got {value}")
+        if self.log_space and (self.lambda1 <= 0 or (self.learn_lambda2 and self.lambda2 <= 0)):
+            fail("cvgrad.log_space needs initial lambda1/lambda2 > 0")
+        if self.estimator not in ESTIMATORS:
+            fail(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.val_objective not in OBJECTIVES:
+            fail(f"unknown cvgrad.val_objective {self.val_objective!r}; choose one of "
+                 f"{', '.join(OBJECTIVES)}")
+        if self.hyper_method not in HYPER_METHODS:
+            fail(f"cvgrad.hyper_method must be {_either(HYPER_METHODS)}, "
+                 f"got {self.hyper_method!r}")
+        if self.online_every < 0 or self.finetune_epochs < 0 or self.hyper_warmup_epochs < 0:
+            fail("cvgrad.online_every, finetune_epochs and hyper_warmup_epochs must be >= 0")
+        if self.release_batches < 1:
+            fail(f"cvgrad.release_batches must be >= 1, got {self.release_batches}")
+        _check_budget("cvgrad", self.target_compression, self.target_flops,
+                      self.target_check_every, fail)
+        _check_floor(self, fail)
+        betas = self.hyper_betas
+        if not (len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            fail(f"cvgrad.hyper_betas must be two numbers in [0, 1), got {betas!r}")
+
 
 @dataclass
 class AutoPruneConfig:
@@ -119,6 +203,30 @@ class AutoPruneConfig:
     pretrained: str | None = None    # a run folder, its checkpoint.pt, or a state_dict file
     skip_layers: list[str] = field(default_factory=list)  # Conv2d/Linear names left ungated
 
+    def validate(self, fail: Fail) -> None:
+        """Call ``fail`` on the first bad ``autoprune.*`` setting (granularities, update rules
+        and STEs are those of cvsparse.nn.gated and cvsparse.ops)."""
+        from cvsparse.nn.gated import GRANULARITIES, UPDATES
+        from cvsparse.ops import STE_CODES
+
+        _check_finite(self, "autoprune.", fail)
+        if self.granularity not in GRANULARITIES:
+            fail(f"autoprune.granularity must be {_either(GRANULARITIES)}, "
+                 f"got {self.granularity!r}")
+        if self.ste not in STE_CODES:
+            fail(f"autoprune.ste must be {_either(STE_CODES, quoted=False)}, got {self.ste!r}")
+        if self.update not in UPDATES:
+            fail(f"autoprune.update must be {_either(UPDATES)}, got {self.update!r}")
+        for name in ("aux_lr", "aux_l1", "weight_l2", "slope"):
+            if not getattr(self, name) >= 0:
+                fail(f"autoprune.{name} must be >= 0, got {getattr(self, name)}")
+        _check_budget("autoprune", self.target_compression, self.target_flops,
+                      self.target_check_every, fail)
+        if self.finetune_epochs < 0:
+            fail(f"autoprune.finetune_epochs must be >= 0, got {self.finetune_epochs}")
+        if self.aux_l1_ramp_epochs < 0:
+            fail(f"autoprune.aux_l1_ramp_epochs must be >= 0, got {self.aux_l1_ramp_epochs}")
+
 
 @dataclass
 class MagnitudeConfig:
@@ -127,6 +235,13 @@ class MagnitudeConfig:
     target_compression: float = 10.0
     weight_l2: float = 5e-4
     finetune_epochs: int = 2
+
+    def validate(self, fail: Fail) -> None:
+        """Call ``fail`` on the first bad ``magnitude.*`` setting."""
+        _check_finite(self, "magnitude.", fail)
+        if (not self.target_compression >= 1 or self.finetune_epochs < 0
+                or not self.weight_l2 >= 0):
+            fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")
 
 
 @dataclass
@@ -150,6 +265,43 @@ class AccuracyConfig:
     patience: int = 6                # failed checks in a row that end the compression drive
     max_compression: float = 1000.0  # the drive's level rises geometrically to this rate
     drive_lr: float | None = None    # learning rate of the drive; None = optim.lr
+
+    def validate(self, fail: Fail) -> None:
+        """Call ``fail`` on the first bad ``accuracy.*`` setting; the reference run, the
+        method and the room for the phases are checked by :func:`validate`."""
+        _check_finite(self, "accuracy.", fail)
+        if not self.active:
+            given = [k for k in ("reference", "reference_accuracy")
+                     if getattr(self, k) is not None]
+            if given:
+                fail(f"accuracy.{given[0]} needs accuracy.max_accuracy_drop or "
+                     "accuracy.max_relative_drop")
+            return
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop < 100:
+            fail("accuracy.max_accuracy_drop is in accuracy points, in [0, 100), got "
+                 f"{self.max_accuracy_drop}")
+        if self.max_relative_drop is not None and not 0 <= self.max_relative_drop < 100:
+            fail("accuracy.max_relative_drop is a percentage of the reference, in [0, 100), "
+                 f"got {self.max_relative_drop}")
+        if self.reference is not None and self.reference_accuracy is not None:
+            fail("give accuracy.reference (a run folder) or accuracy.reference_accuracy, "
+                 "not both")
+        if self.reference_accuracy is not None and not 1 < self.reference_accuracy <= 100:
+            fail("accuracy.reference_accuracy is a validation accuracy in percent, in (1, 100], "
+                 f"got {self.reference_accuracy}")
+        for name in ("dense_fraction", "finetune_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(f"accuracy.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 1 < self.check_ratio < float("inf") or self.patience < 1:
+            fail("accuracy.check_ratio must be a finite number > 1 and accuracy.patience >= 1")
+        for name in ("drive_lr", "probe_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                fail(f"accuracy.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.probe_fraction <= 1:
+            fail(f"accuracy.probe_fraction must be in (0, 1], got {self.probe_fraction}")
+        if not 1 < self.max_compression < float("inf"):
+            fail(f"accuracy.max_compression must be a finite rate > 1, got "
+                 f"{self.max_compression}")
 
     @property
     def active(self) -> bool:
@@ -326,10 +478,11 @@ def validate(config: RunConfig, *, n_train: int | None = None,
              named_sources: bool = True) -> None:
     """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size).
 
+    Each section's ``validate`` checks its own keys; this adds the top-level keys and what
+    spans sections (the accuracy constraint's method and phases, the SWA epochs, the split).
     ``named_sources=False`` leaves ``model`` and ``data.dataset`` unchecked: the Python API
     (``cvsparse.compress``) takes a module and loaders rather than names of the registries."""
-    from cvsparse.data import IMAGE_SHAPES
-    from cvsparse.hyper.objectives import OBJECTIVES
+    from cvsparse.methods import METHOD_CLASSES
     from cvsparse.precision import PRECISIONS
 
     def fail(message: str) -> None:
@@ -337,90 +490,24 @@ def validate(config: RunConfig, *, n_train: int | None = None,
 
     if named_sources:
         _check_sources(config, fail)
-    if config.method not in METHODS:
-        fail(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+    if config.method not in METHOD_CLASSES:
+        fail(f"unknown method {config.method!r}; choose one of {', '.join(METHOD_CLASSES)}")
     if config.precision not in PRECISIONS:
         fail(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not isinstance(config.channels_last, bool):
         fail(f"channels_last must be true or false, got {config.channels_last!r}")
-    _check_finite(config, "", fail)
-    _check_counts(config, fail)
-    if config.optim.epochs < 1:
-        fail(f"optim.epochs must be >= 1, got {config.optim.epochs}")
-    if config.optim.lr is None:
-        fail("optim.lr is unset; resolve_defaults gives it the model's default")
-    if not config.optim.lr > 0 or config.optim.momentum < 0:
-        fail("optim.lr must be > 0 and optim.momentum >= 0")
-    if config.optim.finetune_lr is not None and not config.optim.finetune_lr > 0:
-        fail(f"optim.finetune_lr must be > 0, got {config.optim.finetune_lr}")
-    ft_l2 = config.optim.finetune_weight_l2
-    if ft_l2 is not None and not 0 <= ft_l2 < float("inf"):
-        fail(f"optim.finetune_weight_l2 must be a finite number >= 0, got {ft_l2}")
-    if config.data.batch_size < 1 or config.data.val_batch_size < 1:
-        fail("batch sizes must be >= 1")
-    shift, max_shift = config.data.mnist_shift, IMAGE_SHAPES["mnist"][1] // 2 - 1
-    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= max_shift:
-        fail(f"data.mnist_shift must be an int in [0, {max_shift}] (pixels), got {shift!r}")
-    if shift and config.data.dataset != "mnist":
-        fail(f"data.mnist_shift applies to MNIST only, not {config.data.dataset!r} "
-             "(CIFAR's augmentation is data.augment)")
-    if config.data.augment_phase not in AUGMENT_PHASES:
-        fail(f"data.augment_phase must be one of {', '.join(AUGMENT_PHASES)}, "
-             f"got {config.data.augment_phase!r}")
-    cv = config.cvgrad
-    if cv.outer < 1:
-        fail(f"cvgrad.outer must be >= 1, got {cv.outer}")
-    for name in ("lambda1", "lambda2", "threshold", "hyper_lr"):
-        value = getattr(cv, name)
-        if not value >= 0:
-            fail(f"cvgrad.{name} must be >= 0, got {value}")
-    if cv.log_space and (cv.lambda1 <= 0 or (cv.learn_lambda2 and cv.lambda2 <= 0)):
-        fail("cvgrad.log_space needs initial lambda1/lambda2 > 0")
-    if cv.estimator not in ESTIMATORS:
-        fail(f"unknown estimator {cv.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if cv.val_objective not in OBJECTIVES:
-        fail(f"unknown cvgrad.val_objective {cv.val_objective!r}; choose one of "
-             f"{', '.join(OBJECTIVES)}")
-    if cv.hyper_method not in ("adam", "sgd"):
-        fail(f"cvgrad.hyper_method must be 'adam' or 'sgd', got {cv.hyper_method!r}")
-    if cv.online_every < 0 or cv.finetune_epochs < 0 or cv.hyper_warmup_epochs < 0:
-        fail("cvgrad.online_every, finetune_epochs and hyper_warmup_epochs must be >= 0")
-    if cv.release_batches < 1:
-        fail(f"cvgrad.release_batches must be >= 1, got {cv.release_batches}")
-    _check_budget("cvgrad", cv.target_compression, cv.target_flops, cv.target_check_every, fail)
-    _check_floor(cv, fail)
+    _check_at_least_one({"threads": config.threads}, fail)
+    if not 0 <= config.seed < 2**32:
+        fail(f"seed must be an integer in [0, 2**32), got {config.seed}")
+    for section in (config.data, config.cvgrad, config.autoprune, config.magnitude,
+                    config.optim):   # optim last: its unset lr is the others' usual state
+        section.validate(fail)
     _check_accuracy(config, fail)
-    betas = cv.hyper_betas
-    if not (len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-        fail(f"cvgrad.hyper_betas must be two numbers in [0, 1), got {betas!r}")
-    ap = config.autoprune
-    if ap.granularity not in ("weight", "neuron"):
-        fail(f"autoprune.granularity must be 'weight' or 'neuron', got {ap.granularity!r}")
-    if ap.ste not in ("linear", "leaky_relu", "softplus"):
-        fail(f"autoprune.ste must be linear, leaky_relu or softplus, got {ap.ste!r}")
-    if ap.update not in ("proposed", "bnn"):
-        fail(f"autoprune.update must be 'proposed' or 'bnn', got {ap.update!r}")
-    for name in ("aux_lr", "aux_l1", "weight_l2", "slope"):
-        if not getattr(ap, name) >= 0:
-            fail(f"autoprune.{name} must be >= 0, got {getattr(ap, name)}")
-    _check_budget("autoprune", ap.target_compression, ap.target_flops, ap.target_check_every,
-                  fail)
-    if ap.finetune_epochs < 0:
-        fail(f"autoprune.finetune_epochs must be >= 0, got {ap.finetune_epochs}")
-    if ap.aux_l1_ramp_epochs < 0:
-        fail(f"autoprune.aux_l1_ramp_epochs must be >= 0, got {ap.aux_l1_ramp_epochs}")
-    mg = config.magnitude
-    if not mg.target_compression >= 1 or mg.finetune_epochs < 0 or not mg.weight_l2 >= 0:
-        fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")
     swa, finetune_epochs = config.optim.swa_epochs, config.finetune_epochs
     if isinstance(swa, bool) or not isinstance(swa, int) or not 0 <= swa <= finetune_epochs:
         fail(f"optim.swa_epochs must be an int in [0, {finetune_epochs}] (the {config.method} "
              f"fine-tuning epochs), got {swa!r}")
-    if config.optim.swa_lr is not None and not 0 < config.optim.swa_lr < float("inf"):
-        fail(f"optim.swa_lr must be a finite number > 0, got {config.optim.swa_lr}")
     val = config.data.val_size
-    if val is not None and val < 1:
-        fail(f"data.val_size must be >= 1, got {val}")
     if n_train is not None and val is not None and val >= n_train:
         fail(f"validation split of {val} images is not smaller than the training set "
              f"({n_train} images)")
@@ -461,25 +548,18 @@ def _check_finite(obj: Any, prefix: str, fail: Callable[[str], None]) -> None:
                 fail(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
-def _check_counts(config: RunConfig, fail: Callable[[str], None]) -> None:
-    """The counts and seeds the other checks do not cover (``--threads``,
-    ``--max-steps-per-epoch``, ``--seed`` ...) and the learning-rate schedule's shape."""
-    opt, cv = config.optim, config.cvgrad
-    at_least_one = {"threads": config.threads, "optim.max_steps_per_epoch":
-                    opt.max_steps_per_epoch, "cvgrad.hyper_batches": cv.hyper_batches,
-                    "optim.max_skipped_steps": opt.max_skipped_steps}
-    for name, value in at_least_one.items():
+def _check_at_least_one(values: dict[str, int | None], fail: Fail) -> None:
+    """Each optional count of ``values`` (key → value, None = unset) is at least 1."""
+    for name, value in values.items():
         if value is not None and value < 1:
             fail(f"{name} must be an integer >= 1, got {value}")
-    for name, value in {"seed": config.seed, "data.split_seed": config.data.split_seed}.items():
-        if not 0 <= value < 2**32:
-            fail(f"{name} must be an integer in [0, 2**32), got {value}")
-    if cv.threshold_start_epoch < 0:
-        fail(f"cvgrad.threshold_start_epoch must be >= 0, got {cv.threshold_start_epoch}")
-    if not 0 < opt.gamma <= 1:
-        fail(f"optim.gamma must be in (0, 1], got {opt.gamma}")
-    if not all(0 <= m <= 1 for m in opt.milestones):
-        fail(f"optim.milestones are fractions of the epochs in [0, 1], got {opt.milestones}")
+
+
+def _either(names: Iterable[str], quoted: bool = True) -> str:
+    """The allowed values of a setting in a message: ``'a', 'b' or 'c'`` (unquoted with
+    ``quoted=False``)."""
+    shown = [repr(n) if quoted else n for n in names]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
 
 
 def _check_budget(section: str, compression: float | None, flops: float | None,
@@ -517,29 +597,15 @@ CONSTRAINED_METHODS = ("cvgrad", "autoprune")
 
 
 def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
-    """The accuracy constraint: allowed drops in range, one reference source that can be read,
-    a method that takes it, no size set by hand beside it, and room for its phases."""
+    """The accuracy constraint: its section's own checks, a method that takes it, a reference
+    run that can be read, no size set by hand beside it, and room for its phases."""
     acc = config.accuracy
-    if not acc.active:
-        given = [k for k in ("reference", "reference_accuracy") if getattr(acc, k) is not None]
-        if given:
-            fail(f"accuracy.{given[0]} needs accuracy.max_accuracy_drop or "
-                 "accuracy.max_relative_drop")
-        return
-    if config.method not in CONSTRAINED_METHODS:
+    if acc.active and config.method not in CONSTRAINED_METHODS:
         fail(f"an accuracy constraint (max_accuracy_drop / max_relative_drop) applies to "
              f"{', '.join(CONSTRAINED_METHODS)}, not {config.method!r}")
-    if acc.max_accuracy_drop is not None and not 0 <= acc.max_accuracy_drop < 100:
-        fail("accuracy.max_accuracy_drop is in accuracy points, in [0, 100), got "
-             f"{acc.max_accuracy_drop}")
-    if acc.max_relative_drop is not None and not 0 <= acc.max_relative_drop < 100:
-        fail("accuracy.max_relative_drop is a percentage of the reference, in [0, 100), got "
-             f"{acc.max_relative_drop}")
-    if acc.reference is not None and acc.reference_accuracy is not None:
-        fail("give accuracy.reference (a run folder) or accuracy.reference_accuracy, not both")
-    if acc.reference_accuracy is not None and not 1 < acc.reference_accuracy <= 100:
-        fail("accuracy.reference_accuracy is a validation accuracy in percent, in (1, 100], "
-             f"got {acc.reference_accuracy}")
+    acc.validate(fail)
+    if not acc.active:
+        return
     if acc.reference is not None:
         from cvsparse.hyper.accuracy_constraint import read_reference
 
@@ -553,18 +619,6 @@ def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
     if config.method == "autoprune" and config.autoprune.granularity != "weight":
         fail("an accuracy constraint on autoprune needs autoprune.granularity 'weight' (its "
              "magnitude cut closes single gates)")
-    for name in ("dense_fraction", "finetune_fraction"):
-        if not 0 <= getattr(acc, name) < 1:
-            fail(f"accuracy.{name} must be in [0, 1), got {getattr(acc, name)}")
-    if not 1 < acc.check_ratio < float("inf") or acc.patience < 1:
-        fail("accuracy.check_ratio must be a finite number > 1 and accuracy.patience >= 1")
-    for name in ("drive_lr", "probe_lr"):
-        if getattr(acc, name) is not None and not getattr(acc, name) > 0:
-            fail(f"accuracy.{name} must be > 0, got {getattr(acc, name)}")
-    if not 0 < acc.probe_fraction <= 1:
-        fail(f"accuracy.probe_fraction must be in (0, 1], got {acc.probe_fraction}")
-    if not 1 < acc.max_compression < float("inf"):
-        fail(f"accuracy.max_compression must be a finite rate > 1, got {acc.max_compression}")
     total = config.total_epochs
     dense_end, drive_end = acc.phases(total)
     if drive_end - dense_end < 1:

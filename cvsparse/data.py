@@ -44,6 +44,9 @@ IMAGE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32
 #: ``../shared/data`` next to the repository holding this package.
 REPO_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DEFAULT_DOWNLOAD_ROOT = Path("~/.cache/torchvision")
+#: When training batches are augmented (``data.augment_phase``): every epoch, or only those
+#: of the fine-tuning phase (the trainer switches the loaders, cvsparse.train.loop).
+AUGMENT_PHASES = ("all", "finetune")
 #: Zero padding (pixels per side) of the random-crop augmentation.
 CROP_PADDING = 4
 

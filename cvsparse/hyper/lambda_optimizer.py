@@ -11,7 +11,7 @@ from torch import Tensor
 
 from cvsparse.faults import NonFiniteError
 
-METHODS = ("sgd", "adam")
+METHODS = ("adam", "sgd")   # cvgrad.hyper_method
 CLIP_MODES = ("norm", "value")
 Bounds = tuple[float, float | None]
 
