@@ -184,20 +184,32 @@ class AccuracyDrive:
         correct, n = self.reduce([counts])[0].tolist()
         return correct / n   # the ratio of the means is the ratio of the sums
 
-    def judge(self, accuracy: float, compression: float, state: Callable[[], dict]) -> str:
+    def judge(self, accuracy: float, compression: float, model: nn.Module,
+              optimizers: dict[str, torch.optim.Optimizer]) -> str:
         """The constraint's verdict on a check measured at ``accuracy``; the dense phase's
-        last check sets a rising reference first.  ``state()`` is called for the network's
-        state when it is the new kept one (a deep copy is stored)."""
+        last check sets a rising reference first.  When the network is the new kept one, a
+        copy of the states of ``model`` and ``optimizers`` (by name) is stored."""
         if self.constraint.reference is None:
             self.constraint.set_reference(
                 accuracy, f"dense phase of {self.dense_end} epochs, raised by the checks of "
                 "the drive", rising=True)
         verdict = self.constraint.observe(accuracy, compression, (self.epoch, self.epoch_steps))
         if verdict == BEST:
-            self.snapshot = copy.deepcopy(state())
+            self.snapshot = copy.deepcopy({
+                "model": model.state_dict(),
+                **{name: opt.state_dict() for name, opt in optimizers.items()}})
         if verdict == STOP:
             self.stopped_at = self.epoch + 1
         return verdict
+
+    def restore(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """Put the kept network's states back into ``model`` and ``optimizers`` (nothing when
+        no check was feasible); the drive is over from here on."""
+        if self.snapshot is not None:
+            model.load_state_dict(self.snapshot["model"])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(self.snapshot[name])
+        self.selected = True
 
     def row(self) -> dict[str, float]:
         """The epoch's ``metrics.csv`` columns of the drive."""

@@ -246,9 +246,8 @@ class AutoPruneMethod(CompressionMethod):
         accuracy = self.drive.probe(network, names, 0.0)
         totals = metrics.summarize(metrics.layer_table(self.measured_model(), self.input_shape(),
                                                        self.regularized))
-        verdict = self.drive.judge(accuracy, totals["compression_rate"], lambda: {
-            "model": self.model.state_dict(), "weight_opt": self.weight_opt.state_dict(),
-            "aux_opt": self.aux_opt.state_dict()})
+        verdict = self.drive.judge(accuracy, totals["compression_rate"], self.model,
+                                   {"weight_opt": self.weight_opt, "aux_opt": self.aux_opt})
         if verdict == STOP:
             self._select_gates()
             self._target_met = True   # no gate step for the rest of this epoch
@@ -256,15 +255,11 @@ class AutoPruneMethod(CompressionMethod):
     def _select_gates(self) -> None:
         """Freeze the gates of the kept network (restored with its weights and optimizer
         states; the network as it is when no check was feasible)."""
-        drive = self.drive
-        if drive.selected:
+        if self.drive.selected:
             return
-        if drive.snapshot is not None:
-            self.model.load_state_dict(drive.snapshot["model"])
-            self.weight_opt.load_state_dict(drive.snapshot["weight_opt"])
-            self.aux_opt.load_state_dict(drive.snapshot["aux_opt"])
-        self.frozen_at = drive.finetune_start
-        drive.selected = True
+        self.drive.restore(self.model, {"weight_opt": self.weight_opt,
+                                        "aux_opt": self.aux_opt})
+        self.frozen_at = self.drive.finetune_start
 
     # ---- internals --------------------------------------------------------------------------
 

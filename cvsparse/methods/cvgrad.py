@@ -384,8 +384,8 @@ class CVGradMethod(CompressionMethod):
         kept; a stop ends the drive on it), then, in the drive, one hyper step."""
         accuracy = self.drive.probe(copy.deepcopy(self.model), self.names,
                                     self.config.cvgrad.threshold)
-        verdict = self.drive.judge(accuracy, self._compression(), lambda: {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+        verdict = self.drive.judge(accuracy, self._compression(), self.model,
+                                   {"optimizer": self.optimizer})
         if verdict == STOP:
             self.hyper_active = False
             self._select_support()
@@ -396,15 +396,11 @@ class CVGradMethod(CompressionMethod):
     def _select_support(self) -> None:
         """End the drive on the kept network (its weights, momentum and masks; the network
         as it is when no check was feasible), masked below τ."""
-        drive = self.drive
-        if drive.selected:
+        if self.drive.selected:
             return
-        if drive.snapshot is not None:
-            self.model.load_state_dict(drive.snapshot["model"])
-            self.optimizer.load_state_dict(drive.snapshot["optimizer"])
-            self._push_lambdas()
+        self.drive.restore(self.model, {"optimizer": self.optimizer})
+        self._push_lambdas()
         self._fix_support()
-        drive.selected = True
 
     # ---- internals --------------------------------------------------------------------------
 

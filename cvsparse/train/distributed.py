@@ -19,7 +19,6 @@ input, so single-process runs are the same bit for bit.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -30,6 +29,8 @@ from torch import Tensor, nn
 
 from cvsparse import metrics
 from cvsparse.faults import Diverged
+
+from . import checkpoint
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batches = Iterable[tuple[Tensor, Tensor]]
@@ -236,29 +237,10 @@ def bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 def fingerprint(value: Any) -> bytes:
-    """SHA-256 of ``value``: tensors by dtype, shape and bytes, dicts in their order, lists
-    and tuples element by element, anything else by ``repr``."""
-    digest = hashlib.sha256()
-    _feed(digest, value)
-    return digest.digest()
-
-
-def _feed(digest: Any, value: Any) -> None:
-    if isinstance(value, Tensor):
-        t = value.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    elif isinstance(value, dict):
-        digest.update(f"D{len(value)}".encode())
-        for key, item in value.items():
-            _feed(digest, key)
-            _feed(digest, item)
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"L{len(value)}".encode())
-        for item in value:
-            _feed(digest, item)
-    else:
-        digest.update(repr(value).encode())
+    """SHA-256 of ``value`` (a state a checkpoint could hold), as the checkpoint's checksum
+    walks it: tensors by dtype, shape and bytes, mappings in their order, sequences element by
+    element."""
+    return bytes.fromhex(checkpoint.digest(value))
 
 
 def _env_int(name: str, default: int) -> int:
