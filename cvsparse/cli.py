@@ -91,12 +91,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="cvgrad: the floor grows geometrically from 1 to --min-compression "
                        "over R epochs (default: the whole L1 phase)")
     train.add_argument("--max-accuracy-drop", type=float, metavar="D",
-                       help="cvgrad: compress as far as the validation accuracy stays within D "
-                       "points of a reference (the run's own dense phase, or --reference / "
-                       "--reference-accuracy)")
+                       help="cvgrad, autoprune: compress as far as the validation accuracy "
+                       "stays within D points of a reference (the run's own dense phase, or "
+                       "--reference / --reference-accuracy)")
     train.add_argument("--max-relative-drop", type=float, metavar="R",
-                       help="cvgrad: ... within R percent of the reference accuracy (with "
-                       "--max-accuracy-drop too, the stricter bound holds)")
+                       help="cvgrad, autoprune: ... within R percent of the reference "
+                       "accuracy (with --max-accuracy-drop too, the stricter bound holds)")
     train.add_argument("--reference", metavar="RUN_DIR",
                        help="the reference accuracy: the validation accuracy of this finished "
                        "dense run (same dataset and split); no dense phase")
