@@ -52,6 +52,7 @@ def summary_table(report: dict[str, Any]) -> str:
         f"({_ratio(report['flops_dense'], report['flops_effective'])} fewer)",
         *_budget_line(report),
         *_floor_line(report),
+        *_accuracy_line(report),
         "",
         f"{'tensor':<28}{'shape':>20}{'nonzero':>12}{'pruned %':>10}{'units off':>12}",
     ]
@@ -94,6 +95,17 @@ def _floor_line(report: dict[str, Any]) -> list[str]:
         return []
     status = "met" if report["compression_rate"] >= floor else "NOT met"
     return [f"floor compression >= {floor:g}x: {status}"]
+
+
+def _accuracy_line(report: dict[str, Any]) -> list[str]:
+    """For an accuracy-constrained run: the reference, the bound and whether the final
+    network's validation accuracy meets it; else ``[]``."""
+    if report.get("accuracy_bound") is None:
+        return []
+    status = "met" if report["constraint_met_val"] else "NOT met"
+    return [f"accuracy val {_percent(report['val_acc'])} >= bound "
+            f"{_percent(report['accuracy_bound'])} (reference "
+            f"{_percent(report['reference_val_acc'])}, {report['reference_source']}): {status}"]
 
 
 def comparison_table(reports: dict[str, dict[str, Any]]) -> str:

@@ -12,6 +12,7 @@ import torch
 
 from cvsparse.metrics import evaluate
 from cvsparse.train import Trainer
+from cvsparse.train.outputs import summary_table
 
 from .cli_helpers import run_cli, tiny_yaml
 from .test_trainer import full_and_resumed, tiny_config
@@ -40,6 +41,11 @@ def test_the_kept_network_meets_the_bound_on_validation(tmp_path):
     val = evaluate(trainer.model, trainer.val_loader)["acc"]   # the loop's split, re-measured
     assert val == report["val_acc"] and val >= report["accuracy_bound"]
     assert report["constraint_met_val"] is True
+    line = [s for s in summary_table(report).splitlines() if s.startswith("accuracy val")]
+    assert line == [f"accuracy val {100 * val:.2f}% >= bound "
+                    f"{100 * report['accuracy_bound']:.2f}% (reference "
+                    f"{100 * report['reference_val_acc']:.2f}%, {report['reference_source']}): "
+                    "met"]
     rate = zeros_rate(trainer.model, report["regularized_tensors"])
     assert rate == pytest.approx(report["compression_rate"])
     assert rate >= report["selected_compression"] > 2   # the support kept, masked below τ
