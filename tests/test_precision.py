@@ -130,8 +130,9 @@ def absolute_gradients(model: TinyCNN, x: torch.Tensor, y: torch.Tensor
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_reduced_precision_step_keeps_fp32_weights_close_to_the_fp32_step(
         name, unit, seed, device, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)   # the oracle is fp32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if device == "cuda":   # the oracle is fp32: no TF32 products (CPU products have none)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     # without BatchNorm, whose backward pass cancels the convolution's bias gradient exactly
     model, x, y = (t.to(device) for t in tiny(seed, norm=False))
     scale = absolute_gradients(copy.deepcopy(model), x, y)
