@@ -39,7 +39,7 @@ from cvsparse.precision import FP32, Precision
 from cvsparse.train import checkpoint, outputs, rundir
 from cvsparse.train.averaging import WeightAverage
 from cvsparse.train.distributed import Ranks
-from cvsparse.train.loop import _check_evaluation, _seed_everything
+from cvsparse.train.loop import _check_evaluation, _seed_everything, epoch_row, guarded_step
 
 #: Keys every checkpoint :func:`compress` writes holds.
 _STATE_KEYS = ("epoch", "model", "method", "rng", "average", "rows", "wall_time_s", "config",
@@ -357,17 +357,8 @@ class _Run:
             totals = metrics.summarize(metrics.layer_table(
                 self.method.measured_model(), self._shape(), self.regularized))
         _check_evaluation(epoch, val["loss"], test["loss"] if test else val["loss"])
-        row = {
-            "epoch": epoch, "lr": lr,
-            "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"],
-            **({} if test is None else {"test_loss": test["loss"], "test_acc": test["acc"]}),
-            "params_nonzero": totals["params_nonzero"],
-            "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
-            "skipped_steps": self.guard.counts["step"],
-            "skipped_hyper_steps": self.guard.counts["hyper"],
-            **extra,
-        }
+        row = epoch_row(epoch, lr, (loss_sum, correct, seen), val, test, totals, self.guard,
+                        extra)
         if self.progress:
             print(f"epoch {epoch + 1}/{self.config.total_epochs}: train acc "
                   f"{row['train_acc']:.4f}  val acc {row['val_acc']:.4f}  compression "
@@ -375,19 +366,8 @@ class _Run:
         return row
 
     def _guarded_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The method's step; a skipped one leaves the model's buffers as they were."""
-        saved = [b.detach().clone() for b in self.model.buffers()]
-        try:
-            result = self.method.train_step(x, y)
-        except SkippedStep as exc:
-            with torch.no_grad():
-                for buffer, value in zip(self.model.buffers(), saved, strict=True):
-                    buffer.copy_(value)
-            self.model.train()
-            self.guard.skipped("step", str(exc))
-            raise
-        self.guard.passed("step")
-        return result
+        """The method's step (:func:`cvsparse.train.loop.guarded_step`)."""
+        return guarded_step(self.model, self.method, self.guard, x, y)
 
     def _shape(self) -> tuple[int, ...]:
         if self.input_shape is None:

@@ -286,17 +286,8 @@ class Trainer:
             totals = metrics.summarize(
                 metrics.layer_table(self.method.measured_model(), self.input_shape))
         _check_evaluation(epoch, val["loss"], test["loss"])
-        row = {
-            "epoch": epoch, "lr": lr,
-            "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "val_loss": val["loss"], "val_acc": val["acc"],
-            "test_loss": test["loss"], "test_acc": test["acc"],
-            "params_nonzero": totals["params_nonzero"],
-            "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
-            "skipped_steps": self.guard.counts["step"],
-            "skipped_hyper_steps": self.guard.counts["hyper"],
-            **extra,
-        }
+        row = epoch_row(epoch, lr, (loss_sum, correct, seen), val, test, totals, self.guard,
+                        extra)
         if self.progress:
             tqdm.write(f"epoch {epoch + 1}: train acc {row['train_acc']:.4f}  val acc "
                        f"{row['val_acc']:.4f}  test acc {row['test_acc']:.4f}  compression "
@@ -306,21 +297,8 @@ class Trainer:
 
     def _guarded_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
                                                                         torch.Tensor]:
-        """The method's training step.  A step the guard skips (docs: cvsparse.faults) leaves
-        the model's buffers (BatchNorm statistics) as they were, is counted, and raises
-        SkippedStep again; too many in a row raise Diverged."""
-        saved = [b.detach().clone() for b in self.model.buffers()]
-        try:
-            result = self.method.train_step(x, y)
-        except SkippedStep as exc:
-            with torch.no_grad():
-                for buffer, value in zip(self.model.buffers(), saved, strict=True):
-                    buffer.copy_(value)
-            self.model.train()   # a skipped online hyper step may have left eval mode on
-            self.guard.skipped("step", str(exc))
-            raise
-        self.guard.passed("step")
-        return result
+        """The method's training step (:func:`guarded_step`)."""
+        return guarded_step(self.model, self.method, self.guard, x, y)
 
     def _averages(self, epoch: int) -> bool:
         """Whether ``epoch`` lies in the weight-averaging window: the last ``optim.swa_epochs``
@@ -385,6 +363,46 @@ class CVTrainer(Trainer):
         if config.method != "cvgrad":
             raise ValueError(f"CVTrainer runs method 'cvgrad', got {config.method!r}")
         super().__init__(config, out_dir, **kwargs)
+
+
+def guarded_step(model: torch.nn.Module, method: Any, guard: StepGuard, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``method.train_step(x, y)`` on ``model`` under ``guard``.  A step the guard skips
+    (docs: cvsparse.faults) leaves the model's buffers (BatchNorm statistics) as they were, is
+    counted, and raises SkippedStep again; too many in a row raise Diverged."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        result = method.train_step(x, y)
+    except SkippedStep as exc:
+        with torch.no_grad():
+            for buffer, value in zip(model.buffers(), saved, strict=True):
+                buffer.copy_(value)
+        model.train()   # a skipped online hyper step may have left eval mode on
+        guard.skipped("step", str(exc))
+        raise
+    guard.passed("step")
+    return result
+
+
+def epoch_row(epoch: int, lr: float, train: tuple[float, int, int], val: dict[str, Any],
+              test: dict[str, Any] | None, totals: dict[str, Any], guard: StepGuard,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """One ``metrics.csv`` row: ``train`` = (summed loss, correct predictions, samples) of the
+    epoch's training steps, ``val`` / ``test`` evaluations (test None: no test columns), the
+    model's totals (:func:`cvsparse.metrics.summarize`), the guard's skip counts, the
+    method's ``extra`` columns."""
+    loss_sum, correct, seen = train
+    return {
+        "epoch": epoch, "lr": lr,
+        "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+        "val_loss": val["loss"], "val_acc": val["acc"],
+        **({} if test is None else {"test_loss": test["loss"], "test_acc": test["acc"]}),
+        "params_nonzero": totals["params_nonzero"],
+        "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
+        "skipped_steps": guard.counts["step"],
+        "skipped_hyper_steps": guard.counts["hyper"],
+        **extra,
+    }
 
 
 def _is_terminal(stream: Any) -> bool:
