@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 from cvsparse import metrics
 from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, validate
 from cvsparse.faults import SkippedStep, StepGuard
+from cvsparse.hyper.accuracy_constraint import with_verdict
 from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
 from cvsparse.nn import strip
@@ -303,7 +304,7 @@ class _Run:
         layers = metrics.layer_table(measured, self._shape(), self.regularized)
         totals = metrics.summarize(layers, measured)
         last = self.rows[-1] if self.rows else {}
-        return {
+        return with_verdict({
             "test_acc": last.get("test_acc"),
             "val_acc": last.get("val_acc"),
             **totals,
@@ -315,7 +316,7 @@ class _Run:
             "wall_time_s": self.wall_time,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "world_size": self.ranks.world_size,
-        }
+        })
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         self.guard.start_epoch()

@@ -154,6 +154,16 @@ class AccuracyConstraint:
             setattr(self, key, state[key])
 
 
+def with_verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` (a run's report) with ``constraint_met_val``: whether its final validation
+    accuracy ``val_acc`` meets its ``accuracy_bound``, for a constrained run; unchanged
+    otherwise."""
+    if report.get("accuracy_bound") is not None:
+        val = report.get("val_acc")
+        report["constraint_met_val"] = val is not None and val >= report["accuracy_bound"]
+    return report
+
+
 def read_reference(path: str | Path, config: Any = None) -> tuple[float, str]:
     """The validation accuracy (a fraction) of the finished run in folder ``path``, from its
     ``report.json``, and a description of the source for the report.

@@ -173,7 +173,7 @@ class AutoPruneMethod(CompressionMethod):
         report = {"gate_history": self.history, "gates_frozen_at_epoch": self.frozen_at,
                   "budget_met_at_epoch": self.frozen_at if met else None}
         if self.drive is not None:
-            report.update(self.drive.report(self.measured_model()))
+            report.update(self.drive.report())
         return report
 
     # ---- the accuracy-constrained run (docs/method.md §8) --------------------------------------

@@ -282,7 +282,7 @@ class CVGradMethod(CompressionMethod):
         report = {"lambda_history": self.history, "regularized_tensors": self.names,
                   "budget_met_at_epoch": self.stopped_at}
         if self.drive is not None:
-            report.update(self.drive.report(self.model))
+            report.update(self.drive.report())
             report["budget_met_at_epoch"] = None
         return report
 

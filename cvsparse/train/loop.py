@@ -34,6 +34,7 @@ from cvsparse.data import (
     split_indices,
 )
 from cvsparse.faults import Diverged, SkippedStep, StepGuard
+from cvsparse.hyper.accuracy_constraint import with_verdict
 from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES
 from cvsparse.methods.base import RunData
@@ -181,7 +182,7 @@ class Trainer:
         layers = metrics.layer_table(measured, self.input_shape)
         totals = metrics.summarize(layers, measured)
         last = self.rows[-1] if self.rows else {}
-        return {
+        return with_verdict({
             "test_acc": last.get("test_acc"),
             "val_acc": last.get("val_acc"),
             **totals,
@@ -192,7 +193,7 @@ class Trainer:
             "wall_time_s": self.wall_time,
             "provenance": self.provenance,
             "world_size": self.ranks.world_size,
-        }
+        })
 
     # ---- internals ----------------------------------------------------------------------------
 
