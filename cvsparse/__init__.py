@@ -11,12 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["CompressionResult", "compress"]
+__all__ = ["CVGradOptimizer", "CVGradSettings", "CompressionResult", "compress"]
 
 
 def __getattr__(name: str) -> Any:
-    """``compress`` and ``CompressionResult``, imported on first use (``import cvsparse`` stays
-    light for the operators and the command line)."""
+    """``compress``, ``CompressionResult`` and the step-level ``CVGradOptimizer`` /
+    ``CVGradSettings``, imported on first use (``import cvsparse`` stays light for the
+    operators and the command line)."""
+    if name in ("CVGradOptimizer", "CVGradSettings"):
+        from cvsparse.methods import cvgrad_optimizer
+
+        return getattr(cvgrad_optimizer, name)
     if name in __all__:
         from cvsparse import api
 

@@ -43,11 +43,8 @@ from torch import Tensor, nn
 from cvsparse import faults
 from cvsparse.config import RunConfig
 from cvsparse.faults import NonFiniteError, SkippedStep
-from cvsparse.hyper import CompressionFloor, LambdaOptimizer, hypergradient
+from cvsparse.hyper import CompressionFloor
 from cvsparse.hyper.accuracy_constraint import STOP
-from cvsparse.hyper.objectives import validation_loss
-from cvsparse.optim import ProxSGD
-from cvsparse.params import other_parameters, regularized_parameters
 
 from .accuracy_drive import DENSE, DRIVE, FINETUNE, AccuracyDrive
 from .base import (
@@ -61,6 +58,7 @@ from .base import (
     supervised_step,
     warn_if_budget_missed,
 )
+from .cvgrad_optimizer import CVGradOptimizer, CVGradSettings
 
 
 class CurvatureLog:
@@ -107,29 +105,12 @@ class CVGradMethod(CompressionMethod):
     def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
         super().__init__(config, model, data)
         cv = config.cvgrad
-        named = regularized_parameters(model, self.regularized)
-        self.names = [n for n, _ in named]
-        self.weights = [p for _, p in named]
-        self.unregularized = [p for _, p in other_parameters(model, self.regularized)
-                              if p.requires_grad]
-        size = len(self.weights) if cv.per_layer else 1
-        self.lambdas = LambdaOptimizer(
-            torch.full((size,), cv.lambda1, dtype=torch.float64),
-            torch.full((size,), cv.lambda2, dtype=torch.float64),
-            cv.hyper_lr,
-            method=cv.hyper_method,
-            betas=(float(cv.hyper_betas[0]), float(cv.hyper_betas[1])),
-            log_space=cv.log_space,
-            clip=cv.hyper_clip,
-        )
-        self.optimizer = ProxSGD(
-            [
-                {"params": self.weights},
-                {"params": self.unregularized, "lambda1": 0.0, "lambda2": 0.0},
-            ],
-            lr=config.optim.lr,
-            momentum=config.optim.momentum,
-        )
+        self.core = CVGradOptimizer(model, lr=config.optim.lr, momentum=config.optim.momentum,
+                                    settings=CVGradSettings.from_section(cv),
+                                    names=self.regularized)
+        self.names, self.weights = self.core.names, self.core.weights
+        self.unregularized = self.core.unregularized
+        self.lambdas, self.optimizer = self.core.lambdas, self.core.optimizer
         self.floor = None if cv.min_compression is None else CompressionFloor(
             cv.min_compression,
             cv.min_compression_epochs or cv.outer * config.optim.epochs,
@@ -431,34 +412,11 @@ class CVGradMethod(CompressionMethod):
         on the greedy signal of nearly frozen weights).  The curvature system holds every
         trainable tensor (the unregularized ones too); what its estimator approximated is
         counted in :class:`CurvatureLog`."""
-        cv = self.config.cvgrad
-        device = self.weights[0].device
-        xv, yv = (t.to(device) for t in val_batch)
-        self.model.eval()
-
-        def val_loss() -> Tensor:
-            if cv.val_objective == "ce" and self.data.loss_fn is not None:
-                return self.loss_fn(self.model(xv), yv)   # the user's loss, on validation
-            return validation_loss(self.model(xv), yv, cv.val_objective)
-
-        def train_loss() -> Tensor:
-            xt, yt = (t.to(device) for t in self._train_batch())
-            return self.loss_fn(self.model(xt), yt)
-
-        lam1, lam2 = self._lambda_args()
         diagnostics: dict[str, Any] = {}
-        d1, d2 = hypergradient(self.weights, lam1, lam2, train_loss, val_loss,
-                               estimator=cv.estimator, unregularized=self.unregularized,
-                               diagnostics=diagnostics, reduce=self.data.reduce,
-                               **cv.estimator_opts)
+        d1, d2 = self.core.hypergradient(val_batch, self._train_batch, self.data.loss_fn,
+                                         reduce=self.data.reduce, diagnostics=diagnostics)
         self._curvature.add(diagnostics)
-        d1 = torch.as_tensor(d1, dtype=torch.float64).reshape(-1).cpu()
-        d2 = torch.as_tensor(d2, dtype=torch.float64).reshape(-1).cpu()
-        if not cv.learn_lambda2:
-            d2 = torch.zeros_like(d2)
-        lr_scale = self.optimizer.param_groups[0]["lr"] / self.config.optim.lr
-        if cv.lr_scaled_hyper:  # one unrolled step: dw/dλ1 = −η·sign(w), dw/dλ2 = −η·w
-            d1, d2 = d1 * lr_scale, d2 * lr_scale
+        lr_scale = self.core.lr_scale()
         before = self.lambdas.lambda1.clone()
         d1 = faults.poisoned("hyper", d1)
         try:
@@ -489,14 +447,10 @@ class CVGradMethod(CompressionMethod):
         return total / nonzero if nonzero else math.inf
 
     def _lambda_args(self) -> tuple[float | Tensor, float | Tensor]:
-        if self.config.cvgrad.per_layer:
-            return self.lambdas.lambda1.clone(), self.lambdas.lambda2.clone()
-        return float(self.lambdas.lambda1), float(self.lambdas.lambda2)
+        return self.core.lambda_args()
 
     def _push_lambdas(self) -> None:
-        group = self.optimizer.param_groups[0]
-        lam1, lam2 = self._lambda_args()
-        group["lambda1"], group["lambda2"] = lam1, lam2
+        self.core.push_lambdas()
 
     def _train_batch(self) -> tuple[Tensor, Tensor]:
         """A training batch for curvature estimates, drawn with the hyper generator."""

@@ -1,0 +1,170 @@
+"""The step-level cvgrad API (:class:`cvsparse.CVGradOptimizer`) in a training loop of the
+user's own: it reproduces :func:`cvsparse.compress` bit for bit, its state round-trips, and with
+λ = 0 it is ``torch.optim.SGD``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import cvsparse
+from cvsparse import CVGradOptimizer, CVGradSettings
+
+
+def synthetic(n: int, seed: int) -> TensorDataset:
+    """``n`` 1×8×8 images whose class (of 3) is the quadrant-sum pattern of the image."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4, :4].sum((1, 2)) > 0).long() + (x[:, 0, 4:, 4:].sum((1, 2)) > 0).long()
+    return TensorDataset(x, y)
+
+
+class Net(nn.Module):
+    """A user's own module: conv, BatchNorm, pooling, two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc1 = nn.Linear(6 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2).flatten(1)
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+LR, EPOCHS, OUTER, ONLINE, HYPER_BATCHES, THRESHOLD = 0.05, 2, 2, 3, 2, 1e-4
+MILESTONES, GAMMA = [0.5, 0.75], 0.5   # powers of two: the scheduler's lr equals the loop's
+
+
+def loaders() -> tuple[DataLoader, DataLoader]:
+    return (DataLoader(synthetic(96, 0), batch_size=16),
+            DataLoader(synthetic(48, 1), batch_size=16))
+
+
+def user_loop(model: nn.Module, train: DataLoader, val: DataLoader) -> CVGradOptimizer:
+    """The schedule of ``compress(method="cvgrad")`` written with the step-level API: OUTER
+    outer iterations of EPOCHS epochs, the lr stepped by a torch scheduler restarted with each,
+    thresholding from the second epoch, a hyper step every ONLINE training steps on the next
+    validation batch, and HYPER_BATCHES of them at each outer iteration's end."""
+    opt = CVGradOptimizer(model, lr=LR, momentum=0.9, settings=CVGradSettings(lambda1=1e-3))
+    steps = 0
+    for outer in range(OUTER):
+        for group in opt.param_groups:
+            group["lr"] = LR
+        milestones = [int(f * EPOCHS) for f in MILESTONES]
+        schedule = torch.optim.lr_scheduler.MultiStepLR(opt.optimizer, milestones, GAMMA)
+        for inner in range(EPOCHS):
+            epoch = outer * EPOCHS + inner
+            opt.param_groups[0]["threshold"] = THRESHOLD if epoch >= 1 else None
+            online = iter(val)
+            model.train()
+            for x, y in train:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                steps += 1
+                if steps % ONLINE == 0:
+                    opt.hyper_step(next(online))
+            schedule.step()
+        for i, batch in enumerate(val):
+            if i < HYPER_BATCHES:
+                opt.hyper_step(batch)
+    return opt
+
+
+def test_a_user_loop_reproduces_compress_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    mine = copy.deepcopy(model)
+    train, val = loaders()
+    result = cvsparse.compress(
+        model, train, val, method="cvgrad", epochs=EPOCHS, seed=0,
+        config={"optim": {"lr": LR, "milestones": MILESTONES, "gamma": GAMMA},
+                "cvgrad": {"outer": OUTER, "lambda1": 1e-3, "online_every": ONLINE,
+                           "hyper_batches": HYPER_BATCHES, "threshold": THRESHOLD,
+                           "threshold_start_epoch": 1}})
+    opt = user_loop(mine, train, val)
+    for (name, a), b in zip(result.model.state_dict().items(), mine.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    history = result.report["lambda_history"][-1]
+    assert history["lambda1"] == opt.lambdas.lambda1.tolist()
+    assert history["lambda2"] == opt.lambdas.lambda2.tolist()
+    assert history["lambda1"] != [1e-3]   # λ did move
+    zeros = sum(int((p == 0).sum()) for p in opt.weights)
+    assert zeros > 0 and result.report["params_nonzero"] == sum(p.numel()
+                                                                for p in opt.weights) - zeros
+
+
+def test_state_dict_round_trip_continues_the_same_run(tmp_path) -> None:
+    torch.manual_seed(1)
+    base = Net()
+    train, val = loaders()
+    batches = list(train)
+
+    def run(model: nn.Module, opt: CVGradOptimizer, part: list) -> None:
+        for x, y in part:
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        opt.hyper_step(next(iter(val)))
+
+    whole = copy.deepcopy(base)
+    opt = CVGradOptimizer(whole, lr=0.05)
+    run(whole, opt, batches[:3])
+    run(whole, opt, batches[3:])
+
+    first = copy.deepcopy(base)
+    opt1 = CVGradOptimizer(first, lr=0.05)
+    run(first, opt1, batches[:3])
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict()}, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)   # no pickled objects
+    state = (loaded["model"], loaded["opt"])
+    second = Net()
+    second.load_state_dict(state[0])
+    opt2 = CVGradOptimizer(second, lr=0.05)
+    opt2.load_state_dict(state[1])
+    run(second, opt2, batches[3:])
+    for a, b in zip(whole.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.lambdas.lambda1, opt2.lambdas.lambda1)
+    assert opt2.param_groups[0]["lambda1"] == float(opt.lambdas.lambda1)
+
+
+def test_without_lambda_it_is_torch_sgd_and_excluded_layers_are_never_shrunk() -> None:
+    torch.manual_seed(2)
+    ours, theirs = Net(), Net()
+    theirs.load_state_dict(ours.state_dict())
+    opt = CVGradOptimizer(ours, lr=0.05, momentum=0.9,
+                          settings=CVGradSettings(lambda1=0.0, lambda2=0.0, log_space=False),
+                          exclude=["fc2"])
+    assert opt.names == ["conv.weight", "fc1.weight"]
+    sgd = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+    for x, y in DataLoader(synthetic(64, 3), batch_size=16):
+        for model, step in ((ours, opt), (theirs, sgd)):
+            step.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            step.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_curvature_estimator_without_training_batches_is_refused() -> None:
+    model = Net()
+    opt = CVGradOptimizer(model, lr=0.05, settings=CVGradSettings(estimator="cg"))
+    val = next(iter(loaders()[1]))
+    with pytest.raises(ValueError, match="needs training batches"):
+        opt.hyper_step(val)
+    assert model.training
+
+
+def test_names_and_include_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        CVGradOptimizer(Net(), lr=0.1, names=["fc1.weight"], include=["fc1"])
