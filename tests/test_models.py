@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cvsparse.models import MODELS, build_model, input_shape
-from cvsparse.models.resnet_cifar import PadShortcut
+from cvsparse.models.resnet_cifar import BasicBlock, PadShortcut, ResNetCifar
 
 
 def n_params(model: nn.Module) -> int:
@@ -146,6 +146,23 @@ def test_he_init_scale():
     lenet = build_model("lenet300")                                      # fan-out 64·9 = 576
     _assert_normal_sample(lenet.body[1].weight, math.sqrt(2 / 784))      # 300×784, fan-in 784
     assert all(m.bias.abs().sum() == 0 for m in lenet.modules() if isinstance(m, nn.Linear))
+
+
+def test_each_residual_block_starts_as_its_shortcut():
+    """Zero-init residual: at init every block computes relu(shortcut(x)), in training and in
+    eval mode, so the network's output is the stem, the shortcuts and the classifier alone."""
+    torch.manual_seed(0)
+    resnet = build_model("resnet56")
+    blocks = [m for m in resnet.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 27
+    x = torch.randn(4, 16, 16, 16)
+    for block in (resnet.layer1[0], resnet.layer2[0]):
+        for train in (True, False):
+            block.train(train)
+            torch.testing.assert_close(block(x), torch.relu(block.shortcut(x)))
+        x = block(x)
+    plain = ResNetCifar(20, zero_init_residual=False)
+    assert all(m.bn2.weight.eq(1).all() for m in plain.modules() if isinstance(m, BasicBlock))
 
 
 def test_option_a_shortcut_subsamples_and_zero_pads():
