@@ -11,17 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["CVGradOptimizer", "CVGradSettings", "CompressionResult", "compress"]
+__all__ = ["AutoPruneOptimizer", "AutoPruneSettings", "CVGradOptimizer", "CVGradSettings",
+           "CompressionResult", "compress"]
 
 
 def __getattr__(name: str) -> Any:
     """``compress``, ``CompressionResult`` and the step-level ``CVGradOptimizer`` /
-    ``CVGradSettings``, imported on first use (``import cvsparse`` stays light for the
-    operators and the command line)."""
+    ``AutoPruneOptimizer`` with their settings, imported on first use (``import cvsparse``
+    stays light for the operators and the command line)."""
     if name in ("CVGradOptimizer", "CVGradSettings"):
         from cvsparse.methods import cvgrad_optimizer
 
         return getattr(cvgrad_optimizer, name)
+    if name in ("AutoPruneOptimizer", "AutoPruneSettings"):
+        from cvsparse.methods import autoprune_optimizer
+
+        return getattr(autoprune_optimizer, name)
     if name in __all__:
         from cvsparse import api
 

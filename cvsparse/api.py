@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 from cvsparse import metrics
 from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, validate
 from cvsparse.faults import SkippedStep, StepGuard
-from cvsparse.hyper.accuracy_constraint import with_verdict
 from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
 from cvsparse.nn import strip
@@ -40,7 +39,13 @@ from cvsparse.precision import FP32, Precision
 from cvsparse.train import checkpoint, outputs, rundir
 from cvsparse.train.averaging import WeightAverage
 from cvsparse.train.distributed import Ranks
-from cvsparse.train.loop import _check_evaluation, _seed_everything, epoch_row, guarded_step
+from cvsparse.train.loop import (
+    _check_evaluation,
+    _seed_everything,
+    epoch_row,
+    guarded_step,
+    run_report,
+)
 
 #: Keys every checkpoint :func:`compress` writes holds.
 _STATE_KEYS = ("epoch", "model", "method", "rng", "average", "rows", "wall_time_s", "config",
@@ -300,23 +305,10 @@ class _Run:
     def report(self) -> dict[str, Any]:
         """The report of the model as it is now (docs/method.md §7)."""
         with self._evaluated():
-            measured = self.method.measured_model()
-        layers = metrics.layer_table(measured, self._shape(), self.regularized)
-        totals = metrics.summarize(layers, measured)
-        last = self.rows[-1] if self.rows else {}
-        return with_verdict({
-            "test_acc": last.get("test_acc"),
-            "val_acc": last.get("val_acc"),
-            **totals,
-            **self.method.report(),
-            "layers": layers,
-            "regularized": self.regularized,
-            "epochs": self.rows and self.rows[-1]["epoch"] + 1,
-            "config": self.config.to_dict(),
-            "wall_time_s": self.wall_time,
-            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-            "world_size": self.ranks.world_size,
-        })
+            model_class = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
+            return run_report(self.method, self.rows, self._shape(), self.config,
+                              self.wall_time, self.ranks.world_size, self.regularized,
+                              extra={"model_class": model_class})
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         self.guard.start_epoch()

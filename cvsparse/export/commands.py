@@ -109,7 +109,7 @@ def _run_model(run_dir: Path) -> tuple[nn.Module, Any]:
     model = sources.build(config.model, sources.num_classes(config),
                           sources.image_shape(config)[0])
     if config.method == "autoprune":
-        from cvsparse.methods.autoprune import gated_names
+        from cvsparse.methods.autoprune_optimizer import gated_names
         from cvsparse.nn import convert, strip
 
         ap = config.autoprune

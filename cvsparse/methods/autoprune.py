@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from cvsparse import metrics
 from cvsparse.config import AutoPruneConfig, RunConfig
 from cvsparse.hyper.accuracy_constraint import STOP
-from cvsparse.nn import aux_parameters, convert, convertible_layers, gated_layers, strip
-from cvsparse.optim import ProxSGD
-from cvsparse.params import other_parameters, regularized_parameters
+from cvsparse.nn import aux_parameters, gated_layers, strip
+from cvsparse.params import regularized_parameters
 
 from .accuracy_drive import DRIVE, FINETUNE, AccuracyDrive
+from .autoprune_optimizer import AutoPruneOptimizer, AutoPruneSettings
 from .base import (
     CompressionMethod,
     RunData,
@@ -60,20 +60,11 @@ class AutoPruneMethod(CompressionMethod):
             raise ValueError("autoprune needs the second half of the training split")
         if ap.pretrained:
             model.load_state_dict(load_weights(ap.pretrained))
-        convert(model, granularity=ap.granularity, ste=ap.ste,
-                layers=gated_names(model, ap.skip_layers, self.regularized),
-                slope=ap.slope, update=ap.update)
-        aux = [p for _, p in aux_parameters(model)]
-        aux_ids = {id(p) for p in aux}
-        weights = [p for _, p in regularized_parameters(model)]
-        others = [p for _, p in other_parameters(model) if id(p) not in aux_ids]
-        self.weight_opt = ProxSGD(
-            [{"params": weights, "lambda2": ap.weight_l2},
-             {"params": others, "lambda2": 0.0}],
-            lr=config.optim.lr, momentum=config.optim.momentum,
-        )
-        self.aux_opt = ProxSGD(aux, lr=ap.aux_lr, momentum=config.optim.momentum,
-                               lambda1=ap.aux_l1)
+        self.core = AutoPruneOptimizer(model, lr=config.optim.lr,
+                                       momentum=config.optim.momentum,
+                                       settings=AutoPruneSettings.from_section(ap),
+                                       names=self.regularized)
+        self.weight_opt, self.aux_opt = self.core.weight_opt, self.core.aux_opt
         self.frozen_at: int | None = None   # epoch at which the gates froze
         self.history: list[dict[str, float]] = []
         self._second: Iterator | None = None
@@ -312,21 +303,3 @@ def load_weights(path: str | Path) -> dict[str, Tensor]:
         raise ValueError(f"autoprune.pretrained: {path} holds neither a cvsparse checkpoint "
                          "nor a state_dict of tensors")
     return {k: v for k, v in state.items() if not k.endswith(".aux")}
-
-
-def gated_names(model: nn.Module, skip: list[str],
-                regularized: list[str] | None = None) -> list[str] | None:
-    """Qualified names of the Conv2d / Linear layers to gate: all but ``skip``, and with
-    ``regularized`` (weight names, ``cvsparse.params.select_weights``) only the layers of those
-    weights (None = all)."""
-    if not skip and regularized is None:
-        return None
-    names = convertible_layers(model)
-    unknown = sorted(set(skip) - set(names))
-    if unknown:
-        raise ValueError(f"autoprune.skip_layers: {unknown} are not Conv2d / Linear layers of "
-                         f"the model; its layers: {names}")
-    if regularized is not None:
-        chosen = {n.removesuffix(".weight") if n != "weight" else "" for n in regularized}
-        names = [n for n in names if n in chosen]
-    return [n for n in names if n not in skip]

@@ -37,7 +37,7 @@ from cvsparse.faults import Diverged, SkippedStep, StepGuard
 from cvsparse.hyper.accuracy_constraint import with_verdict
 from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES
-from cvsparse.methods.base import RunData
+from cvsparse.methods.base import CompressionMethod, RunData
 from cvsparse.precision import Precision
 
 from . import checkpoint, distributed, outputs, rundir
@@ -178,22 +178,9 @@ class Trainer:
         """The docs/method.md §7 report of the model as it is now (its weight average, once
         averaging has begun)."""
         with self._evaluated():
-            measured = self.method.measured_model()
-        layers = metrics.layer_table(measured, self.input_shape)
-        totals = metrics.summarize(layers, measured)
-        last = self.rows[-1] if self.rows else {}
-        return with_verdict({
-            "test_acc": last.get("test_acc"),
-            "val_acc": last.get("val_acc"),
-            **totals,
-            **self.method.report(),
-            "layers": layers,
-            "epochs": self.rows and self.rows[-1]["epoch"] + 1,
-            "config": self.config.to_dict(),
-            "wall_time_s": self.wall_time,
-            "provenance": self.provenance,
-            "world_size": self.ranks.world_size,
-        })
+            return run_report(self.method, self.rows, self.input_shape, self.config,
+                              self.wall_time, self.ranks.world_size,
+                              extra={"provenance": self.provenance})
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -404,6 +391,33 @@ def epoch_row(epoch: int, lr: float, train: tuple[float, int, int], val: dict[st
         "skipped_hyper_steps": guard.counts["hyper"],
         **extra,
     }
+
+
+def run_report(method: CompressionMethod, rows: list[dict[str, Any]],
+               input_shape: tuple[int, ...], config: RunConfig, wall_time: float,
+               world_size: int, regularized: list[str] | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The docs/method.md §7 report of ``method``'s model as it is now: the last row's
+    accuracies, the totals and per-layer table of ``regularized`` (None: every Conv/Linear
+    weight) for inputs of ``input_shape``, the method's own entries, the settings, and
+    ``extra`` (the command line's provenance, the API's model class ...); with the accuracy
+    constraint's verdict when there is one."""
+    measured = method.measured_model()
+    layers = metrics.layer_table(measured, input_shape, regularized)
+    last = rows[-1] if rows else {}
+    return with_verdict({
+        "test_acc": last.get("test_acc"),
+        "val_acc": last.get("val_acc"),
+        **metrics.summarize(layers, measured),
+        **method.report(),
+        "layers": layers,
+        **({} if regularized is None else {"regularized": regularized}),
+        "epochs": rows and rows[-1]["epoch"] + 1,
+        "config": config.to_dict(),
+        "wall_time_s": wall_time,
+        **(extra or {}),
+        "world_size": world_size,
+    })
 
 
 def _is_terminal(stream: Any) -> bool:

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import cvsparse
-from cvsparse import CVGradOptimizer, CVGradSettings
+from cvsparse import AutoPruneOptimizer, AutoPruneSettings, CVGradOptimizer, CVGradSettings
 
 
 def synthetic(n: int, seed: int) -> TensorDataset:
@@ -168,3 +168,75 @@ def test_a_curvature_estimator_without_training_batches_is_refused() -> None:
 def test_names_and_include_are_exclusive() -> None:
     with pytest.raises(ValueError, match="not both"):
         CVGradOptimizer(Net(), lr=0.1, names=["fc1.weight"], include=["fc1"])
+
+
+AP_LR, AP_EPOCHS = 0.05, 3
+
+
+def test_an_autoprune_user_loop_reproduces_compress_bit_for_bit() -> None:
+    """AutoPrune's schedule with the step-level API: a weight step on each training batch,
+    then a gate step on the next gate batch (the gate batches cycled, restarted every epoch), the lr
+    stepped by a torch scheduler; the stripped model equals compress's."""
+    torch.manual_seed(3)
+    model = Net()
+    mine = copy.deepcopy(model)
+    train, gates = loaders()
+    val = DataLoader(synthetic(32, 4), batch_size=16)
+    result = cvsparse.compress(
+        model, train, val, method="autoprune", epochs=AP_EPOCHS, gate_loader=gates, seed=0,
+        config={"optim": {"lr": AP_LR, "milestones": MILESTONES, "gamma": GAMMA},
+                "autoprune": {"aux_l1": 5e-2, "finetune_epochs": 0}})
+
+    torch.manual_seed(0)   # the gates' random init, drawn after compress seeds the run
+    opt = AutoPruneOptimizer(mine, lr=AP_LR, settings=AutoPruneSettings(aux_l1=5e-2))
+    milestones = [int(f * AP_EPOCHS) for f in MILESTONES]
+    schedule = torch.optim.lr_scheduler.MultiStepLR(opt.weight_opt, milestones, GAMMA)
+    for _ in range(AP_EPOCHS):
+        mine.train()
+        gate_batches = iter(gates)
+        for x, y in train:
+            opt.zero_grad()
+            F.cross_entropy(mine(x), y).backward()
+            opt.step()
+            try:
+                xg, yg = next(gate_batches)
+            except StopIteration:   # the gate half is cycled
+                gate_batches = iter(gates)
+                xg, yg = next(gate_batches)
+            opt.zero_grad()
+            F.cross_entropy(mine(xg), yg).backward()
+            opt.gate_step()
+        schedule.step()
+    plain = opt.strip()
+    assert not any(n.endswith(".aux") for n in plain.state_dict())
+    for (name, a), b in zip(result.model.state_dict().items(), plain.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    zeros = sum(int((m.weight == 0).sum()) for m in plain.modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert zeros > 0
+    assert result.report["params_nonzero"] == result.report["params_total"] - zeros
+
+
+def test_autoprune_gates_only_the_chosen_layers_and_its_state_loads_without_pickles(
+        tmp_path) -> None:
+    torch.manual_seed(4)
+    model = Net()
+    opt = AutoPruneOptimizer(model, lr=0.05, exclude=["conv"],
+                             settings=AutoPruneSettings(skip_layers=["fc2"]))
+    assert [n for n, _ in cvsparse.nn.gated_layers(model)] == ["fc1"]
+    assert type(model.conv) is nn.Conv2d and type(model.fc2) is nn.Linear
+    x, y = next(iter(loaders()[0]))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.gate_step()
+    torch.save(opt.state_dict(), tmp_path / "ap.pt")
+    again = AutoPruneOptimizer(copy.deepcopy(model), lr=0.05, exclude=["conv"],
+                               settings=AutoPruneSettings(skip_layers=["fc2"]))
+    again.load_state_dict(torch.load(tmp_path / "ap.pt", weights_only=True))
+    for a, b in zip(opt.weight_opt.state.values(), again.weight_opt.state.values(),
+                    strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    with pytest.raises(ValueError, match="not Conv2d / Linear layers"):
+        AutoPruneOptimizer(Net(), lr=0.1, settings=AutoPruneSettings(skip_layers=["bn"]))
