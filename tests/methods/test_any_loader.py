@@ -11,18 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from cvsparse.config import from_dict
 from cvsparse.methods import METHOD_CLASSES, RunData
 
-
-def synthetic(n: int, seed: int) -> TensorDataset:
-    """``n`` 1×8×8 images whose class (of 3) is the quadrant-sum pattern of the image."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4, :4].sum((1, 2)) > 0).long() + (x[:, 0, 4:, 4:].sum((1, 2)) > 0).long()
-    return TensorDataset(x, y)
+from .synthetic_data import synthetic
 
 
 class Small(nn.Module):

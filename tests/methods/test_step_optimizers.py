@@ -10,18 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import cvsparse
 from cvsparse import AutoPruneOptimizer, AutoPruneSettings, CVGradOptimizer, CVGradSettings
 
-
-def synthetic(n: int, seed: int) -> TensorDataset:
-    """``n`` 1×8×8 images whose class (of 3) is the quadrant-sum pattern of the image."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4, :4].sum((1, 2)) > 0).long() + (x[:, 0, 4:, 4:].sum((1, 2)) > 0).long()
-    return TensorDataset(x, y)
+from .synthetic_data import synthetic
 
 
 class Net(nn.Module):
