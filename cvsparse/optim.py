@@ -228,9 +228,13 @@ class ProxSGD(Optimizer):
         results: dict[int, Tensor] = {}
         for (device, _, lr, momentum, masked), items in calls.items():
             ps = [p for part, *_ in items for p in part.params]
-            work = [p if p.is_contiguous() else p.contiguous() for p in ps]
-            bufs = self._buffers(ps, create=momentum != 0)
-            masks = self._masks(ps, create=False) if masked else None
+            orders = _orders([part for part, *_ in items])
+            work = [_working(p, o) for p, o in zip(ps, orders, strict=True)] if orders else [
+                p if p.is_contiguous() else p.contiguous() for p in ps]
+            bufs = self._in_storage_order(ps, self._buffers(ps, create=momentum != 0),
+                                          "momentum_buffer", orders)
+            masks = self._in_storage_order(ps, self._masks(ps, create=False) if masked
+                                           else None, "mask", orders)
             cat = (lambda ts: ts[0]) if len(items) == 1 else torch.cat
             counts = resolve("prox_sgd_", device)(
                 work, [g for _, part_grads, _, _ in items for g in part_grads], bufs or [],
@@ -249,10 +253,15 @@ class ProxSGD(Optimizer):
                 ps, work = part.params, work_of[id(part)]
                 result = results[id(part)]
                 if threshold is not None:
-                    bufs = self._buffers(
-                        ps, create=any("momentum_buffer" in self.state[p] for p in ps))
+                    orders = _orders([part])
+                    bufs = self._in_storage_order(ps, self._buffers(
+                        ps, create=any("momentum_buffer" in self.state[p] for p in ps)),
+                        "momentum_buffer", orders)
                     kept = resolve("threshold_", part.key[0])(
-                        work, bufs or [], self._masks(ps, create=True), float(threshold))
+                        work, bufs or [],
+                        self._in_storage_order(ps, self._masks(ps, create=True), "mask",
+                                               orders),
+                        float(threshold))
                     if threshold > 0:
                         result = kept
                 _write_back(ps, work)
@@ -265,9 +274,14 @@ class ProxSGD(Optimizer):
         for items in _partition(indexed).values():
             ps = [p for _, p in items]
             existing = [self.state[p].get("momentum_buffer") for p in ps]
-            bufs = self._buffers(ps, create=any(b is not None for b in existing))
-            work = [p if p.is_contiguous() else p.contiguous() for p in ps]
-            kept = ops.threshold_(work, bufs, self._masks(ps, create=True), tau)
+            orders = [None if p.is_contiguous() else _storage_order(p) for p in ps]
+            bufs = self._in_storage_order(
+                ps, self._buffers(ps, create=any(b is not None for b in existing)),
+                "momentum_buffer", orders)
+            work = [_working(p, o) for p, o in zip(ps, orders, strict=True)]
+            kept = ops.threshold_(work, bufs,
+                                  self._in_storage_order(ps, self._masks(ps, create=True),
+                                                         "mask", orders), tau)
             _write_back(ps, work)
             if tau > 0:
                 _scatter(counts, [j for j, _ in items], kept)
@@ -282,7 +296,7 @@ class ProxSGD(Optimizer):
             for p in ps:
                 if "momentum_buffer" not in state[p]:
                     state[p]["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.contiguous_format)
+                        p, memory_format=_state_format(p))
             bufs = [state[p]["momentum_buffer"] for p in ps]
         return bufs
 
@@ -298,8 +312,27 @@ class ProxSGD(Optimizer):
         for p in ps:
             if "mask" not in state[p]:
                 state[p]["mask"] = torch.ones_like(
-                    p, dtype=torch.bool, memory_format=torch.contiguous_format)
+                    p, dtype=torch.bool, memory_format=_state_format(p))
         return [state[p]["mask"] for p in ps]
+
+
+    def _in_storage_order(self, ps: list[Tensor], tensors: list[Tensor] | None, key: str,
+                          orders: list[tuple[int, ...] | None] | None) -> list[Tensor] | None:
+        """The state tensors ``tensors`` (``state[p][key]`` of each of ``ps``) as the operators
+        take them: as they are where ``orders`` (:func:`_orders`) has None; for a dense
+        non-contiguous parameter (channels-last) the view in its storage order, after moving
+        the state tensor into the parameter's layout if it is not (a buffer saved from a
+        contiguous model, say) — the operators update the state itself, never a copy."""
+        if tensors is None or not orders or all(o is None for o in orders):
+            return tensors
+        out = []
+        for p, t, order in zip(ps, tensors, orders, strict=True):
+            if order is not None:
+                if t.stride() != p.stride():
+                    t = self.state[p][key] = torch.empty_like(p, dtype=t.dtype).copy_(t)
+                t = t.permute(order)
+            out.append(t)
+        return out
 
 
 class _Part:
@@ -312,14 +345,29 @@ class _Part:
         self.whole = idx == list(range(n))  # the whole group, in order: counts need no scatter
         self.positions = torch.tensor(idx, dtype=torch.int64)
         self._fixed: dict[float, Tensor] = {}
+        self._strides: list[tuple[int, ...]] | None = None
+        self._orders: list[tuple[int, ...] | None] | None = None
+
+    def orders(self) -> list[tuple[int, ...] | None] | None:
+        """Per parameter, its storage order (:func:`_storage_order`) when it is dense but not
+        contiguous, else None; None for the whole part when no parameter has one.  Kept while
+        the parameters' strides stay (``model.to(memory_format=...)`` changes them)."""
+        strides = [p.stride() for p in self.params]
+        if strides != self._strides:
+            self._strides = strides
+            orders = [None if p.is_contiguous() else _storage_order(p) for p in self.params]
+            self._orders = orders if any(o is not None for o in orders) else None
+        return self._orders
 
     def gradients(self, offset: int) -> list[Tensor]:
-        """The parameters' gradients, contiguous (a dense copy only where one is not);
+        """The parameters' gradients as the operators take them (:func:`_dense`);
         ``offset``: the group's first position in optimizer order, for error messages."""
         grads = [p.grad for p in self.params]
-        if all(g.is_contiguous() for g in grads):
+        orders = self.orders()
+        if orders is None and all(g.is_contiguous() for g in grads):
             return grads
-        return [_dense(g, offset + j) for g, j in zip(grads, self.idx, strict=True)]
+        return [_dense(g, offset + j, None if orders is None else orders[i])
+                for i, (g, j) in enumerate(zip(grads, self.idx, strict=True))]
 
     def lambdas(self, value: Hyper, n: int) -> Tensor:
         """The operator's float64 λ tensor for this part from the group's λ (a float: cached;
@@ -370,11 +418,50 @@ class _GroupPlan:
         return _count_nonzero(self.idle, like=self.params)
 
 
-def _dense(grad: Tensor, k: int) -> Tensor:
-    """``grad`` of parameter ``k`` (optimizer order) contiguous; ValueError if it is sparse."""
+def _dense(grad: Tensor, k: int, order: tuple[int, ...] | None) -> Tensor:
+    """``grad`` of parameter ``k`` (optimizer order) as the operators take it: permuted to
+    the parameter's storage ``order`` when it has one (:func:`_working`), then contiguous — a
+    copy only where the gradient's layout differs.  ValueError if it is sparse."""
     if grad.layout != torch.strided:
         raise ValueError(f"parameter {k} has a sparse gradient; ProxSGD needs dense ones")
+    if order is not None:
+        grad = grad.permute(order)
     return grad if grad.is_contiguous() else grad.contiguous()
+
+
+def _storage_order(t: Tensor) -> tuple[int, ...] | None:
+    """The permutation of ``t``'s dimensions that lists them in memory order when ``t`` is dense
+    and non-overlapping (``t.permute(order)`` is then a contiguous view: channels-last weights,
+    transposes); None when it has no such view (a slice with gaps)."""
+    order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _orders(parts: list[_Part]) -> list[tuple[int, ...] | None] | None:
+    """The storage orders of the parameters of ``parts`` in turn (:meth:`_Part.orders`); None
+    when none has one."""
+    found = [part.orders() for part in parts]
+    if all(o is None for o in found):
+        return None
+    return [o for part, f in zip(parts, found, strict=True)
+            for o in (f if f is not None else [None] * len(part.params))]
+
+
+def _working(p: Tensor, order: tuple[int, ...] | None) -> Tensor:
+    """``p`` as the operators update it: its view in storage ``order`` when it has one (no
+    copy: the update lands in ``p``), itself when contiguous, else a contiguous copy that
+    :func:`_write_back` copies back."""
+    if order is not None:
+        return p.permute(order)
+    return p if p.is_contiguous() else p.contiguous()
+
+
+def _state_format(p: Tensor) -> torch.memory_format:
+    """The layout of new momentum buffers and masks of ``p``: ``p``'s own when the operators
+    take its storage-order view, contiguous when they take a copy."""
+    if p.is_contiguous() or _storage_order(p) is None:
+        return torch.contiguous_format
+    return torch.preserve_format
 
 
 def _all_params(groups: list[dict[str, Any]]) -> list[Tensor]:
@@ -405,9 +492,10 @@ def _scatter(counts: Tensor, idx: list[int], values: Tensor) -> None:
 
 
 def _write_back(params: list[Tensor], work: list[Tensor]) -> None:
-    """Copy contiguous working copies back into non-contiguous parameters."""
+    """Copy contiguous working copies back into non-contiguous parameters (views of the
+    parameters were updated in place)."""
     for p, w in zip(params, work, strict=True):
-        if w is not p:
+        if w is not p and w.data_ptr() != p.data_ptr():
             p.copy_(w)
 
 

@@ -338,6 +338,47 @@ def test_non_contiguous_parameter_is_updated_in_its_layout():
     assert int((plain == 0).sum()) > 0
 
 
+def test_channels_last_weights_are_stepped_in_place_with_state_in_their_layout():
+    """A channels-last weight is updated through its storage-order view: no working copy (the
+    parameter's and its momentum buffer's memory stay where they are), momentum and mask in the
+    weight's layout, results bitwise those of the contiguous weight — also with a contiguous
+    gradient, a state loaded from the contiguous run, and prune()."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 4, 3, 3, generator=gen)
+    last = nn.Parameter(weight.clone().to(memory_format=torch.channels_last))
+    plain = nn.Parameter(weight.clone())
+    opts = [ProxSGD([p], lr=0.1, momentum=0.9, lambda1=0.3, lambda2=0.01, threshold=0.02)
+            for p in (last, plain)]
+    where = last.data_ptr()
+    for step in range(4):
+        grad = torch.randn(weight.shape, generator=gen)
+        last.grad = grad.to(memory_format=torch.channels_last) if step % 2 else grad.clone()
+        plain.grad = grad.clone()
+        for opt in opts:
+            opt.step()
+        if step == 0:
+            buffer = opts[0].state[last]["momentum_buffer"]
+            assert buffer.is_contiguous(memory_format=torch.channels_last)
+            assert opts[0].state[last]["mask"].stride() == last.stride()
+    assert last.data_ptr() == where
+    assert opts[0].state[last]["momentum_buffer"] is buffer
+    assert torch.equal(last, plain) and int((plain == 0).sum()) > 0
+    assert torch.equal(opts[0].state[last]["momentum_buffer"],
+                       opts[1].state[plain]["momentum_buffer"])
+    assert torch.equal(opts[0].last_nonzero[0], opts[1].last_nonzero[0])
+
+    resumed = ProxSGD([last], lr=0.1, momentum=0.9, lambda1=0.3, lambda2=0.01, threshold=0.02)
+    resumed.load_state_dict(opts[1].state_dict())   # buffers and masks of the contiguous run
+    grad = torch.randn(weight.shape, generator=gen)
+    last.grad, plain.grad = grad.to(memory_format=torch.channels_last), grad.clone()
+    resumed.step()
+    opts[1].step()
+    assert torch.equal(last, plain)
+    assert resumed.state[last]["momentum_buffer"].stride() == last.stride()
+    assert torch.equal(resumed.prune(0.05), opts[1].prune(0.05))
+    assert torch.equal(last, plain)
+
+
 def test_exploding_gradient_raises_and_changes_nothing_and_largest_entry_is_recorded():
     model = _model()
     weights, biases = _weights_and_biases(model)
