@@ -105,27 +105,8 @@ at::Tensor max_abs_cpu(at::TensorList tensors) {
 }  // namespace cvsparse::cpu
 CVSPARSE_SIMD_END
 
-namespace cvsparse::cpu {
-namespace {
-
-// A call with an empty list has no tensor to dispatch on; the dispatcher then runs the
-// CompositeExplicitAutograd kernel, which serves exactly that case.
-at::Tensor max_abs_no_tensors(at::TensorList tensors) {
-  TORCH_CHECK(tensors.empty(), "cvsparse::max_abs has no kernel for ", tensors[0].device(),
-              " in this build (the CPU kernels need AVX2 on x86-64, the CUDA kernels a CUDA "
-              "build)");
-  return at::zeros({0}, at::TensorOptions().dtype(at::kFloat));
-}
-
-}  // namespace
-}  // namespace cvsparse::cpu
-
 TORCH_LIBRARY_IMPL(cvsparse, CPU, m) {
   if (cvsparse::cpu::simd_supported()) {
     m.impl("max_abs", &cvsparse::cpu::max_abs_cpu);
   }
-}
-
-TORCH_LIBRARY_IMPL(cvsparse, CompositeExplicitAutograd, m) {
-  m.impl("max_abs", &cvsparse::cpu::max_abs_no_tensors);
 }

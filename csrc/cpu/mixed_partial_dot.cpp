@@ -128,27 +128,8 @@ at::Tensor mixed_partial_dot_cpu(at::TensorList params, at::TensorList vectors,
 }  // namespace cvsparse::cpu
 CVSPARSE_SIMD_END
 
-namespace cvsparse::cpu {
-namespace {
-
-// A call whose lists are all empty has no tensor to dispatch on; the dispatcher then runs the
-// CompositeExplicitAutograd kernel, which serves exactly that case.
-at::Tensor mixed_partial_dot_no_tensors(at::TensorList params, at::TensorList, at::TensorList) {
-  TORCH_CHECK(params.empty(), "cvsparse::mixed_partial_dot has no kernel for ",
-              params[0].device(), " in this build (the CPU kernels need AVX2 on x86-64, the ",
-              "CUDA kernels a CUDA build)");
-  return at::zeros({0, 2}, at::TensorOptions().dtype(at::kFloat));
-}
-
-}  // namespace
-}  // namespace cvsparse::cpu
-
 TORCH_LIBRARY_IMPL(cvsparse, CPU, m) {
   if (cvsparse::cpu::simd_supported()) {
     m.impl("mixed_partial_dot", &cvsparse::cpu::mixed_partial_dot_cpu);
   }
-}
-
-TORCH_LIBRARY_IMPL(cvsparse, CompositeExplicitAutograd, m) {
-  m.impl("mixed_partial_dot", &cvsparse::cpu::mixed_partial_dot_no_tensors);
 }

@@ -133,27 +133,8 @@ at::Tensor threshold_cpu(at::TensorList params, at::TensorList momentum_bufs,
 }  // namespace cvsparse::cpu
 CVSPARSE_SIMD_END
 
-namespace cvsparse::cpu {
-namespace {
-
-// A call whose lists are all empty has no tensor to dispatch on; the dispatcher then runs the
-// CompositeExplicitAutograd kernel, which serves exactly that case.
-at::Tensor threshold_no_tensors(at::TensorList params, at::TensorList, at::TensorList, double) {
-  TORCH_CHECK(params.empty(), "cvsparse::threshold_ has no kernel for ", params[0].device(),
-              " in this build (the CPU kernels need AVX2 on x86-64, the CUDA kernels a CUDA "
-              "build)");
-  return at::zeros({0}, at::TensorOptions().dtype(at::kLong));
-}
-
-}  // namespace
-}  // namespace cvsparse::cpu
-
 TORCH_LIBRARY_IMPL(cvsparse, CPU, m) {
   if (cvsparse::cpu::simd_supported()) {
     m.impl("threshold_", &cvsparse::cpu::threshold_cpu);
   }
-}
-
-TORCH_LIBRARY_IMPL(cvsparse, CompositeExplicitAutograd, m) {
-  m.impl("threshold_", &cvsparse::cpu::threshold_no_tensors);
 }

@@ -63,7 +63,6 @@ _registry = torch.library.Library("cvsparse", "FRAGMENT")  # kept alive for the 
 for _name, _schema in SCHEMAS.items():
     if _name in _missing:
         _registry.define(_schema)
-    # Replaces the compiled library's own default kernels (they only served empty lists).
     _registry.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
 
