@@ -336,7 +336,7 @@ def lambda_path(trainer: Trainer, formats: list[bool]) -> list[float]:
     step, whether every 4-D parameter is channels-last."""
     path: list[float] = []
     method = trainer.method
-    push, step = method._push_lambdas, method.train_step
+    push, step = method.core.push_lambdas, method.train_step
 
     def recorded_push() -> None:
         push()
@@ -347,7 +347,7 @@ def lambda_path(trainer: Trainer, formats: list[bool]) -> list[float]:
                            for p in trainer.model.parameters() if p.dim() == 4))
         return step(x, y)
 
-    method._push_lambdas, method.train_step = recorded_push, recorded_step
+    method.core.push_lambdas, method.train_step = recorded_push, recorded_step
     trainer.run()
     return path
 

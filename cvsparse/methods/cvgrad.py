@@ -120,7 +120,7 @@ class CVGradMethod(CompressionMethod):
         if config.accuracy.active:
             self.drive = AccuracyDrive(config, data.val, self._train_batch, self.loss_fn,
                                        data.reduce)
-        self._push_lambdas()
+        self.core.push_lambdas()
         self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
         self.steps = 0
@@ -183,7 +183,7 @@ class CVGradMethod(CompressionMethod):
                               f"{cv.min_compression:g}; the remaining epochs fine-tune the "
                               "support as it is", stacklevel=2)
         group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
-        group["lambda2"] = finetune_weight_l2(self.config, self._lambda_args()[1])
+        group["lambda2"] = finetune_weight_l2(self.config, self.core.lambda_args()[1])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -257,7 +257,7 @@ class CVGradMethod(CompressionMethod):
             self.floor.load_state_dict(state["floor"])
         if self.drive is not None:
             self.drive.load_state_dict(state["drive"])
-        self._push_lambdas()
+        self.core.push_lambdas()
 
     def report(self) -> dict[str, Any]:
         report = {"lambda_history": self.history, "regularized_tensors": self.names,
@@ -327,7 +327,7 @@ class CVGradMethod(CompressionMethod):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         group = self.optimizer.param_groups[0]
-        self._push_lambdas()
+        self.core.push_lambdas()
         if phase == DENSE:
             group["lambda1"] = 0.0
         group["threshold"] = self.config.cvgrad.threshold if phase == DRIVE else None
@@ -380,7 +380,7 @@ class CVGradMethod(CompressionMethod):
         if self.drive.selected:
             return
         self.drive.restore(self.model, {"optimizer": self.optimizer})
-        self._push_lambdas()
+        self.core.push_lambdas()
         self._fix_support()
 
     # ---- internals --------------------------------------------------------------------------
@@ -433,7 +433,7 @@ class CVGradMethod(CompressionMethod):
         if self.floor is not None:
             factor = self.floor.update(self._compression(), self._epoch, lr_scale)
             self.lambdas.rescale_lambda1_(factor, before if self.floor.binding else None)
-        self._push_lambdas()
+        self.core.push_lambdas()
 
     @torch.no_grad()
     def _compression(self) -> float:
@@ -445,12 +445,6 @@ class CVGradMethod(CompressionMethod):
                    else sum(int(torch.count_nonzero(p)) for p in self.weights))
         total = sum(p.numel() for p in self.weights)
         return total / nonzero if nonzero else math.inf
-
-    def _lambda_args(self) -> tuple[float | Tensor, float | Tensor]:
-        return self.core.lambda_args()
-
-    def _push_lambdas(self) -> None:
-        self.core.push_lambdas()
 
     def _train_batch(self) -> tuple[Tensor, Tensor]:
         """A training batch for curvature estimates, drawn with the hyper generator."""
