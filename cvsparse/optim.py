@@ -315,7 +315,6 @@ class ProxSGD(Optimizer):
                     p, dtype=torch.bool, memory_format=_state_format(p))
         return [state[p]["mask"] for p in ps]
 
-
     def _in_storage_order(self, ps: list[Tensor], tensors: list[Tensor] | None, key: str,
                           orders: list[tuple[int, ...] | None] | None) -> list[Tensor] | None:
         """The state tensors ``tensors`` (``state[p][key]`` of each of ``ps``) as the operators

@@ -32,7 +32,6 @@ out.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -177,7 +176,7 @@ class CVGradMethod(CompressionMethod):
                                       cv.target_compression, cv.target_flops, self._epoch,
                                       self.regularized)
             if (cv.min_compression is not None
-                    and (reached := self._compression()) < cv.min_compression):
+                    and (reached := self.core.compression()) < cv.min_compression):
                 warnings.warn(f"cvgrad: the L1 phase ended after epoch {self._epoch} at "
                               f"{reached:.1f}x, below min_compression "
                               f"{cv.min_compression:g}; the remaining epochs fine-tune the "
@@ -365,7 +364,7 @@ class CVGradMethod(CompressionMethod):
         kept; a stop ends the drive on it), then, in the drive, one hyper step."""
         accuracy = self.drive.probe(copy.deepcopy(self.model), self.names,
                                     self.config.cvgrad.threshold)
-        verdict = self.drive.judge(accuracy, self._compression(), self.model,
+        verdict = self.drive.judge(accuracy, self.core.compression(), self.model,
                                    {"optimizer": self.optimizer})
         if verdict == STOP:
             self.hyper_active = False
@@ -431,20 +430,9 @@ class CVGradMethod(CompressionMethod):
         if self.guard is not None:
             self.guard.passed("hyper")
         if self.floor is not None:
-            factor = self.floor.update(self._compression(), self._epoch, lr_scale)
+            factor = self.floor.update(self.core.compression(), self._epoch, lr_scale)
             self.lambdas.rescale_lambda1_(factor, before if self.floor.binding else None)
         self.core.push_lambdas()
-
-    @torch.no_grad()
-    def _compression(self) -> float:
-        """Compression rate of the regularized tensors (elements / nonzeros, docs/method.md
-        §7), from the nonzeros the latest fused step or prune counted
-        (``ProxSGD.last_nonzero``); counted here only before the first of them."""
-        counts = self.optimizer.last_nonzero[0]
-        nonzero = (int(counts.sum()) if counts is not None
-                   else sum(int(torch.count_nonzero(p)) for p in self.weights))
-        total = sum(p.numel() for p in self.weights)
-        return total / nonzero if nonzero else math.inf
 
     def _train_batch(self) -> tuple[Tensor, Tensor]:
         """A training batch for curvature estimates, drawn with the hyper generator."""

@@ -209,9 +209,13 @@ class CVGradOptimizer:
 
     @torch.no_grad()
     def compression(self) -> float:
-        """Elements over nonzeros of the regularized tensors (inf when all are zero)."""
+        """Elements over nonzeros of the regularized tensors (docs/method.md §7; inf when all
+        are zero), from the nonzeros the latest fused step or prune counted
+        (``ProxSGD.last_nonzero``); counted here only before the first of them."""
+        counts = self.optimizer.last_nonzero[0]
+        nonzero = (int(counts.sum()) if counts is not None
+                   else sum(int(torch.count_nonzero(p)) for p in self.weights))
         total = sum(p.numel() for p in self.weights)
-        nonzero = sum(int(torch.count_nonzero(p)) for p in self.weights)
         return total / nonzero if nonzero else float("inf")
 
     def state_dict(self) -> dict[str, Any]:
