@@ -606,10 +606,17 @@ def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
     acc.validate(fail)
     if not acc.active:
         return
+    curve = None
     if acc.reference is not None:
-        from cvsparse.hyper.accuracy_constraint import read_reference
+        from cvsparse.hyper.accuracy_constraint import read_reference, read_reference_curve
 
         read_reference(acc.reference, config)   # ValueError naming the problem
+        curve, _ = read_reference_curve(acc.reference, config)
+    for key, value in (("accuracy.drive_lr", acc.drive_lr),
+                       ("optim.finetune_lr", config.optim.finetune_lr)):
+        if curve is not None and value is not None:
+            fail(f"{key} does not apply when the run follows its reference run's learning "
+                 "rates (accuracy.reference with a matching metrics.csv): drop it")
     section = getattr(config, config.method)
     hand_set = [k for k in ("target_compression", "target_flops", "min_compression")
                 if getattr(section, k, None) is not None]
@@ -621,7 +628,7 @@ def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
              "magnitude cut closes single gates)")
     total = config.total_epochs
     dense_end, drive_end = acc.phases(total)
-    if drive_end - dense_end < 1:
+    if curve is None and drive_end - dense_end < 1:
         fail(f"{total} epochs leave no room for an accuracy-constrained run: it needs a dense "
              f"phase of {dense_end}, at least one compression epoch and "
              f"{total - drive_end} fine-tuning epochs (give more epochs)")

@@ -9,7 +9,10 @@ taking the stricter of the two when both are given.  A reference measured in the
 (a dense phase) *rises*: whenever the mean of the last ``window`` checks exceeds it, it becomes
 that mean, so the bound follows the best accuracy the run has shown so far — an early dense
 phase underestimates what the network reaches with more epochs — without chasing the noise of
-one lucky check.  A given reference stays fixed.  The constrained run
+one lucky check.  A given reference stays fixed, or, from a dense run of the same schedule
+(:class:`ReferenceCurve`), follows that run's validation accuracy epoch by epoch: a check is
+then judged against what the dense network had reached at the same point of the same
+schedule.  The constrained run
 (docs/method.md §8) drives compression up and asks this object, at every check, what the
 validation accuracy ``a`` it measured means:
 
@@ -25,8 +28,10 @@ stops no earlier — the kept support is never denser (monotone by construction)
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,20 +90,28 @@ class AccuracyConstraint:
         """The lowest validation accuracy (a fraction) the constraint accepts."""
         if self.reference is None:
             raise RuntimeError("the reference accuracy is not known yet")
+        return self.bound_for(self.reference)
+
+    def bound_for(self, reference: float) -> float:
+        """The bound the allowed drops give against ``reference`` (a fraction)."""
         bounds = []
         if self.max_drop is not None:
-            bounds.append(self.reference - self.max_drop / 100)
+            bounds.append(reference - self.max_drop / 100)
         if self.max_relative_drop is not None:
-            bounds.append(self.reference * (1 - self.max_relative_drop / 100))
+            bounds.append(reference * (1 - self.max_relative_drop / 100))
         return max(bounds)
 
-    def holds(self, accuracy: float) -> bool:
-        """Whether ``accuracy`` (a fraction) satisfies the constraint."""
-        return accuracy >= self.bound
+    def holds(self, accuracy: float, reference: float | None = None) -> bool:
+        """Whether ``accuracy`` (a fraction) satisfies the constraint against ``reference``
+        (default: the run's reference)."""
+        return accuracy >= (self.bound if reference is None else self.bound_for(reference))
 
-    def observe(self, accuracy: float, compression: float, at: tuple[int, int]) -> str:
+    def observe(self, accuracy: float, compression: float, at: tuple[int, int],
+                reference: float | None = None) -> str:
         """Judge one check of a network of ``compression`` (a rate ≥ 1) measured at
-        ``accuracy`` on the validation split; ``at`` = (global epoch, step in the epoch).
+        ``accuracy`` on the validation split; ``at`` = (global epoch, step in the epoch);
+        ``reference``: the reference at this check (a dense run's accuracy at the same point
+        of its schedule), default the run's one reference.
 
         Returns:
             :data:`BEST` (feasible and the sparsest feasible so far: keep its support),
@@ -112,7 +125,7 @@ class AccuracyConstraint:
         smoothed = sum(self.recent) / len(self.recent)
         if self.rising and len(self.recent) == self.window and smoothed > self.reference:
             self.reference, self.raised_at = smoothed, list(at)
-        if self.holds(accuracy):
+        if self.holds(accuracy, reference):
             self.violations = 0
             if compression > self.best_compression:
                 self.best_compression, self.best_accuracy = float(compression), float(accuracy)
@@ -193,3 +206,71 @@ def read_reference(path: str | Path, config: Any = None) -> tuple[float, str]:
                                  f"data.{key} = {stored[key]!r}, this run has {mine!r} (the "
                                  "reference must come from the same validation split)")
     return float(accuracy), f"run folder {folder.name}"
+
+
+@dataclass(frozen=True)
+class ReferenceCurve:
+    """A finished dense run's learning rate and validation accuracy (a fraction) in each epoch
+    (its ``metrics.csv``), for a constrained run of the same schedule to follow."""
+
+    lrs: tuple[float, ...]
+    val_acc: tuple[float, ...]
+
+    def accuracy_after(self, epochs: float) -> float:
+        """The dense run's validation accuracy after ``epochs`` epochs of training (fractions
+        included): linear between the epoch ends, the first epoch's before its end."""
+        if epochs <= 1:
+            return self.val_acc[0]
+        last = len(self.val_acc)
+        if epochs >= last:
+            return self.val_acc[-1]
+        whole = int(epochs)
+        share = epochs - whole
+        return (1 - share) * self.val_acc[whole - 1] + share * self.val_acc[whole]
+
+    def drops(self) -> list[int]:
+        """The epochs whose learning rate is lower than the epoch before's."""
+        return [e for e in range(1, len(self.lrs)) if self.lrs[e] < self.lrs[e - 1]]
+
+    def phases(self, finetune_fraction: float) -> tuple[int, int] | None:
+        """``(dense_end, drive_end)`` on this schedule: dense until the first drop of the
+        learning rate, the drive until the second (without one: until the last
+        ``finetune_fraction`` of the epochs), fine-tuning after; None when the schedule has
+        no drop, or no epoch between the two."""
+        drops = self.drops()
+        if not drops:
+            return None
+        epochs = len(self.lrs)
+        end = drops[1] if len(drops) > 1 else epochs - max(1, round(finetune_fraction * epochs))
+        return (drops[0], end) if drops[0] < end < epochs else None
+
+
+def read_reference_curve(path: str | Path, config: Any) -> tuple[ReferenceCurve | None, str]:
+    """The per-epoch curve of the finished run in folder ``path`` when this run (``config``, a
+    :class:`~cvsparse.config.RunConfig`) can follow it, and a note for the report: why it
+    cannot otherwise (another model, batch size or epoch count, no ``metrics.csv``, a schedule
+    without a phase to drive in)."""
+    folder = Path(path)
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        stored = report.get("config", {})
+        with open(folder / "metrics.csv", newline="") as handle:
+            rows = {int(r["epoch"]): (float(r["lr"]), float(r["val_acc"]))
+                    for r in csv.DictReader(handle)}
+    except FileNotFoundError as exc:
+        return None, f"it has no {Path(exc.filename).name}"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"its metrics.csv cannot be read ({exc})"
+    epochs = config.total_epochs
+    if stored.get("model") != config.model:
+        return None, f"it trained {stored.get('model')!r}, this run {config.model!r}"
+    batch = stored.get("data", {}).get("batch_size")
+    if batch is not None and batch != config.data.batch_size:
+        return None, f"it used batch size {batch}, this run {config.data.batch_size}"
+    if sorted(rows) != list(range(epochs)):
+        return None, f"it has {len(rows)} epochs in metrics.csv, this run {epochs}"
+    curve = ReferenceCurve(tuple(rows[e][0] for e in range(epochs)),
+                           tuple(rows[e][1] for e in range(epochs)))
+    if curve.phases(config.accuracy.finetune_fraction) is None:
+        return None, "its learning rate schedule has no drop to start a compression drive at"
+    return curve, "followed epoch by epoch"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,7 +21,13 @@ from torch import Tensor, nn
 from cvsparse import metrics
 from cvsparse.config import RunConfig
 from cvsparse.hyper import AccuracyConstraint
-from cvsparse.hyper.accuracy_constraint import BEST, STOP, read_reference
+from cvsparse.hyper.accuracy_constraint import (
+    BEST,
+    STOP,
+    ReferenceCurve,
+    read_reference,
+    read_reference_curve,
+)
 
 from .base import Batches, LossFn
 
@@ -55,11 +62,22 @@ class AccuracyDrive:
         self.constraint = AccuracyConstraint(acc.max_accuracy_drop, acc.max_relative_drop,
                                              acc.patience)
         self.dense_end, self.drive_end = acc.phases(config.total_epochs)
+        self.curve: ReferenceCurve | None = None
+        self.curve_note: str | None = None
         if acc.reference_accuracy is not None:
             self.constraint.set_reference(acc.reference_accuracy / 100,
                                           "given (reference_accuracy)")
         elif acc.reference is not None:
-            self.constraint.set_reference(*read_reference(acc.reference))
+            accuracy, source = read_reference(acc.reference)
+            self.curve, self.curve_note = read_reference_curve(acc.reference, config)
+            if self.curve is None:
+                warnings.warn(f"accuracy.reference: the run is judged against {source}'s final "
+                              f"validation accuracy only: {self.curve_note}", stacklevel=2)
+                source = f"{source} (final accuracy: {self.curve_note})"
+            else:
+                self.dense_end, self.drive_end = self.curve.phases(acc.finetune_fraction)
+                source = f"{source}, {self.curve_note}"
+            self.constraint.set_reference(accuracy, source)
         self.snapshot: dict[str, Any] | None = None   # the kept network's state
         self.selected = False          # the kept network is in place (drive over)
         self.steps_per_epoch: int | None = None   # steps of the last whole epoch
@@ -79,6 +97,20 @@ class AccuracyDrive:
         if epoch >= (self.drive_end if self.stopped_at is None else self.stopped_at):
             return FINETUNE
         return DENSE if epoch < self.dense_end else DRIVE
+
+    def scheduled_lr(self, epoch: int) -> float | None:
+        """The learning rate of epoch ``epoch`` when the run follows a reference run's schedule
+        (its ``metrics.csv``); None when the method sets its own."""
+        return None if self.curve is None else self.curve.lrs[epoch]
+
+    def reference_now(self) -> float | None:
+        """The reference at this point of the run: the followed dense run's validation accuracy
+        after as many epochs (fractions included); None without a curve (the one reference)."""
+        if self.curve is None:
+            return None
+        fraction = (min(1.0, self.epoch_steps / self.steps_per_epoch)
+                    if self.steps_per_epoch else 1.0)
+        return self.curve.accuracy_after(self.epoch + fraction)
 
     @property
     def finetune_start(self) -> int:
@@ -147,8 +179,8 @@ class AccuracyDrive:
         """What a support is worth: the validation accuracy of ``network`` (a copy the caller
         may discard; it is trained here) after ``accuracy.probe_fraction`` of an epoch's steps
         of SGD without L1 (the run's momentum, ``accuracy.probe_lr``, default
-        ``lr · gamma``), its weights ``names`` that are zero or below ``threshold`` held at
-        zero."""
+        ``lr · gamma``; the followed schedule's learning rate with a reference curve), its weights
+        ``names`` that are zero or below ``threshold`` held at zero."""
         acc, opt = self.config.accuracy, self.config.optim
         steps = max(1, round(acc.probe_fraction * (self.steps_per_epoch or FIRST_EPOCH_STEPS)))
         named = dict(network.named_parameters())
@@ -157,8 +189,8 @@ class AccuracyDrive:
             masks = [(w != 0) & (w.abs() >= threshold) for w in weights]
             torch._foreach_mul_(weights, masks)
         trained = [p for p in network.parameters() if p.requires_grad]
-        sgd = torch.optim.SGD(trained, lr=acc.probe_lr or opt.lr * opt.gamma,
-                              momentum=opt.momentum)
+        lr = acc.probe_lr or self.scheduled_lr(self.epoch) or opt.lr * opt.gamma
+        sgd = torch.optim.SGD(trained, lr=lr, momentum=opt.momentum)
         device = weights[0].device
         network.train()
         for _ in range(steps):
@@ -193,7 +225,8 @@ class AccuracyDrive:
             self.constraint.set_reference(
                 accuracy, f"dense phase of {self.dense_end} epochs, raised by the checks of "
                 "the drive", rising=True)
-        verdict = self.constraint.observe(accuracy, compression, (self.epoch, self.epoch_steps))
+        verdict = self.constraint.observe(accuracy, compression, (self.epoch, self.epoch_steps),
+                                          self.reference_now())
         if verdict == BEST:
             self.snapshot = copy.deepcopy({
                 "model": model.state_dict(),
@@ -214,14 +247,17 @@ class AccuracyDrive:
     def row(self) -> dict[str, float]:
         """The epoch's ``metrics.csv`` columns of the drive."""
         row = {"drive_level": self.level()}
-        if self.constraint.reference is not None:
+        if self.curve is not None:   # the bound after this epoch
+            row["accuracy_bound"] = self.constraint.bound_for(
+                self.curve.accuracy_after(self.epoch + 1))
+        elif self.constraint.reference is not None:
             row["accuracy_bound"] = self.constraint.bound
         return row
 
     def report(self) -> dict[str, Any]:
         """The report's entries (the loop adds ``constraint_met_val`` from its final
         validation accuracy: :func:`~cvsparse.hyper.accuracy_constraint.with_verdict`)."""
-        return self.constraint.report()
+        return {**self.constraint.report(), "reference_curve": self.curve is not None}
 
     def state_dict(self) -> dict[str, Any]:
         return {"constraint": self.constraint.state_dict(), "snapshot": self.snapshot,

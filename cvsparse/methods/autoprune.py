@@ -172,7 +172,8 @@ class AutoPruneMethod(CompressionMethod):
     def _set_constrained_epoch(self, epoch: int) -> float:
         """Dense phase: weight steps only (the gates stay as initialized, open or not).
         Drive: weight and gate steps, ``accuracy.drive_lr`` (default ``optim.lr``), the
-        magnitude cuts.  Fine-tuning: the kept gates frozen, as after a met budget."""
+        magnitude cuts.  Fine-tuning: the kept gates frozen, as after a met budget.  Following
+        a reference run's schedule, every phase takes that run's learning rate of the epoch."""
         drive, opt = self.drive, self.config.optim
         phase = drive.start_epoch(epoch)
         self._epoch, self._second, self._gate_steps = epoch, None, 0
@@ -187,6 +188,8 @@ class AutoPruneMethod(CompressionMethod):
         else:
             drive_lr = self.config.accuracy.drive_lr
             lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
+        scheduled = drive.scheduled_lr(epoch)   # following a reference run's schedule
+        lr = lr if scheduled is None else scheduled
         for group in self.weight_opt.param_groups:
             group["lr"] = lr
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2

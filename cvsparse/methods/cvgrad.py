@@ -312,19 +312,25 @@ class CVGradMethod(CompressionMethod):
     def _set_constrained_epoch(self, epoch: int) -> float:
         """Dense phase: ``optim.lr``, no L1, no thresholding, no hyper steps.  Drive:
         ``accuracy.drive_lr`` (default ``optim.lr``), thresholding, hyper steps at the checks.
-        Then fine-tuning, as in the plain run."""
+        Then fine-tuning, as in the plain run.  Following a reference run's schedule, every
+        phase takes that run's learning rate of the epoch instead."""
         drive = self.drive
         phase = drive.start_epoch(epoch)
         self._epoch, self._online_val = epoch, None
         self.finetuning = phase == FINETUNE
         self.hyper_active = phase == DRIVE
+        scheduled = drive.scheduled_lr(epoch)
         if self.finetuning:
             start = drive.finetune_start
-            return self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
-        opt, drive_lr = self.config.optim, self.config.accuracy.drive_lr
-        lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
+            lr = self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
+        else:
+            opt, drive_lr = self.config.optim, self.config.accuracy.drive_lr
+            lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
+        lr = lr if scheduled is None else scheduled
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.finetuning:
+            return lr
         group = self.optimizer.param_groups[0]
         self.core.push_lambdas()
         if phase == DENSE:

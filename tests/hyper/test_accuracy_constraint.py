@@ -3,6 +3,7 @@ of the rule "the sparsest feasible check before the patience-th violation in a r
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -11,7 +12,15 @@ from hypothesis import strategies as st
 
 from cvsparse.config import RunConfig
 from cvsparse.hyper import AccuracyConstraint
-from cvsparse.hyper.accuracy_constraint import BEST, FEASIBLE, STOP, VIOLATED, read_reference
+from cvsparse.hyper.accuracy_constraint import (
+    BEST,
+    FEASIBLE,
+    STOP,
+    VIOLATED,
+    ReferenceCurve,
+    read_reference,
+    read_reference_curve,
+)
 
 
 def brute_force(checks, bound, patience, reference=None, window=3):
@@ -137,6 +146,71 @@ def test_read_reference_takes_a_finished_runs_val_acc(tmp_path):
     config.data.val_size = 6000
     with pytest.raises(ValueError, match="val_size"):
         read_reference(run, config)
+
+
+# ---- a dense run's curve, followed epoch by epoch ------------------------------------------------
+
+def test_a_per_check_reference_moves_the_bound_with_it():
+    """Against a curve, each check has its own reference: 0.80 passes against 0.805 and fails
+    against 0.815 under a 1-point drop; a check without one is judged against the run's one
+    reference, which the per-check references leave as it was."""
+    constraint = AccuracyConstraint(1.0, None, patience=2)
+    constraint.set_reference(0.90, "final")
+    assert constraint.observe(0.80, 2.0, (0, 1), reference=0.805) == BEST
+    assert constraint.observe(0.80, 3.0, (0, 2), reference=0.815) == VIOLATED
+    # without one, the run's reference: 0.85 < 0.89 is the second violation in a row
+    assert constraint.observe(0.85, 4.0, (0, 3)) == STOP
+    assert constraint.reference == 0.90 and constraint.bound_for(0.5) == pytest.approx(0.49)
+
+
+def test_the_curve_interpolates_between_epoch_ends():
+    curve = ReferenceCurve(lrs=(0.1, 0.1, 0.01, 0.01, 0.001), val_acc=(0.5, 0.6, 0.8, 0.7, 0.9))
+    # after k whole epochs: the k-th epoch's accuracy; halfway: the mean of its two neighbours
+    assert [curve.accuracy_after(k) for k in (1, 2, 3, 4, 5)] == [0.5, 0.6, 0.8, 0.7, 0.9]
+    assert curve.accuracy_after(2.5) == pytest.approx(0.7)
+    assert curve.accuracy_after(3.25) == pytest.approx(0.8 - 0.25 * 0.1)
+    assert curve.accuracy_after(0.3) == 0.5 and curve.accuracy_after(7) == 0.9
+    assert curve.drops() == [2, 4] and curve.phases(0.25) == (2, 4)
+    one_drop = ReferenceCurve(lrs=(0.1,) * 4 + (0.01,) * 4, val_acc=(0.5,) * 8)
+    assert one_drop.phases(0.25) == (4, 6)   # the drive until the last quarter
+    assert ReferenceCurve(lrs=(0.1,) * 8, val_acc=(0.5,) * 8).phases(0.25) is None
+    assert ReferenceCurve(lrs=(0.1,) * 7 + (0.01,), val_acc=(0.5,) * 8).phases(0.25) is None
+
+
+def write_dense_run(folder, lrs, val_acc, model="lenet300", batch_size=64):
+    folder.mkdir()
+    (folder / "report.json").write_text(json.dumps(
+        {"val_acc": val_acc[-1], "config": {"model": model, "data": {"batch_size": batch_size}}}))
+    with open(folder / "metrics.csv", "w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["epoch", "lr", "train_loss", "val_acc"])
+        out.writerows([e, lr, 1.0, a] for e, (lr, a) in enumerate(zip(lrs, val_acc, strict=True)))
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"model": "lenet5"}, "it trained 'lenet5'"),
+    ({"batch_size": 128}, "batch size 128"),
+    ({"epochs": 6}, "6 epochs in metrics.csv"),
+    ({"flat": True}, "no drop"),
+    ({"missing": True}, "it has no metrics.csv"),
+])
+def test_a_curve_is_followed_only_on_the_same_schedule(tmp_path, change, reason):
+    config = RunConfig()
+    config.optim.epochs, config.cvgrad.outer = 8, 1
+    epochs = change.get("epochs", 8)
+    lrs = [0.1] * epochs if change.get("flat") else [0.1] * 4 + [0.01] * 2 + [0.001] * 2
+    accs = [0.5 + 0.01 * e for e in range(epochs)]
+    write_dense_run(tmp_path / "same", [0.1] * 4 + [0.01] * 2 + [0.001] * 2,
+                    [0.5 + 0.01 * e for e in range(8)])
+    curve, note = read_reference_curve(tmp_path / "same", config)
+    assert curve is not None and note == "followed epoch by epoch"
+    assert curve.lrs[3:5] == (0.1, 0.01) and curve.val_acc[-1] == pytest.approx(0.57)
+    write_dense_run(tmp_path / "other", lrs[:epochs], accs, change.get("model", "lenet300"),
+                    change.get("batch_size", 64))
+    if change.get("missing"):
+        (tmp_path / "other" / "metrics.csv").unlink()
+    curve, note = read_reference_curve(tmp_path / "other", config)
+    assert curve is None and reason in note
 
 
 # ---- the drive's level and cut (cvsparse.methods.accuracy_drive) --------------------------------

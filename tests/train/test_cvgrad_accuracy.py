@@ -105,9 +105,11 @@ def test_a_reference_run_folder_sets_the_reference(tmp_path):
     (dense / "report.json").write_text(json.dumps(
         {"val_acc": 0.9, "config": {"data": {"dataset": "mnist", "val_size": 2000,
                                              "split_seed": 0}}}))
-    trainer, report = constrained(tmp_path, "ref", **{"accuracy.max_accuracy_drop": 1.0,
-                                                      "accuracy.reference": str(dense)})
-    assert report["reference_val_acc"] == 0.9 and report["reference_source"] == "run folder dense"
+    with pytest.warns(UserWarning, match="final validation accuracy only: it has no metrics"):
+        trainer, report = constrained(tmp_path, "ref", **{"accuracy.max_accuracy_drop": 1.0,
+                                                          "accuracy.reference": str(dense)})
+    assert report["reference_val_acc"] == 0.9 and report["reference_curve"] is False
+    assert report["reference_source"] == "run folder dense (final accuracy: it has no metrics.csv)"
     assert config.data.val_size == trainer.config.data.val_size
 
 
@@ -192,3 +194,77 @@ def test_autoprune_refuses_neuron_gates_with_a_constraint(tmp_path):
                    "--method", "autoprune", "--granularity", "neuron",
                    "--max-accuracy-drop", "1")
     assert done.returncode == 2 and "granularity 'weight'" in done.stderr
+
+
+# ---- following a dense run of the same schedule -----------------------------------------------
+
+#: The dense reference: the constrained run's model and 8 epochs, λ1 held at ~0, no threshold.
+DENSE = {"optim.epochs": 8, "cvgrad.outer": 1, "optim.max_steps_per_epoch": 30, "optim.lr": 0.1,
+         "cvgrad.lambda1": 1e-12, "cvgrad.hyper_lr": 0.0, "cvgrad.learn_lambda2": False,
+         "cvgrad.threshold": 0.0}
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference") / "dense"
+    Trainer(tiny_config(**DENSE), folder, progress=False).run()
+    return folder, list(csv.DictReader(open(folder / "metrics.csv")))
+
+
+@pytest.mark.parametrize("method", ["cvgrad", "autoprune"])
+def test_a_reference_run_of_the_same_schedule_is_followed_epoch_by_epoch(tmp_path, dense_run,
+                                                                          method):
+    """With ``--reference`` on a dense run of the same 8 epochs (drops of the learning rate at
+    epochs 4 and 6), the constrained run takes the dense run's learning rates, stays dense
+    until the first drop, drives until the second, and every epoch's bound is the dense run's
+    validation accuracy of that epoch minus the drop; the kept check met the bound at its
+    point of the schedule (between the dense accuracies of its epoch's two ends)."""
+    folder, dense_rows = dense_run
+    extra = ({"method": "autoprune", "optim.epochs": 6, "autoprune.finetune_epochs": 2}
+             if method == "autoprune" else {})
+    trainer, report = constrained(tmp_path, "follow", **{
+        **extra, "accuracy.max_accuracy_drop": 2.0, "accuracy.reference": str(folder)})
+    rows = list(csv.DictReader(open(tmp_path / "follow" / "metrics.csv")))
+    assert [r["lr"] for r in rows] == [r["lr"] for r in dense_rows]
+    assert report["reference_curve"] is True
+    assert report["reference_source"] == "run folder dense, followed epoch by epoch"
+    dense_val = [float(r["val_acc"]) for r in dense_rows]
+    assert report["reference_val_acc"] == pytest.approx(dense_val[-1])
+    for row, val in zip(rows, dense_val, strict=True):
+        assert float(row["accuracy_bound"]) == pytest.approx(val - 0.02)
+    # dense until the first drop (AutoPrune's gates as initialized, some closed), then pruned
+    dense_rate = 1.0 if method == "cvgrad" else float(rows[0]["compression_rate"])
+    assert all(float(r["compression_rate"]) == pytest.approx(dense_rate) for r in rows[:4])
+    assert float(rows[5]["compression_rate"]) > 2 * dense_rate
+    epoch, _ = report["selected_at"]
+    assert 4 <= epoch < 6   # a check of the drive
+    lower = min(dense_val[epoch - 1], dense_val[epoch])
+    assert report["selected_val_acc"] >= lower - 0.02
+    if method == "cvgrad":   # (AutoPrune's gated model is counted in its own tests)
+        assert zeros_rate(trainer.model, report["regularized_tensors"]) == pytest.approx(
+            report["compression_rate"])
+
+
+def test_a_reference_run_of_another_schedule_gives_its_final_accuracy_only(tmp_path, dense_run):
+    folder, dense_rows = dense_run
+    with pytest.warns(UserWarning, match="final validation accuracy only: it has 8 epochs"):
+        _, report = constrained(tmp_path, "other", **{
+            "optim.epochs": 5, "accuracy.max_accuracy_drop": 2.0,
+            "accuracy.reference": str(folder)})
+    assert report["reference_curve"] is False
+    assert report["reference_val_acc"] == pytest.approx(float(dense_rows[-1]["val_acc"]))
+    assert report["accuracy_bound"] == pytest.approx(report["reference_val_acc"] - 0.02)
+
+
+@pytest.mark.parametrize("section", [{"accuracy": {"drive_lr": 0.01}},
+                                     {"optim": {"finetune_lr": 0.01}}])
+def test_learning_rates_of_a_followed_schedule_cannot_be_set(tmp_path, dense_run, section):
+    folder, _ = dense_run
+    out = tmp_path / "out"
+    recipe = tiny_yaml(tmp_path, data={"batch_size": 64, "val_size": 2000}, **section)
+    done = run_cli("train", "--config", recipe, "--epochs", "4", "--outer", "2",
+                   "--max-accuracy-drop", "1", "--reference", folder, "--out", out)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "follows its reference run's learning rates" in lines[0]
+    assert not out.exists() or not any(out.iterdir())
