@@ -12,13 +12,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["AutoPruneOptimizer", "AutoPruneSettings", "CVGradOptimizer", "CVGradSettings",
-           "CompressionResult", "compress"]
+           "CompressionResult", "MagnitudePruner", "compress"]
 
 
 def __getattr__(name: str) -> Any:
     """``compress``, ``CompressionResult`` and the step-level ``CVGradOptimizer`` /
-    ``AutoPruneOptimizer`` with their settings, imported on first use (``import cvsparse``
-    stays light for the operators and the command line)."""
+    ``AutoPruneOptimizer`` with their settings and ``MagnitudePruner``, imported on first use
+    (``import cvsparse`` stays light for the operators and the command line)."""
     if name in ("CVGradOptimizer", "CVGradSettings"):
         from cvsparse.methods import cvgrad_optimizer
 
@@ -27,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from cvsparse.methods import autoprune_optimizer
 
         return getattr(autoprune_optimizer, name)
+    if name == "MagnitudePruner":
+        from cvsparse.methods.magnitude_pruner import MagnitudePruner
+
+        return MagnitudePruner
     if name in __all__:
         from cvsparse import api
 

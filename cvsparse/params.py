@@ -74,6 +74,19 @@ def select_weights(model: nn.Module, include: Selector | None = None,
     return names
 
 
+def chosen_weights(model: nn.Module, include: Selector | None = None,
+                   exclude: Selector | None = None,
+                   names: Sequence[str] | None = None) -> Sequence[str] | None:
+    """The weight names a step-level optimizer regularizes: ``names`` as given, or those
+    :func:`select_weights` chooses by ``include``/``exclude``, or None (every Conv/Linear
+    weight) when none of the three is given.  ValueError when ``names`` comes with either."""
+    if names is not None and (include is not None or exclude is not None):
+        raise ValueError("give names or include/exclude, not both")
+    if names is None and (include is not None or exclude is not None):
+        return select_weights(model, include, exclude)
+    return names
+
+
 def _weight_name(module_name: str) -> str:
     return f"{module_name}.weight" if module_name else "weight"
 

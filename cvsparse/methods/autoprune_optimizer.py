@@ -27,7 +27,12 @@ from torch import nn
 
 from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
 from cvsparse.optim import ProxSGD
-from cvsparse.params import Selector, other_parameters, regularized_parameters, select_weights
+from cvsparse.params import (
+    Selector,
+    chosen_weights,
+    other_parameters,
+    regularized_parameters,
+)
 
 
 @dataclass
@@ -76,10 +81,7 @@ class AutoPruneOptimizer:
     def __init__(self, model: nn.Module, *, lr: float, momentum: float = 0.9,
                  settings: AutoPruneSettings | None = None, include: Selector | None = None,
                  exclude: Selector | None = None, names: Sequence[str] | None = None) -> None:
-        if names is not None and (include is not None or exclude is not None):
-            raise ValueError("give names or include/exclude, not both")
-        if names is None and (include is not None or exclude is not None):
-            names = select_weights(model, include, exclude)
+        names = chosen_weights(model, include, exclude, names)
         self.model = model
         self.settings = s = settings if settings is not None else AutoPruneSettings()
         convert(model, granularity=s.granularity, ste=s.ste,

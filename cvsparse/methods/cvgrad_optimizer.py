@@ -29,7 +29,12 @@ from torch import Tensor, nn
 from cvsparse.hyper import LambdaOptimizer, hypergradient
 from cvsparse.hyper.objectives import validation_loss
 from cvsparse.optim import ProxSGD
-from cvsparse.params import Selector, other_parameters, regularized_parameters, select_weights
+from cvsparse.params import (
+    Selector,
+    chosen_weights,
+    other_parameters,
+    regularized_parameters,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -93,12 +98,9 @@ class CVGradOptimizer:
     def __init__(self, model: nn.Module, *, lr: float, momentum: float = 0.9,
                  settings: CVGradSettings | None = None, include: Selector | None = None,
                  exclude: Selector | None = None, names: Sequence[str] | None = None) -> None:
-        if names is not None and (include is not None or exclude is not None):
-            raise ValueError("give names or include/exclude, not both")
+        names = chosen_weights(model, include, exclude, names)
         self.model = model
         self.settings = s = settings if settings is not None else CVGradSettings()
-        if names is None and (include is not None or exclude is not None):
-            names = select_weights(model, include, exclude)
         named = regularized_parameters(model, names)
         self.names = [n for n, _ in named]
         self.weights = [p for _, p in named]
