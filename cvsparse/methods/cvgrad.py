@@ -27,6 +27,11 @@ network to it while L1 with the learned λ shapes the magnitudes, the support pr
 check; and fine-tuning of the sparsest support that met the constraint, from the weights it had
 then.  The drive ends at ``accuracy.patience`` failed checks in a row or when its epochs run
 out.
+
+The phase is never stored: ``finetuning`` and ``hyper_active`` are functions of the epoch and
+of the one piece of phase state each kind of run keeps — ``stopped_at`` (the first fine-tuning
+epoch, once a budget is met) or the drive (its phases, its stop, whether its kept network was
+restored).  A resumed run therefore cannot disagree with itself about where it is.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from cvsparse.faults import NonFiniteError, SkippedStep
 from cvsparse.hyper import CompressionFloor
 from cvsparse.hyper.accuracy_constraint import STOP
 
-from .accuracy_drive import DENSE, DRIVE, FINETUNE, AccuracyDrive
+from .accuracy_drive import DENSE, DRIVE, AccuracyDrive
 from .base import (
     CompressionMethod,
     RunData,
@@ -123,13 +128,37 @@ class CVGradMethod(CompressionMethod):
         self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
         self.steps = 0
-        self.finetuning = False
         self.stopped_at: int | None = None   # first fine-tuning epoch, once the budget is met
         self._epoch = 0
         self.released = 0
-        self.hyper_active = cv.hyper_warmup_epochs == 0
         self._online_val: Iterator | None = None
         self._curvature = CurvatureLog()
+
+    # ---- the run's phase: a function of the epoch, ``stopped_at`` and the drive ------------
+
+    @property
+    def finetune_start(self) -> int:
+        """The first fine-tuning epoch: after the last outer iteration, or the epoch after the
+        one that met the budget (``stopped_at``), or the drive's end."""
+        if self.drive is not None:
+            return self.drive.finetune_start
+        cv = self.config.cvgrad
+        return cv.outer * self.config.optim.epochs if self.stopped_at is None else self.stopped_at
+
+    @property
+    def finetuning(self) -> bool:
+        """Whether the current epoch fine-tunes a fixed support (no L1, no thresholding)."""
+        return self._epoch >= self.finetune_start
+
+    @property
+    def hyper_active(self) -> bool:
+        """Whether λ moves now: from ``hyper_warmup_epochs`` until the support is fixed (the
+        outer iterations' end or a met budget, also within an epoch); in a constrained run,
+        during the drive until it stops."""
+        if self.drive is not None:
+            return self.drive.phase(self._epoch) == DRIVE and not self.drive.selected
+        return (self._epoch >= self.config.cvgrad.hyper_warmup_epochs
+                and self.stopped_at is None and not self.finetuning)
 
     # ---- the loop's hooks -----------------------------------------------------------------
 
@@ -137,12 +166,10 @@ class CVGradMethod(CompressionMethod):
         if self.drive is not None:
             return self._set_constrained_epoch(epoch)
         cv, opt = self.config.cvgrad, self.config.optim
-        start = cv.outer * opt.epochs if self.stopped_at is None else self.stopped_at
-        self.finetuning = epoch >= start
-        self.hyper_active = epoch >= cv.hyper_warmup_epochs and not self.finetuning
         self._online_val = None
         self._epoch = epoch
         if self.finetuning:
+            start = self.finetune_start
             return self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
         inner = epoch % opt.epochs
         if inner == 0 and epoch > 0 and cv.reinit:
@@ -203,7 +230,6 @@ class CVGradMethod(CompressionMethod):
         if (every and self.steps % every == 0 and not self.finetuning
                 and self.stopped_at is None and self._budget_reached()):
             self.stopped_at = self._epoch + 1
-            self.hyper_active = False
             self._fix_support()
         return loss, logits
 
@@ -317,11 +343,9 @@ class CVGradMethod(CompressionMethod):
         drive = self.drive
         phase = drive.start_epoch(epoch)
         self._epoch, self._online_val = epoch, None
-        self.finetuning = phase == FINETUNE
-        self.hyper_active = phase == DRIVE
         scheduled = drive.scheduled_lr(epoch)
         if self.finetuning:
-            start = drive.finetune_start
+            start = self.finetune_start
             lr = self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
         else:
             opt, drive_lr = self.config.optim, self.config.accuracy.drive_lr
@@ -373,8 +397,7 @@ class CVGradMethod(CompressionMethod):
         verdict = self.drive.judge(accuracy, self.core.compression(), self.model,
                                    {"optimizer": self.optimizer})
         if verdict == STOP:
-            self.hyper_active = False
-            self._select_support()
+            self._select_support()   # the drive is over: hyper_active is False from here
         elif self.hyper_active:
             self._hyper_step(self._next_online_val_batch())
             self.model.train()
