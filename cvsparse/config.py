@@ -130,6 +130,8 @@ class CVGradConfig:
     hyper_batches: int | None = None  # validation batches per hyper pass; None = the whole split
     online_every: int = 0            # > 0: also a hyper step every k steps (T1–T2, method.md §5.2)
     lr_scaled_hyper: bool = False    # hypergradient × (weight lr / optim.lr): see CVGradMethod
+    lambda_range: float | None = None  # λ1, λ2 stay within this factor of their initial values;
+                                     # None = unbounded (in a constrained run: 10)
     hyper_warmup_epochs: int = 0     # no λ step before this global epoch (λ at its initial guess)
     threshold: float = 1e-4          # τ of kernel 3
     threshold_start_epoch: int = 1   # global epoch from which thresholding runs
@@ -175,6 +177,8 @@ class CVGradConfig:
             fail("cvgrad.online_every, finetune_epochs and hyper_warmup_epochs must be >= 0")
         if self.release_batches < 1:
             fail(f"cvgrad.release_batches must be >= 1, got {self.release_batches}")
+        if self.lambda_range is not None and not self.lambda_range > 1:
+            fail(f"cvgrad.lambda_range must be a factor > 1, got {self.lambda_range}")
         _check_budget("cvgrad", self.target_compression, self.target_flops,
                       self.target_check_every, fail)
         _check_floor(self, fail)

@@ -64,6 +64,11 @@ from .base import (
 )
 from .cvgrad_optimizer import CVGradOptimizer, CVGradSettings
 
+#: ``cvgrad.lambda_range`` of a constrained run when none is given: the drive's checks come ten
+#: times an epoch, and each hyper step may move λ by a factor of e^hyper_lr; unbounded, λ2 rose
+#: 59x in one drive epoch of ResNet-20 (docs/method.md §8).
+CONSTRAINED_LAMBDA_RANGE = 10.0
+
 
 class CurvatureLog:
     """Per-epoch counts of what the curvature estimator had to approximate, for
@@ -109,9 +114,11 @@ class CVGradMethod(CompressionMethod):
     def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
         super().__init__(config, model, data)
         cv = config.cvgrad
+        settings = CVGradSettings.from_section(cv)
+        if config.accuracy.active and settings.lambda_range is None:
+            settings.lambda_range = CONSTRAINED_LAMBDA_RANGE
         self.core = CVGradOptimizer(model, lr=config.optim.lr, momentum=config.optim.momentum,
-                                    settings=CVGradSettings.from_section(cv),
-                                    names=self.regularized)
+                                    settings=settings, names=self.regularized)
         self.names, self.weights = self.core.names, self.core.weights
         self.unregularized = self.core.unregularized
         self.lambdas, self.optimizer = self.core.lambdas, self.core.optimizer

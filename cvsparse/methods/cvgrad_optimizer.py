@@ -51,7 +51,8 @@ class CVGradSettings:
     curvature of the implicit-function hypergradient (docs/method.md §3).  ``hyper_*`` and
     ``log_space``: the λ optimizer.  ``lr_scaled_hyper``: scale the hypergradient by the weights'
     current learning rate over ``base_lr``.  ``val_objective``: ``"ce"`` or
-    ``"calibrated_ce"``."""
+    ``"calibrated_ce"``.  ``lambda_range``: λ1 and λ2 stay within this factor of their initial
+    values (``[λ/f, λ·f]``; None: ``[0, ∞)``)."""
 
     lambda1: float = 1e-4
     lambda2: float = 1e-4
@@ -66,6 +67,7 @@ class CVGradSettings:
     log_space: bool = True
     hyper_clip: float | None = 1.0
     lr_scaled_hyper: bool = False
+    lambda_range: float | None = None
 
     @classmethod
     def from_section(cls, section: Any) -> CVGradSettings:
@@ -111,7 +113,7 @@ class CVGradOptimizer:
             torch.full((size,), s.lambda1, dtype=torch.float64),
             torch.full((size,), s.lambda2, dtype=torch.float64),
             s.hyper_lr, method=s.hyper_method, betas=s.hyper_betas, log_space=s.log_space,
-            clip=s.hyper_clip)
+            clip=s.hyper_clip, **_bounds(s))
         self.optimizer = ProxSGD(
             [{"params": self.weights},
              {"params": self.unregularized, "lambda1": 0.0, "lambda2": 0.0}],
@@ -227,3 +229,12 @@ class CVGradOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lambdas.load_state_dict(state["lambdas"])
         self.push_lambdas()
+
+
+def _bounds(settings: CVGradSettings) -> dict[str, tuple[float, float | None]]:
+    """The λ optimizer's bounds for ``settings.lambda_range`` (none without it)."""
+    f = settings.lambda_range
+    if f is None:
+        return {}
+    return {"lambda1_bounds": (settings.lambda1 / f, settings.lambda1 * f),
+            "lambda2_bounds": (settings.lambda2 / f, settings.lambda2 * f)}

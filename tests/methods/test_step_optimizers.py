@@ -150,6 +150,27 @@ def test_without_lambda_it_is_torch_sgd_and_excluded_layers_are_never_shrunk() -
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_lambda_range_holds_lambda_within_its_factor_of_the_start() -> None:
+    """Twelve hyper steps at hyper_lr 0.5 move λ by up to e^6 unbounded; with lambda_range 2
+    every λ stays in [λ0/2, 2λ0], and the same steps take the unbounded λ outside it."""
+    ranges = {}
+    for factor in (None, 2.0):
+        torch.manual_seed(0)
+        model = Net()
+        opt = CVGradOptimizer(model, lr=0.05,
+                              settings=CVGradSettings(lambda1=1e-3, lambda2=1e-3,
+                                                      lambda_range=factor))
+        seen = []
+        for batch in DataLoader(synthetic(192, 4), batch_size=16):
+            opt.hyper_step(batch)
+            seen += opt.lambdas.lambda1.tolist() + opt.lambdas.lambda2.tolist()
+        ranges[factor] = (min(seen), max(seen))
+    low, high = ranges[2.0]
+    assert 5e-4 <= low and high <= 2e-3
+    low, high = ranges[None]
+    assert low < 5e-4 or high > 2e-3
+
+
 def test_a_curvature_estimator_without_training_batches_is_refused() -> None:
     model = Net()
     opt = CVGradOptimizer(model, lr=0.05, settings=CVGradSettings(estimator="cg"))

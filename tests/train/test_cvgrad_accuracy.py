@@ -51,6 +51,8 @@ def test_the_kept_network_meets_the_bound_on_validation(tmp_path):
     assert rate >= report["selected_compression"] > 2   # the support kept, masked below τ
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [float(r["lambda1"]) for r in rows[:2]] == [1e-4, 1e-4]   # dense: λ untouched
+    # the drive's λ stay within 10x of their start (cvgrad.lambda_range of a constrained run)
+    assert all(1e-5 <= float(r[k]) <= 1e-3 for r in rows for k in ("lambda1", "lambda2"))
     assert all(float(r["compression_rate"]) == pytest.approx(1.0) for r in rows[:2])
     assert all(float(r["compression_rate"]) == pytest.approx(rate) for r in rows[-2:])
 
