@@ -232,6 +232,8 @@ def test_a_reference_run_of_the_same_schedule_is_followed_epoch_by_epoch(tmp_pat
     assert report["reference_source"] == "run folder dense, followed epoch by epoch"
     dense_val = [float(r["val_acc"]) for r in dense_rows]
     assert report["reference_val_acc"] == pytest.approx(dense_val[-1])
+    assert report["accuracy_bound"] == pytest.approx(dense_val[-1] - 0.02)   # the final verdict
+    assert report["constraint_met_val"] == (report["val_acc"] >= report["accuracy_bound"])
     for row, val in zip(rows, dense_val, strict=True):
         assert float(row["accuracy_bound"]) == pytest.approx(val - 0.02)
     # dense until the first drop (AutoPrune's gates as initialized, some closed), then pruned
