@@ -75,6 +75,19 @@ inline int64_t chunk_begin(const int32_t* row_ptr, int64_t rows, int64_t r, int6
   return lo;
 }
 
+// Whether float32 kernels may use AVX-512 (compiled by function attribute where the build
+// targets x86 with GCC): the CPU has it and ATen's dispatch level allows it
+// (ATEN_CPU_CAPABILITY=avx2 turns it off, as for ATen's own kernels).
+inline bool avx512_usable() {
+#if CVSPARSE_AVX2
+  static const bool ok = __builtin_cpu_supports("avx512f") &&
+                         at::get_cpu_capability() == std::string("AVX512");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // Tables derived from a packed weight's indices (e.g. the input offset of every nonzero for one
 // image geometry), kept across calls: decoding them costs a division per nonzero, as much as a
 // batch-1 convolution's arithmetic.  An entry is found again only for the same col_deltas and

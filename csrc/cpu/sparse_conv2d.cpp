@@ -99,11 +99,6 @@ __attribute__((target("avx512f"))) void conv_block2_f32(
   }
 }
 
-inline bool usable() {
-  static const bool ok = __builtin_cpu_supports("avx512f") &&
-                         at::get_cpu_capability() == std::string("AVX512");
-  return ok;
-}
 #else
 constexpr bool kBuilt = false;
 template <int kZ>
@@ -111,7 +106,6 @@ void conv_block_f32(const float*, const int64_t*, const float*, int64_t, float, 
 template <int kZ>
 void conv_block2_f32(const float*, const int64_t*, const float*, int64_t, float, const int64_t*,
                      const float*, int64_t, float, bool, float*, float*) {}
-inline bool usable() { return false; }
 #endif
 }  // namespace cvsparse::cpu::avx512
 
@@ -412,7 +406,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& input, const at::Tensor& values,
   g.out_w = (g.width + 2 * g.pw - g.kw) / g.sw + 1;
   g.hq = g.out_h + (g.kh - 1) / g.sh;
   g.wq = g.out_w + (g.kw - 1) / g.sw;
-  g.avx512 = avx512::usable();
+  g.avx512 = sparse::avx512_usable();
   auto out = at::empty({g.batch, g.rows, g.out_h, g.out_w}, input.options());
   if (out.numel() == 0) {
     return out;

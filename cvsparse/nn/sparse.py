@@ -112,8 +112,9 @@ class SparseLinear(_Packed):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
         buffers = self._buffers  # direct: Module.__getattr__ costs ~0.3 µs per buffer
-        if x.dim() == 2:
-            y = ops.sparse_matmul(x.t().contiguous(), buffers["values"], buffers["col_deltas"],
+        if x.dim() == 2:  # x.t(): (K, N), contiguous after a sparse layer, else transposed
+            xt = x.t() if x.is_contiguous() else x.t().contiguous()
+            y = ops.sparse_matmul(xt, buffers["values"], buffers["col_deltas"],
                                   buffers["row_ptr"], buffers["bias"], self.relu,
                                   weight_checked=True)
             return y.t()  # (N, M), a view of the (M, N) result

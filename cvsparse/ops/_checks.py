@@ -122,23 +122,31 @@ def _tensor(name: str, value: object) -> Tensor:
     return value
 
 
-def sparse_input(input: Tensor, values: Tensor) -> None:
+def transposed_rows(input: Tensor) -> bool:
+    """Whether a 2-D ``input`` is the transpose of a contiguous matrix (strides ``(1, K)``)."""
+    return input.dim() == 2 and input.stride() == (1, input.shape[0])
+
+
+def sparse_input(input: Tensor, values: Tensor, *, transposed_ok: bool = False) -> None:
     """The input of a sparse operator whose packed weight was checked before (a module's own
-    buffers): a contiguous tensor of the weight's dtype and device."""
+    buffers): a contiguous tensor of the weight's dtype and device (or, with
+    ``transposed_ok``, the transpose of a contiguous matrix)."""
     if not isinstance(input, Tensor):
         raise ValueError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dtype != values.dtype:
         raise ValueError(f"input has dtype {input.dtype} but the weight has {values.dtype}")
     if input.device != values.device:
         raise ValueError(f"input is on {input.device} but the weight is on {values.device}")
-    if not input.is_contiguous():
+    if not input.is_contiguous() and not (transposed_ok and transposed_rows(input)):
         raise ValueError("input is not contiguous; call .contiguous() first")
 
 
 def sparse_weight(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Tensor,
-                  bias: Tensor | None, num_columns: int, *, check_format: bool = True) -> int:
+                  bias: Tensor | None, num_columns: int, *, check_format: bool = True,
+                  transposed_ok: bool = False) -> int:
     """Checks a packed weight (``cvsparse/ops/sparse_format.py``) of ``num_columns`` columns
-    against ``input`` (dtype, device) and returns its number of rows M.
+    against ``input`` (dtype, device; contiguous, or with ``transposed_ok`` the transpose of
+    a contiguous matrix) and returns its number of rows M.
 
     Metadata (types, dtypes, devices, shapes, layouts) is always checked; with ``check_format``
     the index values too (row_ptr starts at 0, never decreases and ends at nnz; the first delta
@@ -149,7 +157,7 @@ def sparse_weight(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Te
     if input.dtype not in FLOAT_DTYPES:
         raise ValueError(f"input has dtype {input.dtype}; supported: float32, float64, "
                          "float16, bfloat16")
-    if not input.is_contiguous():
+    if not input.is_contiguous() and not (transposed_ok and transposed_rows(input)):
         raise ValueError("input is not contiguous; call .contiguous() first")
     values = _tensor("values", values)
     col_deltas = _tensor("col_deltas", col_deltas)

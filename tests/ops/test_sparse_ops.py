@@ -113,6 +113,35 @@ def test_sparse_matmul_matches_dense(backend, dtype, sparsity, with_bias, relu, 
 
 
 @DTYPE
+@pytest.mark.parametrize("with_bias,relu", [(True, True), (False, False)], ids=["bias_relu",
+                                                                                "plain"])
+@pytest.mark.parametrize("shape", [(7, 13, 1), (33, 65, 17), (5, 300, 130), (6, 20, 200)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_sparse_matmul_takes_a_transposed_batch(backend, dtype, with_bias, relu, shape):
+    """``input`` given as ``x.t()`` of a contiguous batch ``x`` (N, K) — what a Linear layer
+    has — is within the bound on every backend, and in the C++ kernel (which copies it to
+    (K, N) in tiles) bitwise the result of the contiguous ``x.t().contiguous()`` (N = 130 and
+    200 cover whole 64-lane blocks, the AVX-512 rows where the CPU has them, and the tails; an
+    odd row count leaves the last row of a two-row step alone)."""
+    m, k, n = shape
+    device = _device(backend)
+    weight = _sparse_weight((m, k), 0.5, dtype)
+    batch = torch.randn(n, k, dtype=torch.float64).to(dtype).to(device)
+    bias = torch.randn(m, dtype=torch.float64).to(dtype).to(device) if with_bias else None
+    packed = [t.to(device) for t in sparse_format.pack(weight)]
+    transposed = ops.sparse_matmul(batch.t(), *packed, bias, relu)
+    contiguous = ops.sparse_matmul(batch.t().contiguous(), *packed, bias, relu)
+    assert transposed.is_contiguous()
+    if backend == "cpp":
+        assert torch.equal(transposed, contiguous)
+    w64, x64 = weight.double(), batch.double().cpu().t()
+    want = w64 @ x64 + (0 if bias is None else bias.double().cpu()[:, None])
+    want = torch.relu(want) if relu else want
+    scale = w64.abs() @ x64.abs() + (0 if bias is None else bias.double().abs().cpu()[:, None])
+    _assert_within(transposed, want, scale, int((weight != 0).sum(1).max()), dtype)
+
+
+@DTYPE
 @SPARSITY
 @EPILOGUE
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -190,9 +219,10 @@ def _packed(shape, sparsity=0.7, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_sparse_matmul(with_bias, dtype):
     values, deltas, row_ptr = _packed((9, 20), dtype=dtype)
-    args = (torch.randn(20, 11).to(dtype), values, deltas, row_ptr,
-            torch.randn(9).to(dtype) if with_bias else None, True)
-    torch.library.opcheck(torch.ops.cvsparse.sparse_matmul.default, args)
+    for batch in (torch.randn(20, 11), torch.randn(11, 20).t()):   # contiguous, transposed
+        args = (batch.to(dtype), values, deltas, row_ptr,
+                torch.randn(9).to(dtype) if with_bias else None, True)
+        torch.library.opcheck(torch.ops.cvsparse.sparse_matmul.default, args)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -241,7 +271,8 @@ def _call(args):
 BAD_MATMUL = {
     "int input": (lambda a: a | {"input": a["input"].int()}, "input has dtype"),
     "1-D input": (lambda a: a | {"input": a["input"][:, 0]}, "2-D tensor"),
-    "non-contiguous input": (lambda a: a | {"input": torch.randn(3, 6).t()}, "not contiguous"),
+    "non-contiguous input": (lambda a: a | {"input": torch.randn(6, 6)[:, ::2]},
+                             "not contiguous"),
     "wrong K": (lambda a: a | {"input": torch.randn(5, 3)}, "out of range for 5 columns"),
     "values dtype": (lambda a: a | {"values": a["values"].double()}, "values has dtype"),
     "deltas int64": (lambda a: a | {"col_deltas": a["col_deltas"].long()},
