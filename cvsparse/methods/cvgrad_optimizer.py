@@ -36,6 +36,8 @@ from cvsparse.params import (
     regularized_parameters,
 )
 
+from .optimizer_facade import OptimizerFacade
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
 Reduce = Callable[[Sequence[Tensor]], list[Tensor]]
@@ -78,7 +80,7 @@ class CVGradSettings:
         return cls(**values)
 
 
-class CVGradOptimizer:
+class CVGradOptimizer(OptimizerFacade):
     """Fused proximal SGD on ``loss + λ1‖W‖₁ + λ2/2‖W‖²`` with λ learned from validation
     batches.
 
@@ -120,20 +122,7 @@ class CVGradOptimizer:
             lr=lr, momentum=momentum)
         self.push_lambdas()
 
-    # ---- the weights ------------------------------------------------------------------------
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        """One fused proximal step of every parameter with a gradient (after ``backward``)."""
-        self.optimizer.step()
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    # ---- λ ----------------------------------------------------------------------------------
+    # ---- λ (zero_grad, step and param_groups come from OptimizerFacade) ---------------------
 
     def lambda_args(self) -> tuple[float | Tensor, float | Tensor]:
         """``(λ1, λ2)`` as the optimizer takes them: floats, or per-layer tensors."""

@@ -25,8 +25,10 @@ from torch import nn
 from cvsparse.optim import ProxSGD
 from cvsparse.params import Selector, chosen_weights, other_parameters, regularized_parameters
 
+from .optimizer_facade import OptimizerFacade
 
-class MagnitudePruner:
+
+class MagnitudePruner(OptimizerFacade):
     """SGD with weight L2 on the chosen weights, and one global magnitude cut over them.
 
     Args:
@@ -56,17 +58,6 @@ class MagnitudePruner:
                                   {"params": others, "lambda2": 0.0}],
                                  lr=lr, momentum=momentum)
         self.pruned = False
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        """One step of every parameter with a gradient (after ``backward``)."""
-        self.optimizer.step()
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
 
     @torch.no_grad()
     def prune(self, target_compression: float) -> None:
