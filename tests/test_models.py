@@ -161,8 +161,12 @@ def test_each_residual_block_starts_as_its_shortcut():
             block.train(train)
             torch.testing.assert_close(block(x), torch.relu(block.shortcut(x)))
         x = block(x)
-    plain = ResNetCifar(20, zero_init_residual=False)
+    plain = ResNetCifar(56, zero_init_residual=False)
     assert all(m.bn2.weight.eq(1).all() for m in plain.modules() if isinstance(m, BasicBlock))
+    # by default only the deep ResNets start as their shortcuts (ResNet-20 trains better without)
+    for name, zero in (("resnet20", False), ("resnet56", True), ("resnet110", True)):
+        bn2 = [m.bn2.weight for m in build_model(name).modules() if isinstance(m, BasicBlock)]
+        assert all(w.eq(0 if zero else 1).all() for w in bn2), name
 
 
 def test_option_a_shortcut_subsamples_and_zero_pads():
