@@ -27,21 +27,49 @@ namespace cvsparse::cpu::avx512 {
 #if CVSPARSE_AVX2
 constexpr bool kMatmulBuilt = true;
 
-// out[m, n0 + lane] for rows m of [m0, m1) and the 64 lanes from n0 (x and out have n lanes).
+constexpr int kZ = 4;  // 64 lanes: four registers per row
+
+__attribute__((target("avx512f"))) inline void start_row(__m512* acc, const float* bias,
+                                                         int64_t m) {
+  for (int k = 0; k < kZ; ++k) {
+    acc[k] = _mm512_set1_ps(bias ? bias[m] : 0.0f);
+  }
+}
+
+// acc += values[i] · (the 64 lanes at p, p moved down by deltas[i] rows of n) for i in [i, end).
+__attribute__((target("avx512f"))) inline void walk_row(__m512* acc, const float* values,
+                                                        const int32_t* deltas, int32_t i,
+                                                        int32_t end, const float* p, int64_t n) {
+  for (; i < end; ++i) {
+    p += static_cast<int64_t>(deltas[i]) * n;
+    const __m512 w = _mm512_set1_ps(values[i]);
+    for (int k = 0; k < kZ; ++k) {
+      acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * k), acc[k]);
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) inline void store_row(float* o, const __m512* acc,
+                                                         bool relu) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int k = 0; k < kZ; ++k) {
+    // max(0, x) returns its second operand x when x is NaN, like torch.relu.
+    _mm512_storeu_ps(o + 16 * k, relu ? _mm512_max_ps(zero, acc[k]) : acc[k]);
+  }
+}
+
+// out[m, n0 + lane] for rows m of [m0, m1) and the 64 lanes from n0 (x and out have n lanes):
+// two rows at a time while both have nonzeros left, then each row's rest.
 __attribute__((target("avx512f"))) void rows64_f32(const float* x, const float* values,
                                                    const int32_t* deltas, const int32_t* row_ptr,
                                                    const float* bias, float* out, int64_t n,
                                                    bool relu, int64_t m0, int64_t m1,
                                                    int64_t n0) {
-  constexpr int kZ = 4;
-  const __m512 zero = _mm512_setzero_ps();
   int64_t m = m0;
   for (; m + 2 <= m1; m += 2) {
     __m512 acc_a[kZ], acc_b[kZ];
-    for (int k = 0; k < kZ; ++k) {
-      acc_a[k] = _mm512_set1_ps(bias ? bias[m] : 0.0f);
-      acc_b[k] = _mm512_set1_ps(bias ? bias[m + 1] : 0.0f);
-    }
+    start_row(acc_a, bias, m);
+    start_row(acc_b, bias, m + 1);
     int32_t ia = row_ptr[m];
     int32_t ib = row_ptr[m + 1];
     const int32_t ea = row_ptr[m + 1];
@@ -58,43 +86,16 @@ __attribute__((target("avx512f"))) void rows64_f32(const float* x, const float* 
         acc_b[k] = _mm512_fmadd_ps(wb, _mm512_loadu_ps(pb + 16 * k), acc_b[k]);
       }
     }
-    for (; ia < ea; ++ia) {
-      pa += static_cast<int64_t>(deltas[ia]) * n;
-      const __m512 w = _mm512_set1_ps(values[ia]);
-      for (int k = 0; k < kZ; ++k) {
-        acc_a[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(pa + 16 * k), acc_a[k]);
-      }
-    }
-    for (; ib < eb; ++ib) {
-      pb += static_cast<int64_t>(deltas[ib]) * n;
-      const __m512 w = _mm512_set1_ps(values[ib]);
-      for (int k = 0; k < kZ; ++k) {
-        acc_b[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(pb + 16 * k), acc_b[k]);
-      }
-    }
-    for (int k = 0; k < kZ; ++k) {
-      // max(0, x) returns its second operand x when x is NaN, like torch.relu.
-      _mm512_storeu_ps(out + m * n + n0 + 16 * k, relu ? _mm512_max_ps(zero, acc_a[k]) : acc_a[k]);
-      _mm512_storeu_ps(out + (m + 1) * n + n0 + 16 * k,
-                       relu ? _mm512_max_ps(zero, acc_b[k]) : acc_b[k]);
-    }
+    walk_row(acc_a, values, deltas, ia, ea, pa, n);
+    walk_row(acc_b, values, deltas, ib, eb, pb, n);
+    store_row(out + m * n + n0, acc_a, relu);
+    store_row(out + (m + 1) * n + n0, acc_b, relu);
   }
   for (; m < m1; ++m) {
     __m512 acc[kZ];
-    for (int k = 0; k < kZ; ++k) {
-      acc[k] = _mm512_set1_ps(bias ? bias[m] : 0.0f);
-    }
-    const float* p = x + n0;
-    for (int32_t i = row_ptr[m]; i < row_ptr[m + 1]; ++i) {
-      p += static_cast<int64_t>(deltas[i]) * n;
-      const __m512 w = _mm512_set1_ps(values[i]);
-      for (int k = 0; k < kZ; ++k) {
-        acc[k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + 16 * k), acc[k]);
-      }
-    }
-    for (int k = 0; k < kZ; ++k) {
-      _mm512_storeu_ps(out + m * n + n0 + 16 * k, relu ? _mm512_max_ps(zero, acc[k]) : acc[k]);
-    }
+    start_row(acc, bias, m);
+    walk_row(acc, values, deltas, row_ptr[m], row_ptr[m + 1], x + n0, n);
+    store_row(out + m * n + n0, acc, relu);
   }
 }
 #else
