@@ -108,9 +108,12 @@ class AccuracyDrive:
         after as many epochs (fractions included); None without a curve (the one reference)."""
         if self.curve is None:
             return None
-        fraction = (min(1.0, self.epoch_steps / self.steps_per_epoch)
-                    if self.steps_per_epoch else 1.0)
-        return self.curve.accuracy_after(self.epoch + fraction)
+        return self.curve.accuracy_after(self.epoch + self.epoch_share())
+
+    def epoch_share(self) -> float:
+        """The share of the current epoch done (whole before an epoch's steps are known)."""
+        return (min(1.0, self.epoch_steps / self.steps_per_epoch)
+                if self.steps_per_epoch else 1.0)
 
     @property
     def finetune_start(self) -> int:
@@ -121,9 +124,7 @@ class AccuracyDrive:
         """The drive's compression level now: ``C_max ^ (t / R)``, ``t`` the drive's progress
         in epochs (fractions included), ``R`` its length, ``C_max`` =
         ``accuracy.max_compression``; 1 before the drive, ``C_max`` after."""
-        fraction = (min(1.0, self.epoch_steps / self.steps_per_epoch)
-                    if self.steps_per_epoch else 1.0)
-        t = self.epoch - self.dense_end + fraction
+        t = self.epoch - self.dense_end + self.epoch_share()
         span = self.drive_end - self.dense_end
         return self.config.accuracy.max_compression ** min(1.0, max(0.0, t / span))
 
