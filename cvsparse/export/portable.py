@@ -203,7 +203,7 @@ def _cvsparse_types() -> list[ModuleType]:
                    _build_packed),
         ModuleType("cvsparse.SparseConv2d", _optional("cvsparse.nn", "SparseConv2d"),
                    _attrs("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                          "relu"), layout, _build_packed),
+                          "relu", "pool"), layout, _build_packed),
     ]
 
 

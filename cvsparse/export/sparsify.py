@@ -4,12 +4,14 @@ layers where they measure faster on this machine.
 A layer is a candidate when the fraction of exact zeros in its weight is at least
 ``min_sparsity`` (and, for a convolution, :meth:`SparseConv2d.supports` it).  In a
 ``nn.Sequential``, an eval-mode ``BatchNorm2d`` right after a convolution is folded into it
-(rows of W scaled by γ/√(var + ε), which keeps every zero) and a ``ReLU`` after the layer (or
-after the folded BatchNorm) is fused into the kernel; the replaced followers become
-``nn.Identity``.  Each candidate is timed on the input shape it receives when ``example_input``
-runs through the model: the dense layer with its followers against the sparse replacement,
-interleaved, in ``torch.inference_mode`` at the current thread count.  It is replaced only when
-the sparse median is lower.  Everything measured goes into the returned report.
+(rows of W scaled by γ/√(var + ε), which keeps every zero), a ``ReLU`` after the layer (or
+after the folded BatchNorm) is fused into the kernel, and a non-overlapping ``MaxPool2d``
+after a convolution (kernel = stride, no padding) into the layer (the ReLU may also come after
+the pool: the two commute); the replaced followers become ``nn.Identity``.  Each candidate is
+timed on the input shape it receives when ``example_input`` runs through the model: the dense
+layer with its followers against the sparse replacement, interleaved, in
+``torch.inference_mode`` at the current thread count.  It is replaced only when the sparse
+median is lower.  Everything measured goes into the returned report.
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ def sparsify(model: nn.Module, min_sparsity: float = 0.7, example_input: Tensor 
         min_sparsity: smallest fraction of zero weights, in [0, 1], for a layer to be tried.
         example_input: a batch the model accepts; its shape per layer is what gets timed.
             Without it only Linear layers are timed (at batch 1); convolutions stay dense.
-        fuse: fold a following eval-mode BatchNorm2d and fuse a following ReLU (in a
-            ``nn.Sequential``).
+        fuse: fold a following eval-mode BatchNorm2d and fuse a following ReLU and
+            non-overlapping MaxPool2d (in a ``nn.Sequential``).
         min_time: seconds of timing per implementation and layer (at least 5 calls each).
 
     Returns:
@@ -180,21 +182,50 @@ def _input_shapes(model: nn.Module, example_input: Tensor | None) -> dict[str, t
 
 
 def _followers(parent: nn.Module, key: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The BatchNorm2d (conv, eval mode) and ReLU right after ``module`` in a Sequential."""
+    """What follows ``module`` in a Sequential and fuses into it: for a convolution an
+    eval-mode BatchNorm2d, then a ReLU and a non-overlapping MaxPool2d in either order; for a
+    Linear a ReLU."""
     if not isinstance(parent, nn.Sequential):
         return []
     keys = [k for k, _ in parent.named_children()]
     out: list[tuple[str, nn.Module]] = []
     i = keys.index(key) + 1
-    if (isinstance(module, nn.Conv2d) and i < len(keys)
-            and type(parent.get_submodule(keys[i])) is nn.BatchNorm2d):
+
+    def take(kind: type) -> bool:
+        nonlocal i
+        if i < len(keys) and type(parent.get_submodule(keys[i])) is kind \
+                and not any(type(m) is kind for _, m in out):
+            out.append((keys[i], parent.get_submodule(keys[i])))
+            i += 1
+            return True
+        return False
+
+    if not isinstance(module, nn.Conv2d):
+        take(nn.ReLU)
+        return out
+    if i < len(keys) and type(parent.get_submodule(keys[i])) is nn.BatchNorm2d:
         bn = parent.get_submodule(keys[i])
         if not bn.training and bn.track_running_stats and bn.running_mean is not None:
-            out.append((keys[i], bn))
-            i += 1
-    if i < len(keys) and type(parent.get_submodule(keys[i])) is nn.ReLU:
-        out.append((keys[i], parent.get_submodule(keys[i])))
+            take(nn.BatchNorm2d)
+    for _ in range(2):  # ReLU then pool, or pool then ReLU
+        if i < len(keys) and _pool_size(parent.get_submodule(keys[i])) is not None:
+            take(nn.MaxPool2d)
+        else:
+            take(nn.ReLU)
     return out
+
+
+def _pool_size(module: nn.Module) -> int | None:
+    """k if ``module`` is a ``MaxPool2d`` that a sparse convolution can fuse (k × k, stride k,
+    no padding, dilation 1, floor, no indices), else None."""
+    if type(module) is not nn.MaxPool2d or module.return_indices or module.ceil_mode:
+        return None
+    pairs = [(v, v) if isinstance(v, int) else tuple(v)
+             for v in (module.kernel_size, module.stride, module.padding, module.dilation)]
+    kernel, stride, padding, dilation = pairs
+    if kernel[0] != kernel[1] or stride != kernel or padding != (0, 0) or dilation != (1, 1):
+        return None
+    return int(kernel[0])
 
 
 def _sparse_layer(module: nn.Module, followers: list[nn.Module]) -> nn.Module:
@@ -211,7 +242,9 @@ def _sparse_layer(module: nn.Module, followers: list[nn.Module]) -> nn.Module:
         scale = scale / torch.sqrt(bn.running_var + bn.eps)
         weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
         bias = shift - bn.running_mean * scale + (0 if bias is None else bias * scale)
-    return SparseConv2d.from_dense(module, relu=relu, weight=weight, bias=bias)
+    pools = [_pool_size(m) for m in followers if isinstance(m, nn.MaxPool2d)]
+    return SparseConv2d.from_dense(module, relu=relu, weight=weight, bias=bias,
+                                   pool=pools[0] if pools else 1)
 
 
 def _time_pair(dense: Callable[[Tensor], object], sparse: Callable[[Tensor], object], x: Tensor,

@@ -6,8 +6,9 @@ is held packed (:mod:`cvsparse.ops.sparse_format`) and applied by the sparse ope
 
 The packed weight, the bias and the shape are buffers (``state_dict`` holds them; ``.to(dtype)``
 converts the values and the bias, never the int32 indices).  Optionally the layer applies the
-ReLU that follows it (``relu=True``), fused into the kernel.  Inference only: the layers have no
-parameters and no gradient.
+ReLU that follows it (``relu=True``), fused into the kernel, and a convolution the
+non-overlapping max pool after it (``pool=k``).  Inference only: the layers have no parameters
+and no gradient.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from cvsparse import ops
 from cvsparse.ops import sparse_format
 from cvsparse.ops._checks import sparse_format_values
 
-__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_LAYERS"]
+__all__ = ["SparseLinear", "SparseConv2d", "SPARSE_LAYERS", "max_pool_tiles"]
 
 
 class _Packed(nn.Module):
@@ -128,25 +129,44 @@ class SparseLinear(_Packed):
                 f"nnz={self.nnz}, bias={self.bias is not None}, relu={self.relu}")
 
 
+def max_pool_tiles(x: Tensor, k: int) -> Tensor:
+    """``max_pool2d(x, k)`` (stride k, no padding, floor) as ``k² − 1`` elementwise maxima of
+    the strided ``(…, H // k, W // k)`` views: equal to it bit for bit (NaN propagates the same
+    way) and, on NCHW inputs, several times faster than ATen's CPU kernel, which vectorizes only
+    channels-last."""
+    if k == 1:
+        return x
+    height, width = x.shape[-2] // k * k, x.shape[-1] // k * k
+    if height == 0 or width == 0:
+        raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the {k}x{k} pool")
+    views = [x[..., i:height:k, j:width:k] for i in range(k) for j in range(k)]
+    out = torch.maximum(views[0], views[1])
+    for view in views[2:]:
+        torch.maximum(out, view, out=out)
+    return out
+
+
 class SparseConv2d(_Packed):
     """A groups-1 ``Conv2d`` (zero padding, dilation 1) with its weight packed per output
-    channel: input ``(B, C, H, W)``, output ``(B, M, Ho, Wo)``.  1×1 convolutions with stride 1
-    and no padding run as one ``sparse_matmul`` over the pixels, the others as
-    ``sparse_conv2d``."""
+    channel: input ``(B, C, H, W)``, output ``(B, M, Ho, Wo)``, or ``(B, M, Ho // pool,
+    Wo // pool)`` with a fused max pool.  1×1 convolutions with stride 1 and no padding run as
+    one ``sparse_matmul`` over the pixels, the others as ``sparse_conv2d``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
                  stride: tuple[int, int], padding: tuple[int, int], values: Tensor,
                  col_deltas: Tensor, row_ptr: Tensor, bias: Tensor | None = None,
-                 relu: bool = False) -> None:
+                 relu: bool = False, pool: int = 1) -> None:
         super().__init__()
         if row_ptr.numel() != out_channels + 1:
             raise ValueError(f"row_ptr has {row_ptr.numel()} entries, expected out_channels + "
                              f"1 = {out_channels + 1}")
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+            raise ValueError(f"pool must be a positive int (1: no pooling), got {pool!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = tuple(int(k) for k in kernel_size)
         self.stride = tuple(int(s) for s in stride)
         self.padding = tuple(int(p) for p in padding)
-        self.relu = relu
+        self.relu, self.pool = relu, pool
         self._set_packed(values, col_deltas, row_ptr, bias,
                          in_channels * self.kernel_size[0] * self.kernel_size[1])
         self._kernel, self._stride, self._padding = (list(self.kernel_size), list(self.stride),
@@ -169,9 +189,10 @@ class SparseConv2d(_Packed):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, relu: bool = False, weight: Tensor | None = None,
-                   bias: Tensor | None = None) -> SparseConv2d:
+                   bias: Tensor | None = None, pool: int = 1) -> SparseConv2d:
         """The sparse equivalent of ``conv`` (its exact zeros dropped); ``weight`` / ``bias``
-        replace the layer's own (e.g. with a BatchNorm folded in)."""
+        replace the layer's own (e.g. with a BatchNorm folded in); ``relu`` and ``pool`` fuse
+        the ReLU and the ``pool × pool`` max pool (stride ``pool``) that follow it."""
         reason = cls.supports(conv)
         if reason is not None:
             raise ValueError(f"SparseConv2d cannot replace this Conv2d: {reason}")
@@ -182,13 +203,14 @@ class SparseConv2d(_Packed):
             conv.out_channels, -1))
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                    conv.padding, values, col_deltas, row_ptr,
-                   None if bias is None else bias.detach(), relu)
+                   None if bias is None else bias.detach(), relu, pool)
 
     def _num_columns(self) -> int:
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
     def to_dense(self) -> nn.Module:
-        """An ``nn.Conv2d`` with the same weight and bias (followed by ``nn.ReLU`` if fused)."""
+        """An ``nn.Conv2d`` with the same weight and bias, followed by the fused ``nn.ReLU`` and
+        ``nn.MaxPool2d`` if any."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                          self.padding, bias=self.bias is not None, device=self.values.device,
                          dtype=self.values.dtype)
@@ -197,9 +219,15 @@ class SparseConv2d(_Packed):
             conv.weight.copy_(self._dense_weight(columns).reshape(conv.weight.shape))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return nn.Sequential(conv, nn.ReLU()) if self.relu else conv
+        followers = ([nn.ReLU()] if self.relu else []) + ([nn.MaxPool2d(self.pool)]
+                                                          if self.pool > 1 else [])
+        return nn.Sequential(conv, *followers) if followers else conv
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._convolve(x)
+        return max_pool_tiles(y, self.pool) if self.pool > 1 else y
+
+    def _convolve(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must be (B, {self.in_channels}, H, W), got "
                              f"{tuple(x.shape)}")
@@ -226,7 +254,8 @@ class SparseConv2d(_Packed):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, nnz={self.nnz}, "
-                f"bias={self.bias is not None}, relu={self.relu}")
+                f"bias={self.bias is not None}, relu={self.relu}"
+                + (f", pool={self.pool}" if self.pool > 1 else ""))
 
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)

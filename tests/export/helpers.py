@@ -94,12 +94,13 @@ def sparse_lenet300(sparsity: float = 0.98, seed: int = 0) -> nn.Module:
 
 
 def sparse_lenet5(sparsity: float = 0.9, seed: int = 0) -> nn.Module:
-    """A magnitude-pruned LeNet-5 with ``SparseConv2d`` convolutions and a ``SparseLinear``
-    first fully connected layer; eval mode."""
+    """A magnitude-pruned LeNet-5 with ``SparseConv2d`` convolutions (the first with its max
+    pool fused, as ``sparsify`` leaves it; the second followed by its own pool) and a
+    ``SparseLinear`` first fully connected layer; eval mode."""
     from cvsparse.nn import SparseConv2d, SparseLinear
 
     torch.manual_seed(seed)
     body = magnitude_prune(build_model("lenet5"), sparsity, seed).body
-    return nn.Sequential(SparseConv2d.from_dense(body[0]), body[1],
+    return nn.Sequential(SparseConv2d.from_dense(body[0], pool=2), nn.Identity(),
                          SparseConv2d.from_dense(body[2]), body[3], body[4],
                          SparseLinear.from_dense(body[5], relu=True), body[7]).eval()

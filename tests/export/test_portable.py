@@ -442,11 +442,13 @@ def test_sparse_layers_are_stored_packed_and_rebuilt(tmp_path):
     save(model, path)
     spec = json.loads(_read(path)[0]["spec"])
     assert spec["modules"]["0"]["type"] == "cvsparse.SparseConv2d"
+    assert spec["modules"]["0"]["args"]["pool"] == 2 and spec["modules"]["2"]["args"]["pool"] == 1
     assert spec["modules"]["5"]["args"] == {"in_features": 800, "out_features": 500,
                                             "relu": True}
     loaded = load(path)
     assert type(loaded.get_submodule("0")) is SparseConv2d
     assert type(loaded.get_submodule("5")) is SparseLinear
+    assert loaded.get_submodule("0").pool == 2
     for name in ("values", "col_deltas", "row_ptr", "bias"):
         a, b = getattr(model[5], name), getattr(loaded.get_submodule("5"), name)
         assert torch.equal(a, b) and a.dtype == b.dtype, name

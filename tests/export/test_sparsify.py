@@ -88,16 +88,49 @@ def test_replaces_exactly_the_eligible_layers(monkeypatch):
     assert isinstance(after[1], nn.Identity) and isinstance(after[2], nn.Identity)  # folded
     assert type(after[3]) is nn.Conv2d and type(after[4]) is nn.ReLU
     assert isinstance(after[5], SparseConv2d) and after[5].pointwise and not after[5].relu
+    assert after[5].pool == 2 and isinstance(after[6], nn.Identity)   # the pool is fused
+    assert after[0].pool == 1
     assert isinstance(after[8], SparseLinear) and after[8].relu
     assert isinstance(after[9], nn.Identity) and isinstance(after[10], SparseLinear)
     choices = {c.name: c for c in report.layers}
     assert choices["3"].reason == "sparsity below 70%" and not choices["3"].replaced
     assert choices["0"].fused == ["BatchNorm2d", "ReLU"] and choices["8"].fused == ["ReLU"]
+    assert choices["5"].fused == ["MaxPool2d"]
     assert choices["0"].input_shape == (2, 3, 8, 8) and choices["8"].input_shape == (2, 128)
     assert choices["0"].sparsity == pytest.approx(0.9, abs=1 / 432)
     assert choices["0"].dense_ms == 2.0 and choices["0"].sparse_ms == 1.0
     _assert_same_outputs(before, after, x)
     _assert_same_outputs(before, after, torch.randn(5, 3, 8, 8))  # another batch size
+
+
+def _conv_then(*followers: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(_prune(nn.Conv2d(3, 6, 3), 0.8), *followers).eval()
+
+
+@pytest.mark.parametrize("followers, fused, pool, relu", [
+    ((_trained_bn(nn.BatchNorm2d(6)), nn.ReLU(), nn.MaxPool2d(2)),
+     ["BatchNorm2d", "ReLU", "MaxPool2d"], 2, True),
+    ((nn.MaxPool2d(3), nn.ReLU()), ["MaxPool2d", "ReLU"], 3, True),   # ReLU after the pool
+    ((nn.MaxPool2d(2, stride=2), nn.MaxPool2d(2)), ["MaxPool2d"], 2, False),  # one pool only
+    ((nn.MaxPool2d(3, stride=2), nn.ReLU()), [], 1, False),            # overlapping: not fused
+    ((nn.MaxPool2d(2, ceil_mode=True),), [], 1, False),
+    ((nn.MaxPool2d(2, padding=1),), [], 1, False),
+    ((nn.MaxPool2d((2, 3)),), [], 1, False),
+    ((nn.ReLU(), nn.ReLU(), nn.MaxPool2d(2)), ["ReLU"], 1, True),      # stops at the 2nd ReLU
+], ids=["bn-relu-pool", "pool-relu", "two-pools", "overlapping", "ceil", "padded", "oblong",
+        "two-relus"])
+def test_fuses_a_following_non_overlapping_max_pool(monkeypatch, followers, fused, pool, relu):
+    monkeypatch.setattr(sparsify_mod, "_time_pair", _fake_timer(lambda i: "sparse"))
+    before = _conv_then(*followers)
+    after = copy.deepcopy(before)
+    x = torch.randn(3, 3, 13, 11)   # conv output 11x9: the pools drop a row / a column
+    report = sparsify(after, min_sparsity=0.7, example_input=x)
+    assert report.layers[0].fused == fused
+    assert after[0].pool == pool and after[0].relu == relu
+    assert all(isinstance(after[i + 1], nn.Identity) for i in range(len(fused)))
+    assert not any(isinstance(m, nn.Identity) for m in list(after)[len(fused) + 1:])
+    _assert_same_outputs(before, after, x)
 
 
 def test_keeps_layers_that_measure_slower(monkeypatch):

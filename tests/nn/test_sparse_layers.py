@@ -18,6 +18,7 @@ from torch import nn
 
 from cvsparse import ops
 from cvsparse.nn import SparseConv2d, SparseLinear
+from cvsparse.nn.sparse import max_pool_tiles
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -75,6 +76,46 @@ def test_sparse_conv2d_equals_dense(config, sparsity, bias, batch):
     with torch.inference_mode():
         assert torch.allclose(sparse(x), dense(x), **TOL)
         assert torch.equal(sparse.to_dense().weight, dense.weight)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 5, 13, 11), (1, 3, 8, 8), (4, 6)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_max_pool_tiles_is_max_pool2d_bit_for_bit(k, shape, layout):
+    x = torch.randn(shape)
+    x.view(-1)[::7] = float("nan")
+    x.view(-1)[3::11] = float("-inf")
+    x.view(-1)[5::13] = 0.0
+    if layout == "channels_last" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., ::2]
+    want = torch.nn.functional.max_pool2d(x.unsqueeze(0) if x.dim() == 2 else x, k)
+    got = max_pool_tiles(x, k)
+    assert torch.equal(torch.isnan(got), torch.isnan(want.reshape(got.shape)))
+    assert torch.equal(got.nan_to_num(), want.reshape(got.shape).nan_to_num())
+
+
+def test_max_pool_tiles_refuses_an_input_smaller_than_the_pool():
+    with pytest.raises(ValueError, match="smaller than the 3x3 pool"):
+        max_pool_tiles(torch.randn(1, 2, 2, 5), 3)
+
+
+@pytest.mark.parametrize("pool", [2, 3])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("config", CONVS[:3], ids=lambda c: "-".join(map(str, c.values())))
+def test_sparse_conv2d_fused_pool(config, relu, pool):
+    dense = _prune(nn.Conv2d(**config), 0.8)
+    sparse = SparseConv2d.from_dense(dense, relu=relu, pool=pool)
+    x = torch.randn(3, config["in_channels"], 13, 11)
+    with torch.inference_mode():
+        y = dense(x)
+        want = torch.nn.functional.max_pool2d(torch.relu(y) if relu else y, pool)
+        assert torch.allclose(sparse(x), want, **TOL)
+        assert torch.allclose(sparse.to_dense()(x), want, **TOL)
+    assert f"pool={pool}" in repr(sparse)
+    with pytest.raises(ValueError, match="pool must be a positive int"):
+        SparseConv2d.from_dense(dense, pool=0)
 
 
 def test_pointwise_conv_uses_sparse_matmul(monkeypatch):
