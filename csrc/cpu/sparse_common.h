@@ -22,37 +22,6 @@ constexpr int64_t kInlineWork = 1 << 16;
 // Tasks per thread when a call is split (threads take contiguous runs of tasks).
 constexpr int64_t kTasksPerThread = 4;
 
-// Memory-safety invariants of a packed weight with `cols` columns (the Python layer checks the
-// same with friendlier messages): row_ptr[0] = 0, nondecreasing, ends at nnz; deltas >= 0 and
-// every row's last column < cols.  One pass over the indices.
-inline void check_packed(const at::Tensor& values, const at::Tensor& col_deltas,
-                         const at::Tensor& row_ptr, int64_t cols) {
-  TORCH_CHECK(values.dim() == 1 && col_deltas.dim() == 1 && row_ptr.dim() == 1,
-              "values, col_deltas and row_ptr must be 1-D");
-  TORCH_CHECK(values.is_contiguous() && col_deltas.is_contiguous() && row_ptr.is_contiguous(),
-              "values, col_deltas and row_ptr must be contiguous");
-  TORCH_CHECK(col_deltas.scalar_type() == at::kInt && row_ptr.scalar_type() == at::kInt,
-              "col_deltas and row_ptr must be int32");
-  TORCH_CHECK(row_ptr.numel() >= 1, "row_ptr must have M + 1 >= 1 entries");
-  TORCH_CHECK(col_deltas.numel() == values.numel(), "col_deltas and values differ in length");
-  const int32_t* ptr = row_ptr.data_ptr<int32_t>();
-  const int32_t* d = col_deltas.data_ptr<int32_t>();
-  const int64_t rows = row_ptr.numel() - 1;
-  TORCH_CHECK(ptr[0] == 0 && ptr[rows] == values.numel(),
-              "row_ptr must start at 0 and end at the number of values");
-  for (int64_t m = 0; m < rows; ++m) {
-    TORCH_CHECK(ptr[m] <= ptr[m + 1], "row_ptr decreases at row ", m);
-    int64_t col = 0;
-    int32_t negative = 0;
-    for (int32_t i = ptr[m]; i < ptr[m + 1]; ++i) {
-      col += d[i];
-      negative |= d[i];
-    }
-    TORCH_CHECK(negative >= 0 && (ptr[m] == ptr[m + 1] || col < cols),
-                "col_deltas of row ", m, " leave the ", cols, " columns");
-  }
-}
-
 // First row of chunk r of `chunks`, balancing row_ptr[m] + m (nonzeros plus a per-row cost).
 inline int64_t chunk_begin(const int32_t* row_ptr, int64_t rows, int64_t r, int64_t chunks) {
   if (r <= 0) {
@@ -161,5 +130,47 @@ class IndexCache {
   std::vector<Entry> entries_;
   uint64_t clock_ = 0;
 };
+
+// Memory-safety invariants of a packed weight with `cols` columns (the Python layer checks the
+// same with friendlier messages): row_ptr[0] = 0, nondecreasing, ends at nnz; deltas >= 0 and
+// every row's last column < cols.  The metadata is checked on every call; the pass over the
+// indices only the first time a weight is seen with `cols` (validated_cache: the same
+// col_deltas and row_ptr tensors, unchanged since), since at batch 1 it costs as much as the
+// product itself.
+inline IndexCache& validated_cache() {
+  static IndexCache cache;
+  return cache;
+}
+
+inline void check_packed(const at::Tensor& values, const at::Tensor& col_deltas,
+                         const at::Tensor& row_ptr, int64_t cols) {
+  TORCH_CHECK(values.dim() == 1 && col_deltas.dim() == 1 && row_ptr.dim() == 1,
+              "values, col_deltas and row_ptr must be 1-D");
+  TORCH_CHECK(values.is_contiguous() && col_deltas.is_contiguous() && row_ptr.is_contiguous(),
+              "values, col_deltas and row_ptr must be contiguous");
+  TORCH_CHECK(col_deltas.scalar_type() == at::kInt && row_ptr.scalar_type() == at::kInt,
+              "col_deltas and row_ptr must be int32");
+  TORCH_CHECK(row_ptr.numel() >= 1, "row_ptr must have M + 1 >= 1 entries");
+  TORCH_CHECK(col_deltas.numel() == values.numel(), "col_deltas and values differ in length");
+  const int32_t* ptr = row_ptr.data_ptr<int32_t>();
+  const int32_t* d = col_deltas.data_ptr<int32_t>();
+  const int64_t rows = row_ptr.numel() - 1;
+  TORCH_CHECK(ptr[0] == 0 && ptr[rows] == values.numel(),
+              "row_ptr must start at 0 and end at the number of values");
+  validated_cache().get(col_deltas, row_ptr, IndexCache::Key{cols, 0, 0, 0, 0, 0, 0, 0}, [&] {
+    for (int64_t m = 0; m < rows; ++m) {
+      TORCH_CHECK(ptr[m] <= ptr[m + 1], "row_ptr decreases at row ", m);
+      int64_t col = 0;
+      int32_t negative = 0;
+      for (int32_t i = ptr[m]; i < ptr[m + 1]; ++i) {
+        col += d[i];
+        negative |= d[i];
+      }
+      TORCH_CHECK(negative >= 0 && (ptr[m] == ptr[m + 1] || col < cols),
+                  "col_deltas of row ", m, " leave the ", cols, " columns");
+    }
+    return IndexCache::Table{};
+  });
+}
 
 }  // namespace cvsparse::cpu::sparse

@@ -338,6 +338,26 @@ def test_kernel_guards_memory_without_python_checks():
         torch.ops.cvsparse.sparse_matmul(torch.randn(6, 3), values, bad, row_ptr, None, False)
 
 
+def test_kernel_checks_a_weight_again_once_its_indices_change():
+    """The C++ kernels walk a weight's indices only the first time they see it valid for a
+    column count; an in-place change (version counter), another column count, and an
+    inference-mode weight (no version counter: never cached) are all checked again."""
+    values, deltas, row_ptr = sparse_format.pack(GOOD_WEIGHT)   # its columns are < 6
+    for _ in range(2):   # the second call finds the weight validated
+        torch.ops.cvsparse.sparse_matmul(torch.randn(6, 3), values, deltas, row_ptr, None, False)
+    with pytest.raises(RuntimeError, match="leave the 5 columns"):
+        torch.ops.cvsparse.sparse_matmul(torch.randn(5, 3), values, deltas, row_ptr, None, False)
+    deltas[-1] += 100   # in place: the last nonzero moves out of the matrix
+    with pytest.raises(RuntimeError, match="leave the 6 columns"):
+        torch.ops.cvsparse.sparse_matmul(torch.randn(6, 3), values, deltas, row_ptr, None, False)
+    with torch.inference_mode():
+        frozen = [t.clone() for t in sparse_format.pack(GOOD_WEIGHT)]
+        torch.ops.cvsparse.sparse_matmul(torch.randn(6, 3), *frozen, None, False)
+        frozen[1][0] = 50
+        with pytest.raises(RuntimeError, match="leave the 6 columns"):
+            torch.ops.cvsparse.sparse_matmul(torch.randn(6, 3), *frozen, None, False)
+
+
 def test_reference_is_the_decoded_dense_product():
     weight = _sparse_weight((6, 10), 0.6, torch.float32)
     x = torch.randn(10, 4)
