@@ -257,7 +257,7 @@ class _Run:
                        second_half=second, input_shape=self.input_shape,
                        loss_fn=self.ranks.loss(self.loss_fn) or loss_fn,
                        regularized=self.regularized, reduce=self.ranks.reducer())
-        self.method = method_class(config, model, data)
+        self.method = method_class.from_config(config, model, data)
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
         self.method.precision = self.precision
         self.precision.prepare(model)   # after the method: AutoPrune's gates too

@@ -19,14 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from cvsparse import metrics
-from cvsparse.config import RunConfig
+from cvsparse.config import AccuracyConfig, OptimConfig
 from cvsparse.hyper import AccuracyConstraint
 from cvsparse.hyper.accuracy_constraint import (
     BEST,
     STOP,
     ReferenceCurve,
     read_reference,
-    read_reference_curve,
 )
 
 from .base import Batches, LossFn
@@ -44,32 +43,40 @@ class AccuracyDrive:
     """Phases, drive, checks, probe and kept network of one constrained run.
 
     Args:
-        config: the run's settings (``accuracy.*``, ``optim.lr``/``gamma``/``momentum``, the
-            epoch count).
+        accuracy: the ``accuracy`` section (bound, reference, phases, checks, probe).
+        optim: ``lr`` / ``gamma`` / ``momentum`` (the probe's defaults).
+        epochs: the run's epoch count.
         val: the validation batches the probe is evaluated on.
         train_batch: returns a fresh training batch for the probe (the hyper generator's).
         loss_fn: the training loss.
         reduce: averages tensors over the ranks of a data-parallel run (None: one process),
             so that every rank probes and judges alike.
+        follow: with ``accuracy.reference``, the reference run's per-epoch curve (None when
+            this run cannot follow it) and the note saying why or how
+            (:func:`~cvsparse.hyper.accuracy_constraint.read_reference_curve`); None: only the
+            reference's final accuracy is used.
     """
 
-    def __init__(self, config: RunConfig, val: Batches, train_batch: Callable[[], tuple],
-                 loss_fn: LossFn,
-                 reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None) -> None:
-        acc = config.accuracy
-        self.config, self.val, self.train_batch, self.loss_fn = config, val, train_batch, loss_fn
+    def __init__(self, accuracy: AccuracyConfig, optim: OptimConfig, epochs: int, val: Batches,
+                 train_batch: Callable[[], tuple], loss_fn: LossFn,
+                 reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
+                 follow: tuple[ReferenceCurve | None, str] | None = None) -> None:
+        acc = accuracy
+        self.accuracy, self.optim = accuracy, optim
+        self.val, self.train_batch, self.loss_fn = val, train_batch, loss_fn
         self.reduce = reduce
         self.constraint = AccuracyConstraint(acc.max_accuracy_drop, acc.max_relative_drop,
                                              acc.patience)
-        self.dense_end, self.drive_end = acc.phases(config.total_epochs)
+        self.dense_end, self.drive_end = acc.phases(epochs)
         self.curve: ReferenceCurve | None = None
         self.curve_note: str | None = None
         if acc.reference_accuracy is not None:
             self.constraint.set_reference(acc.reference_accuracy / 100,
                                           "given (reference_accuracy)")
         elif acc.reference is not None:
-            accuracy, source = read_reference(acc.reference)
-            self.curve, self.curve_note = read_reference_curve(acc.reference, config)
+            reference, source = read_reference(acc.reference)
+            self.curve, self.curve_note = follow if follow is not None else (
+                None, "no curve was given to follow")
             if self.curve is None:
                 warnings.warn(f"accuracy.reference: the run is judged against {source}'s final "
                               f"validation accuracy only: {self.curve_note}", stacklevel=2)
@@ -77,14 +84,14 @@ class AccuracyDrive:
             else:
                 self.dense_end, self.drive_end = self.curve.phases(acc.finetune_fraction)
                 source = f"{source}, {self.curve_note}"
-            self.constraint.set_reference(accuracy, source)
+            self.constraint.set_reference(reference, source)
         self.snapshot: dict[str, Any] | None = None   # the kept network's state
         self.selected = False          # the kept network is in place (drive over)
         self.steps_per_epoch: int | None = None   # steps of the last whole epoch
         self.stopped_at: int | None = None        # first fine-tuning epoch, when stopped early
         self.epoch = 0
         self.epoch_steps = 0
-        self.next_check = config.accuracy.check_ratio   # the level of the next check
+        self.next_check = acc.check_ratio   # the level of the next check
 
     # ---- phases and clock ----------------------------------------------------------------
 
@@ -126,7 +133,7 @@ class AccuracyDrive:
         ``accuracy.max_compression``; 1 before the drive, ``C_max`` after."""
         t = self.epoch - self.dense_end + self.epoch_share()
         span = self.drive_end - self.dense_end
-        return self.config.accuracy.max_compression ** min(1.0, max(0.0, t / span))
+        return self.accuracy.max_compression ** min(1.0, max(0.0, t / span))
 
     def cut_due(self) -> bool:
         """Whether a magnitude cut falls after this drive step (:data:`CUTS_PER_EPOCH` per
@@ -167,7 +174,7 @@ class AccuracyDrive:
         level = self.level()
         if level < self.next_check:
             return False
-        self.next_check = level * self.config.accuracy.check_ratio
+        self.next_check = level * self.accuracy.check_ratio
         return True
 
     def last_drive_epoch(self) -> bool:
@@ -182,7 +189,7 @@ class AccuracyDrive:
         of SGD without L1 (the run's momentum, ``accuracy.probe_lr``, default
         ``lr · gamma``; the followed schedule's learning rate with a reference curve), its weights
         ``names`` that are zero or below ``threshold`` held at zero."""
-        acc, opt = self.config.accuracy, self.config.optim
+        acc, opt = self.accuracy, self.optim
         steps = max(1, round(acc.probe_fraction * (self.steps_per_epoch or FIRST_EPOCH_STEPS)))
         named = dict(network.named_parameters())
         weights = [named[n] for n in names]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from cvsparse import metrics
-from cvsparse.config import AutoPruneConfig, RunConfig
+from cvsparse.config import AccuracyConfig, AutoPruneConfig, OptimConfig, RunConfig
 from cvsparse.hyper.accuracy_constraint import STOP
 from cvsparse.nn import aux_parameters, gated_layers, strip
 from cvsparse.params import regularized_parameters
@@ -39,6 +39,7 @@ from .base import (
     CompressionMethod,
     RunData,
     budget_met,
+    constraint_of,
     finetune_base_lr,
     finetune_lr,
     finetune_weight_l2,
@@ -53,15 +54,18 @@ class AutoPruneMethod(CompressionMethod):
 
     name = "autoprune"
 
-    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
-        super().__init__(config, model, data)
-        ap = config.autoprune
+    def __init__(self, model: nn.Module, data: RunData, settings: AutoPruneConfig,
+                 optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
+                 follow: tuple | None = None) -> None:
+        """``settings`` is the ``autoprune`` section; ``optim``, ``epochs``, ``accuracy`` and
+        ``follow`` as for :class:`~cvsparse.methods.cvgrad.CVGradMethod`."""
+        super().__init__(model, data, optim, epochs)
+        ap = self.settings = settings
         if data.second_half is None:
             raise ValueError("autoprune needs the second half of the training split")
         if ap.pretrained:
             model.load_state_dict(load_weights(ap.pretrained))
-        self.core = AutoPruneOptimizer(model, lr=config.optim.lr,
-                                       momentum=config.optim.momentum,
+        self.core = AutoPruneOptimizer(model, lr=optim.lr, momentum=optim.momentum,
                                        settings=AutoPruneSettings.from_section(ap),
                                        names=self.regularized)
         self.weight_opt, self.aux_opt = self.core.weight_opt, self.core.aux_opt
@@ -72,10 +76,16 @@ class AutoPruneMethod(CompressionMethod):
         self._gate_steps = 0        # gate steps taken in this epoch
         self._target_met = False    # met within this epoch: the gates stop until it ends
         self.drive: AccuracyDrive | None = None
-        if config.accuracy.active:
-            self.drive = AccuracyDrive(config, data.val,
+        if accuracy is not None:
+            self.drive = AccuracyDrive(accuracy, optim, epochs, data.val,
                                        lambda: next(iter(self.data.train_for_hvp)),
-                                       self.loss_fn, data.reduce)
+                                       self.loss_fn, data.reduce, follow)
+
+    @classmethod
+    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> AutoPruneMethod:
+        accuracy, follow = constraint_of(config)
+        return cls(model, data, config.autoprune, config.optim, config.total_epochs,
+                   accuracy=accuracy, follow=follow)
 
     @staticmethod
     def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -85,27 +95,27 @@ class AutoPruneMethod(CompressionMethod):
     def set_epoch(self, epoch: int) -> float:
         if self.drive is not None:
             return self._set_constrained_epoch(epoch)
-        opt = self.config.optim
+        opt = self.optim
         self._epoch = epoch
         if epoch >= opt.epochs and self.frozen_at is None:   # the gating budget has ended
             self.frozen_at = epoch
-            ap = self.config.autoprune
+            ap = self.settings
             warn_if_budget_missed("autoprune", self.measured_model(), self.input_shape(),
                                   ap.target_compression, ap.target_flops, epoch,
                                   self.regularized)
-        weight_l2 = self.config.autoprune.weight_l2
+        weight_l2 = self.settings.weight_l2
         if self.frozen_at is None:
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
         else:  # fine-tuning restarts the schedule one step down, over the epochs that remain
-            remaining = self.config.total_epochs - self.frozen_at
-            lr = finetune_lr(self.config, finetune_base_lr(self.config),
+            remaining = self.epochs - self.frozen_at
+            lr = finetune_lr(self.optim, finetune_base_lr(self.optim),
                              epoch - self.frozen_at, remaining)
-            weight_l2 = finetune_weight_l2(self.config, weight_l2)
+            weight_l2 = finetune_weight_l2(self.optim, weight_l2)
         for group in self.weight_opt.param_groups:
             group["lr"] = lr
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self.finetuning = self.frozen_at is not None
-        self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.config.autoprune, epoch)
+        self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.settings, epoch)
         self._second = None
         self._gate_steps, self._target_met = 0, False
         return lr
@@ -123,7 +133,7 @@ class AutoPruneMethod(CompressionMethod):
             supervised_step(self.step_module, self.aux_opt, xb, yb, self.guard, self.loss_fn,
                             precision=self.precision)
             self._gate_steps += 1
-            every = self.config.autoprune.target_check_every
+            every = self.settings.target_check_every
             if every and self._gate_steps % every == 0:
                 self._target_met = self._target_reached()
         if self.drive is not None:
@@ -174,19 +184,19 @@ class AutoPruneMethod(CompressionMethod):
         Drive: weight and gate steps, ``accuracy.drive_lr`` (default ``optim.lr``), the
         magnitude cuts.  Fine-tuning: the kept gates frozen, as after a met budget.  Following
         a reference run's schedule, every phase takes that run's learning rate of the epoch."""
-        drive, opt = self.drive, self.config.optim
+        drive, opt = self.drive, self.optim
         phase = drive.start_epoch(epoch)
         self._epoch, self._second, self._gate_steps = epoch, None, 0
         self._target_met = phase != DRIVE   # gate steps only in the drive
-        weight_l2 = self.config.autoprune.weight_l2
+        weight_l2 = self.settings.weight_l2
         if phase == FINETUNE:
             self._select_gates()
             start = drive.finetune_start
-            lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch - start,
-                             self.config.total_epochs - start)
-            weight_l2 = finetune_weight_l2(self.config, weight_l2)
+            lr = finetune_lr(self.optim, finetune_base_lr(self.optim), epoch - start,
+                             self.epochs - start)
+            weight_l2 = finetune_weight_l2(self.optim, weight_l2)
         else:
-            drive_lr = self.config.accuracy.drive_lr
+            drive_lr = self.drive.accuracy.drive_lr
             lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
         scheduled = drive.scheduled_lr(epoch)   # following a reference run's schedule
         lr = lr if scheduled is None else scheduled
@@ -194,7 +204,7 @@ class AutoPruneMethod(CompressionMethod):
             group["lr"] = lr
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self.finetuning = phase == FINETUNE
-        self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.config.autoprune, epoch)
+        self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.settings, epoch)
         return lr
 
     def _constrained_step(self) -> None:
@@ -260,7 +270,7 @@ class AutoPruneMethod(CompressionMethod):
     def _target_reached(self) -> bool:
         """Whether the gated model, as :meth:`measured_model` reports it, meets
         ``target_compression`` or ``target_flops``."""
-        ap = self.config.autoprune
+        ap = self.settings
         if ap.target_compression is None and ap.target_flops is None:
             return False
         return budget_met(self.measured_model(), self.input_shape(), ap.target_compression,

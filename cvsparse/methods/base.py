@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvsparse import faults, metrics
-from cvsparse.config import RunConfig
+from cvsparse.config import AccuracyConfig, OptimConfig, RunConfig
 from cvsparse.faults import SkippedStep, StepFault, StepGuard
 from cvsparse.precision import FP32, Precision
 
@@ -73,8 +73,9 @@ class CompressionMethod(ABC):
     guard: StepGuard | None = None   # set by the loop: judges losses, counts skipped steps
     precision: Precision | None = None   # set by the loop; None: fp32, contiguous
 
-    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
-        self.config = config
+    def __init__(self, model: nn.Module, data: RunData, optim: OptimConfig, epochs: int) -> None:
+        self.optim = optim      # lr, momentum, the stepped schedule, fine-tuning settings
+        self.epochs = epochs    # the whole run's epoch count, fine-tuning included
         self.model = model
         self.data = data
         self.loss_fn: LossFn = data.loss_fn if data.loss_fn is not None else F.cross_entropy
@@ -84,6 +85,13 @@ class CompressionMethod(ABC):
         #: The module training steps run forward and backward through: the model, or (set by
         #: the loop in a data-parallel run) its DistributedDataParallel wrapper.
         self.step_module: nn.Module = model
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> CompressionMethod:
+        """The method as a run's configuration tree sets it up (the command line and
+        :func:`cvsparse.compress` build methods this way): its own section, ``optim``, the epoch
+        count and, for a constrained run, ``accuracy``."""
 
     @abstractmethod
     def set_epoch(self, epoch: int) -> float:
@@ -207,29 +215,41 @@ def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],
     return base * gamma**drops
 
 
-def finetune_weight_l2(config: RunConfig, training: float | Tensor) -> float | Tensor:
+def finetune_weight_l2(opt: OptimConfig, training: float | Tensor) -> float | Tensor:
     """Weight L2 of a fine-tuning phase: ``optim.finetune_weight_l2``, else ``training`` (the
     training phase's value).  The shrinkage that served the pruning can cost accuracy once the
     support is fixed (~0.1 points on a few thousand weights, RESULTS.md)."""
-    value = config.optim.finetune_weight_l2
+    value = opt.finetune_weight_l2
     return training if value is None else value
 
 
-def finetune_lr(config: RunConfig, base: float, epoch: int, epochs: int) -> float:
+def finetune_lr(opt: OptimConfig, base: float, epoch: int, epochs: int) -> float:
     """Learning rate of epoch ``epoch`` (0-based) of a fine-tuning phase of ``epochs`` epochs
     that starts at ``base``: the stepped schedule over the first ``epochs − optim.swa_epochs``,
     then the constant ``optim.swa_lr`` (default ``base``) over the weight-averaging window."""
-    opt = config.optim
     stepped = epochs - opt.swa_epochs
     if epoch >= stepped:
         return opt.swa_lr if opt.swa_lr is not None else base
     return stepped_lr(base, epoch, stepped, opt.milestones, opt.gamma)
 
 
-def finetune_base_lr(config: RunConfig) -> float:
+def finetune_base_lr(opt: OptimConfig) -> float:
     """First learning rate of a fine-tuning phase: ``optim.finetune_lr``, else ``lr·gamma``."""
-    opt = config.optim
     return opt.finetune_lr if opt.finetune_lr is not None else opt.lr * opt.gamma
+
+
+def constraint_of(config: RunConfig) -> tuple[AccuracyConfig | None, tuple | None]:
+    """``(accuracy, follow)`` for a method's constructor: the ``accuracy`` section when the run
+    is constrained (else None) and, when it names a reference run, that run's curve and a note
+    (:func:`cvsparse.hyper.accuracy_constraint.read_reference_curve`; None otherwise)."""
+    acc = config.accuracy
+    if not acc.active:
+        return None, None
+    if acc.reference is None or acc.reference_accuracy is not None:
+        return acc, None
+    from cvsparse.hyper.accuracy_constraint import read_reference_curve
+
+    return acc, read_reference_curve(acc.reference, config)
 
 
 def budget_met(model: nn.Module, input_shape: tuple[int, ...], compression: float | None,

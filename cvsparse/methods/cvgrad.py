@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from cvsparse import faults
-from cvsparse.config import RunConfig
+from cvsparse.config import AccuracyConfig, CVGradConfig, OptimConfig, RunConfig
 from cvsparse.faults import NonFiniteError, SkippedStep
 from cvsparse.hyper import CompressionFloor
 from cvsparse.hyper.accuracy_constraint import STOP
@@ -55,6 +55,7 @@ from .base import (
     CompressionMethod,
     RunData,
     budget_met,
+    constraint_of,
     finetune_base_lr,
     finetune_lr,
     finetune_weight_l2,
@@ -111,26 +112,32 @@ class CVGradMethod(CompressionMethod):
 
     name = "cvgrad"
 
-    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
-        super().__init__(config, model, data)
-        cv = config.cvgrad
-        settings = CVGradSettings.from_section(cv)
-        if config.accuracy.active and settings.lambda_range is None:
-            settings.lambda_range = CONSTRAINED_LAMBDA_RANGE
-        self.core = CVGradOptimizer(model, lr=config.optim.lr, momentum=config.optim.momentum,
-                                    settings=settings, names=self.regularized)
+    def __init__(self, model: nn.Module, data: RunData, settings: CVGradConfig,
+                 optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
+                 follow: tuple | None = None) -> None:
+        """``settings`` is the ``cvgrad`` section; ``optim`` the learning rate, momentum and
+        schedule; ``epochs`` the run's epoch count (fine-tuning included); ``accuracy`` the
+        ``accuracy`` section of a constrained run (None: unconstrained) and ``follow`` the
+        reference run's curve it follows (:func:`~cvsparse.methods.base.constraint_of`)."""
+        super().__init__(model, data, optim, epochs)
+        cv = self.settings = settings
+        core_settings = CVGradSettings.from_section(cv)
+        if accuracy is not None and core_settings.lambda_range is None:
+            core_settings.lambda_range = CONSTRAINED_LAMBDA_RANGE
+        self.core = CVGradOptimizer(model, lr=optim.lr, momentum=optim.momentum,
+                                    settings=core_settings, names=self.regularized)
         self.names, self.weights = self.core.names, self.core.weights
         self.unregularized = self.core.unregularized
         self.lambdas, self.optimizer = self.core.lambdas, self.core.optimizer
         self.floor = None if cv.min_compression is None else CompressionFloor(
             cv.min_compression,
-            cv.min_compression_epochs or cv.outer * config.optim.epochs,
+            cv.min_compression_epochs or cv.outer * optim.epochs,
             cv.floor_gain,
         )
         self.drive: AccuracyDrive | None = None
-        if config.accuracy.active:
-            self.drive = AccuracyDrive(config, data.val, self._train_batch, self.loss_fn,
-                                       data.reduce)
+        if accuracy is not None:
+            self.drive = AccuracyDrive(accuracy, optim, epochs, data.val, self._train_batch,
+                                       self.loss_fn, data.reduce, follow)
         self.core.push_lambdas()
         self.initial_state = copy.deepcopy(model.state_dict()) if cv.reinit else None
         self.history: list[dict[str, Any]] = [self._lambda_record(outer=0)]
@@ -141,6 +148,12 @@ class CVGradMethod(CompressionMethod):
         self._online_val: Iterator | None = None
         self._curvature = CurvatureLog()
 
+    @classmethod
+    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> CVGradMethod:
+        accuracy, follow = constraint_of(config)
+        return cls(model, data, config.cvgrad, config.optim, config.total_epochs,
+                   accuracy=accuracy, follow=follow)
+
     # ---- the run's phase: a function of the epoch, ``stopped_at`` and the drive ------------
 
     @property
@@ -149,8 +162,8 @@ class CVGradMethod(CompressionMethod):
         one that met the budget (``stopped_at``), or the drive's end."""
         if self.drive is not None:
             return self.drive.finetune_start
-        cv = self.config.cvgrad
-        return cv.outer * self.config.optim.epochs if self.stopped_at is None else self.stopped_at
+        cv = self.settings
+        return cv.outer * self.optim.epochs if self.stopped_at is None else self.stopped_at
 
     @property
     def finetuning(self) -> bool:
@@ -164,7 +177,7 @@ class CVGradMethod(CompressionMethod):
         during the drive until it stops."""
         if self.drive is not None:
             return self.drive.phase(self._epoch) == DRIVE and not self.drive.selected
-        return (self._epoch >= self.config.cvgrad.hyper_warmup_epochs
+        return (self._epoch >= self.settings.hyper_warmup_epochs
                 and self.stopped_at is None and not self.finetuning)
 
     # ---- the loop's hooks -----------------------------------------------------------------
@@ -172,12 +185,12 @@ class CVGradMethod(CompressionMethod):
     def set_epoch(self, epoch: int) -> float:
         if self.drive is not None:
             return self._set_constrained_epoch(epoch)
-        cv, opt = self.config.cvgrad, self.config.optim
+        cv, opt = self.settings, self.optim
         self._online_val = None
         self._epoch = epoch
         if self.finetuning:
             start = self.finetune_start
-            return self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
+            return self._set_finetune_epoch(epoch - start, self.epochs - start)
         inner = epoch % opt.epochs
         if inner == 0 and epoch > 0 and cv.reinit:
             self.model.load_state_dict(self.initial_state)
@@ -197,14 +210,14 @@ class CVGradMethod(CompressionMethod):
         the budget): no L1 (the support is fixed by the masks, pruned weights stay at zero),
         λ2 ``optim.finetune_weight_l2`` (default: the learned λ2), schedule restarted at
         ``optim.finetune_lr`` (default ``lr·gamma``)."""
-        lr = finetune_lr(self.config, finetune_base_lr(self.config), epoch, epochs)
+        lr = finetune_lr(self.optim, finetune_base_lr(self.optim), epoch, epochs)
         group = self.optimizer.param_groups[0]
         if epoch == 0:
             if self.drive is not None:
                 self._select_support()
             else:
                 self._fix_support()
-            cv = self.config.cvgrad
+            cv = self.settings
             if self.stopped_at is None:   # the outer iterations ran out before any budget
                 warn_if_budget_missed("cvgrad", self.model, self.input_shape(),
                                       cv.target_compression, cv.target_flops, self._epoch,
@@ -216,7 +229,7 @@ class CVGradMethod(CompressionMethod):
                               f"{cv.min_compression:g}; the remaining epochs fine-tune the "
                               "support as it is", stacklevel=2)
         group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
-        group["lambda2"] = finetune_weight_l2(self.config, self.core.lambda_args()[1])
+        group["lambda2"] = finetune_weight_l2(self.optim, self.core.lambda_args()[1])
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         return lr
@@ -228,7 +241,7 @@ class CVGradMethod(CompressionMethod):
         self.steps += 1
         if self.drive is not None:
             self._constrained_step()
-        cv = self.config.cvgrad
+        cv = self.settings
         k = cv.online_every
         if k and self.steps % k == 0 and self.hyper_active:
             self._hyper_step(self._next_online_val_batch())
@@ -243,15 +256,15 @@ class CVGradMethod(CompressionMethod):
     def end_epoch(self, epoch: int) -> dict[str, float]:
         if self.drive is not None:
             return self._end_constrained_epoch(epoch)
-        cv = self.config.cvgrad
-        if (epoch + 1) % self.config.optim.epochs == 0 and not self.finetuning:
+        cv = self.settings
+        if (epoch + 1) % self.optim.epochs == 0 and not self.finetuning:
             if self.hyper_active:
                 for i, batch in enumerate(self.data.val):
                     if cv.hyper_batches is not None and i >= cv.hyper_batches:
                         break
                     self._hyper_step(batch)
                 self.model.train()
-            self.history.append(self._lambda_record(outer=(epoch + 1) // self.config.optim.epochs))
+            self.history.append(self._lambda_record(outer=(epoch + 1) // self.optim.epochs))
         if not self.finetuning and self.stopped_at is None and self._budget_reached():
             self.stopped_at = epoch + 1
         row = {
@@ -353,9 +366,9 @@ class CVGradMethod(CompressionMethod):
         scheduled = drive.scheduled_lr(epoch)
         if self.finetuning:
             start = self.finetune_start
-            lr = self._set_finetune_epoch(epoch - start, self.config.total_epochs - start)
+            lr = self._set_finetune_epoch(epoch - start, self.epochs - start)
         else:
-            opt, drive_lr = self.config.optim, self.config.accuracy.drive_lr
+            opt, drive_lr = self.optim, self.drive.accuracy.drive_lr
             lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
         lr = lr if scheduled is None else scheduled
         for group in self.optimizer.param_groups:
@@ -366,7 +379,7 @@ class CVGradMethod(CompressionMethod):
         self.core.push_lambdas()
         if phase == DENSE:
             group["lambda1"] = 0.0
-        group["threshold"] = self.config.cvgrad.threshold if phase == DRIVE else None
+        group["threshold"] = self.settings.threshold if phase == DRIVE else None
         return lr
 
     def _constrained_step(self) -> None:
@@ -378,9 +391,9 @@ class CVGradMethod(CompressionMethod):
             cut = drive.cut(self.weights)
             if cut is not None:
                 group = self.optimizer.param_groups[0]
-                group["threshold"] = max(cut, self.config.cvgrad.threshold)
+                group["threshold"] = max(cut, self.settings.threshold)
                 self.optimizer.prune()   # the groups with a threshold: this one
-                group["threshold"] = self.config.cvgrad.threshold
+                group["threshold"] = self.settings.threshold
         if drive.check_due():
             self._check_constraint()
 
@@ -400,7 +413,7 @@ class CVGradMethod(CompressionMethod):
         """Probe the support, let the constraint judge it (the sparsest feasible network is
         kept; a stop ends the drive on it), then, in the drive, one hyper step."""
         accuracy = self.drive.probe(copy.deepcopy(self.model), self.names,
-                                    self.config.cvgrad.threshold)
+                                    self.settings.threshold)
         verdict = self.drive.judge(accuracy, self.core.compression(), self.model,
                                    {"optimizer": self.optimizer})
         if verdict == STOP:
@@ -424,14 +437,14 @@ class CVGradMethod(CompressionMethod):
         """End the L1 phase: mask the weights below τ (zero from now on) and stop L1 and
         thresholding; λ2 and the learning rate stay as they are until the next epoch."""
         group = self.optimizer.param_groups[0]
-        group["threshold"] = self.config.cvgrad.threshold
+        group["threshold"] = self.settings.threshold
         self.optimizer.prune()   # the groups with a threshold: the regularized weights only
         group["lambda1"], group["threshold"] = 0.0, None
 
     def _budget_reached(self) -> bool:
         """Whether the budget is met; never before ``threshold_start_epoch``, whose proximal
         zeros are not yet held by masks (early on they come and go by the thousand)."""
-        cv = self.config.cvgrad
+        cv = self.settings
         if self.optimizer.param_groups[0]["threshold"] is None:
             return False
         return budget_met(self.model, self.input_shape(), cv.target_compression,

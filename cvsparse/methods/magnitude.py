@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cvsparse.config import RunConfig
+from cvsparse.config import MagnitudeConfig, OptimConfig, RunConfig
 
 from .base import (
     CompressionMethod,
@@ -32,26 +32,34 @@ class MagnitudeMethod(CompressionMethod):
 
     name = "magnitude"
 
-    def __init__(self, config: RunConfig, model: nn.Module, data: RunData) -> None:
-        super().__init__(config, model, data)
-        self.core = MagnitudePruner(model, lr=config.optim.lr, momentum=config.optim.momentum,
-                                    weight_l2=config.magnitude.weight_l2, names=self.regularized)
+    def __init__(self, model: nn.Module, data: RunData, settings: MagnitudeConfig,
+                 optim: OptimConfig, epochs: int) -> None:
+        """``settings`` is the ``magnitude`` section (L2, target, fine-tuning epochs);
+        ``optim`` the learning rate, momentum and schedule; ``epochs`` the run's epoch count."""
+        super().__init__(model, data, optim, epochs)
+        self.settings = settings
+        self.core = MagnitudePruner(model, lr=optim.lr, momentum=optim.momentum,
+                                    weight_l2=settings.weight_l2, names=self.regularized)
         self.optimizer = self.core.optimizer
 
+    @classmethod
+    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> MagnitudeMethod:
+        return cls(model, data, config.magnitude, config.optim, config.total_epochs)
+
     def set_epoch(self, epoch: int) -> float:
-        opt = self.config.optim
+        opt = self.optim
         if epoch >= opt.epochs and not self.core.pruned:
-            self.core.prune(self.config.magnitude.target_compression)
+            self.core.prune(self.settings.target_compression)
         if self.core.pruned:
-            lr = finetune_lr(self.config, opt.lr, epoch - opt.epochs,
-                             self.config.magnitude.finetune_epochs)
+            lr = finetune_lr(self.optim, opt.lr, epoch - opt.epochs,
+                             self.settings.finetune_epochs)
         else:
             lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        weight_l2 = self.config.magnitude.weight_l2
+        weight_l2 = self.settings.weight_l2
         self.optimizer.param_groups[0]["lambda2"] = (
-            finetune_weight_l2(self.config, weight_l2) if self.core.pruned else weight_l2)
+            finetune_weight_l2(self.optim, weight_l2) if self.core.pruned else weight_l2)
         self.finetuning = self.core.pruned
         return lr
 

@@ -114,7 +114,7 @@ class Trainer:
         hyper_generator = torch.Generator().manual_seed(config.seed + 1)
         method_class = METHOD_CLASSES[config.method]
         run_data = self._build_loaders(method_class, hyper_generator)
-        self.method = method_class(config, self.model, run_data)
+        self.method = method_class.from_config(config, self.model, run_data)
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
         self.method.precision = self.precision
         self.precision.prepare(self.model)   # after the method: AutoPrune's gates too

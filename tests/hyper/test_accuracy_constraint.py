@@ -221,7 +221,8 @@ def drive_at(epoch: int, steps: int, steps_per_epoch: int = 100):
     config = RunConfig()
     config.accuracy.max_accuracy_drop = 1.0
     config.accuracy.max_compression = 1000.0
-    drive = AccuracyDrive(config, [], lambda: None, lambda o, t: o)
+    drive = AccuracyDrive(config.accuracy, config.optim, config.total_epochs, [], lambda: None,
+                          lambda o, t: o)
     drive.steps_per_epoch = steps_per_epoch
     drive.start_epoch(epoch)
     drive.epoch_steps = steps

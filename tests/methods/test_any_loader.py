@@ -42,7 +42,9 @@ def config(method: str, **section):
 def drive(method: str, run_data: RunData, train, model: nn.Module, **section) -> list[dict]:
     """Every epoch of ``method`` over ``train``; the rows ``end_epoch`` returned."""
     cfg = config(method, **section)
-    m = METHOD_CLASSES[method](cfg, model, run_data)
+    # the narrow constructor: the method's own section, optim and the epoch count
+    m = METHOD_CLASSES[method](model, run_data, getattr(cfg, method), cfg.optim,
+                               cfg.total_epochs)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # budgets missed on purpose
@@ -96,8 +98,9 @@ def test_other_methods_run_on_plain_loaders(name):
 def test_input_shape_without_any_training_batch_comes_from_validation():
     # a method restored into its fine-tuning phase checks its budget before any step
     train, val = loaders("dataloader")
-    method = METHOD_CLASSES["cvgrad"](config("cvgrad"), Small(),
-                                      RunData(val=val, train_for_hvp=train))
+    cfg = config("cvgrad")
+    method = METHOD_CLASSES["cvgrad"].from_config(cfg, Small(),
+                                                  RunData(val=val, train_for_hvp=train))
     assert method.input_shape() == (1, 8, 8)
 
 
