@@ -276,7 +276,8 @@ const scalar_t* lanes_from_rows(const at::Tensor& input) {
 }
 
 template <typename scalar_t>
-void sparse_matmul_kernel(const MatmulArgs<scalar_t>& a, int64_t rows, int64_t nnz) {
+void sparse_matmul_kernel(const MatmulArgs<scalar_t>& a, int64_t rows, int64_t nnz,
+                          int64_t inline_work) {
   using L = Lanes<scalar_t>;
   // Eight vector accumulators per block: float32 64 lanes, float64 32, float16/bfloat16 64.
   constexpr int kBlockSteps = 8 / L::kParts;
@@ -287,7 +288,7 @@ void sparse_matmul_kernel(const MatmulArgs<scalar_t>& a, int64_t rows, int64_t n
   const int64_t chunks = std::clamp<int64_t>(
       (threads * sparse::kTasksPerThread + blocks - 1) / blocks, 1, std::max<int64_t>(rows, 1));
   const int64_t tasks = chunks * blocks;
-  const bool small = (nnz + rows) * n < sparse::kInlineWork;
+  const bool small = (nnz + rows) * n < inline_work;
   at::parallel_for(0, tasks, small ? tasks : 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r = t / blocks;
@@ -327,7 +328,9 @@ at::Tensor sparse_matmul_cpu(const at::Tensor& input, const at::Tensor& values,
         col_deltas.data_ptr<int32_t>(), row_ptr.data_ptr<int32_t>(),
         bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr,
         out.data_ptr<scalar_t>(), input.size(1), relu, sparse::avx512_usable()};
-    sparse_matmul_kernel<scalar_t>(args, rows, values.numel());
+    sparse_matmul_kernel<scalar_t>(args, rows, values.numel(),
+                                   transposed ? sparse::kInlineTransposedWork
+                                              : sparse::kInlineWork);
   });
   return out;
 }
