@@ -596,17 +596,16 @@ def _check_floor(cv: CVGradConfig, fail: Callable[[str], None]) -> None:
         fail(f"cvgrad.floor_gain must be a finite number > 0, got {cv.floor_gain}")
 
 
-#: Methods that take an accuracy constraint (``accuracy.*``).
-CONSTRAINED_METHODS = ("cvgrad", "autoprune")
-
-
 def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
     """The accuracy constraint: its section's own checks, a method that takes it, a reference
     run that can be read, no size set by hand beside it, and room for its phases."""
+    from cvsparse.methods import METHOD_CLASSES
+
     acc = config.accuracy
-    if acc.active and config.method not in CONSTRAINED_METHODS:
+    constrained = [name for name, cls in METHOD_CLASSES.items() if cls.takes_accuracy_constraint]
+    if acc.active and config.method not in constrained:
         fail(f"an accuracy constraint (max_accuracy_drop / max_relative_drop) applies to "
-             f"{', '.join(CONSTRAINED_METHODS)}, not {config.method!r}")
+             f"{', '.join(constrained)}, not {config.method!r}")
     acc.validate(fail)
     if not acc.active:
         return

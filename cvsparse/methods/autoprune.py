@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from cvsparse import metrics
-from cvsparse.config import AccuracyConfig, AutoPruneConfig, OptimConfig, RunConfig
+from cvsparse.config import AccuracyConfig, AutoPruneConfig, OptimConfig
 from cvsparse.hyper.accuracy_constraint import STOP
 from cvsparse.nn import aux_parameters, gated_layers, strip
 from cvsparse.params import regularized_parameters
@@ -39,7 +39,6 @@ from .base import (
     CompressionMethod,
     RunData,
     budget_met,
-    constraint_of,
     finetune_base_lr,
     finetune_lr,
     finetune_weight_l2,
@@ -53,6 +52,7 @@ class AutoPruneMethod(CompressionMethod):
     """Auxiliary-parameter pruning of every Conv2d / Linear layer."""
 
     name = "autoprune"
+    takes_accuracy_constraint = True
 
     def __init__(self, model: nn.Module, data: RunData, settings: AutoPruneConfig,
                  optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
@@ -81,11 +81,6 @@ class AutoPruneMethod(CompressionMethod):
                                        lambda: next(iter(self.data.train_for_hvp)),
                                        self.loss_fn, data.reduce, follow)
 
-    @classmethod
-    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> AutoPruneMethod:
-        accuracy, follow = constraint_of(config)
-        return cls(model, data, config.autoprune, config.optim, config.total_epochs,
-                   accuracy=accuracy, follow=follow)
 
     @staticmethod
     def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:

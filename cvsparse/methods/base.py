@@ -68,7 +68,9 @@ class CompressionMethod(ABC):
     method's other passes (hyper steps, gradient tests) run in float32.
     """
 
-    name: str = ""
+    name: str = ""   # also the name of the method's config section
+    #: Whether the constructor takes ``accuracy`` / ``follow`` (``--max-accuracy-drop``).
+    takes_accuracy_constraint: bool = False
     finetuning: bool = False
     guard: StepGuard | None = None   # set by the loop: judges losses, counts skipped steps
     precision: Precision | None = None   # set by the loop; None: fp32, contiguous
@@ -87,11 +89,16 @@ class CompressionMethod(ABC):
         self.step_module: nn.Module = model
 
     @classmethod
-    @abstractmethod
     def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> CompressionMethod:
         """The method as a run's configuration tree sets it up (the command line and
-        :func:`cvsparse.compress` build methods this way): its own section, ``optim``, the epoch
-        count and, for a constrained run, ``accuracy``."""
+        :func:`cvsparse.compress` build methods this way): its own section (named like the
+        method), ``optim``, the epoch count and, for a method that takes an accuracy
+        constraint, ``accuracy`` with the followed reference curve (:func:`constraint_of`)."""
+        extra: dict[str, Any] = {}
+        if cls.takes_accuracy_constraint:
+            extra["accuracy"], extra["follow"] = constraint_of(config)
+        return cls(model, data, getattr(config, cls.name), config.optim, config.total_epochs,
+                   **extra)
 
     @abstractmethod
     def set_epoch(self, epoch: int) -> float:

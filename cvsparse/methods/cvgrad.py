@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from cvsparse import faults
-from cvsparse.config import AccuracyConfig, CVGradConfig, OptimConfig, RunConfig
+from cvsparse.config import AccuracyConfig, CVGradConfig, OptimConfig
 from cvsparse.faults import NonFiniteError, SkippedStep
 from cvsparse.hyper import CompressionFloor
 from cvsparse.hyper.accuracy_constraint import STOP
@@ -55,7 +55,6 @@ from .base import (
     CompressionMethod,
     RunData,
     budget_met,
-    constraint_of,
     finetune_base_lr,
     finetune_lr,
     finetune_weight_l2,
@@ -111,6 +110,7 @@ class CVGradMethod(CompressionMethod):
     """Learned-λ elastic-net compression."""
 
     name = "cvgrad"
+    takes_accuracy_constraint = True
 
     def __init__(self, model: nn.Module, data: RunData, settings: CVGradConfig,
                  optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
@@ -148,11 +148,6 @@ class CVGradMethod(CompressionMethod):
         self._online_val: Iterator | None = None
         self._curvature = CurvatureLog()
 
-    @classmethod
-    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> CVGradMethod:
-        accuracy, follow = constraint_of(config)
-        return cls(model, data, config.cvgrad, config.optim, config.total_epochs,
-                   accuracy=accuracy, follow=follow)
 
     # ---- the run's phase: a function of the epoch, ``stopped_at`` and the drive ------------
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cvsparse.config import MagnitudeConfig, OptimConfig, RunConfig
+from cvsparse.config import MagnitudeConfig, OptimConfig
 
 from .base import (
     CompressionMethod,
@@ -42,9 +42,6 @@ class MagnitudeMethod(CompressionMethod):
                                     weight_l2=settings.weight_l2, names=self.regularized)
         self.optimizer = self.core.optimizer
 
-    @classmethod
-    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> MagnitudeMethod:
-        return cls(model, data, config.magnitude, config.optim, config.total_epochs)
 
     def set_epoch(self, epoch: int) -> float:
         opt = self.optim
