@@ -191,14 +191,12 @@ def _followers(parent: nn.Module, key: str, module: nn.Module) -> list[tuple[str
     out: list[tuple[str, nn.Module]] = []
     i = keys.index(key) + 1
 
-    def take(kind: type) -> bool:
+    def take(kind: type) -> None:  # the next module, if it is a `kind` not taken yet
         nonlocal i
         if i < len(keys) and type(parent.get_submodule(keys[i])) is kind \
                 and not any(type(m) is kind for _, m in out):
             out.append((keys[i], parent.get_submodule(keys[i])))
             i += 1
-            return True
-        return False
 
     if not isinstance(module, nn.Conv2d):
         take(nn.ReLU)

@@ -28,7 +28,7 @@ from cvsparse.hyper.accuracy_constraint import (
     read_reference,
 )
 
-from .base import Batches, LossFn
+from .base import Batches, Follow, LossFn
 
 #: Phases of a constrained run.
 DENSE, DRIVE, FINETUNE = "dense", "drive", "finetune"
@@ -60,7 +60,7 @@ class AccuracyDrive:
     def __init__(self, accuracy: AccuracyConfig, optim: OptimConfig, epochs: int, val: Batches,
                  train_batch: Callable[[], tuple], loss_fn: LossFn,
                  reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
-                 follow: tuple[ReferenceCurve | None, str] | None = None) -> None:
+                 follow: Follow | None = None) -> None:
         acc = accuracy
         self.accuracy, self.optim = accuracy, optim
         self.val, self.train_batch, self.loss_fn = val, train_batch, loss_fn

@@ -37,6 +37,7 @@ from .accuracy_drive import DRIVE, FINETUNE, AccuracyDrive
 from .autoprune_optimizer import AutoPruneOptimizer, AutoPruneSettings
 from .base import (
     CompressionMethod,
+    Follow,
     RunData,
     budget_met,
     finetune_base_lr,
@@ -56,7 +57,7 @@ class AutoPruneMethod(CompressionMethod):
 
     def __init__(self, model: nn.Module, data: RunData, settings: AutoPruneConfig,
                  optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
-                 follow: tuple | None = None) -> None:
+                 follow: Follow | None = None) -> None:
         """``settings`` is the ``autoprune`` section; ``optim``, ``epochs``, ``accuracy`` and
         ``follow`` as for :class:`~cvsparse.methods.cvgrad.CVGradMethod`."""
         super().__init__(model, data, optim, epochs)
@@ -80,7 +81,6 @@ class AutoPruneMethod(CompressionMethod):
             self.drive = AccuracyDrive(accuracy, optim, epochs, data.val,
                                        lambda: next(iter(self.data.train_for_hvp)),
                                        self.loss_fn, data.reduce, follow)
-
 
     @staticmethod
     def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from cvsparse import faults, metrics
 from cvsparse.config import AccuracyConfig, OptimConfig, RunConfig
 from cvsparse.faults import SkippedStep, StepFault, StepGuard
+from cvsparse.hyper.accuracy_constraint import ReferenceCurve, read_reference_curve
 from cvsparse.precision import FP32, Precision
 
 #: A loader: any iterable of ``(inputs, targets)`` batches that can be iterated again (a
@@ -245,7 +246,12 @@ def finetune_base_lr(opt: OptimConfig) -> float:
     return opt.finetune_lr if opt.finetune_lr is not None else opt.lr * opt.gamma
 
 
-def constraint_of(config: RunConfig) -> tuple[AccuracyConfig | None, tuple | None]:
+#: A followed reference run: its per-epoch curve (None when this run cannot follow it) and a
+#: note saying how, or why not (``read_reference_curve``).
+Follow = tuple[ReferenceCurve | None, str]
+
+
+def constraint_of(config: RunConfig) -> tuple[AccuracyConfig | None, Follow | None]:
     """``(accuracy, follow)`` for a method's constructor: the ``accuracy`` section when the run
     is constrained (else None) and, when it names a reference run, that run's curve and a note
     (:func:`cvsparse.hyper.accuracy_constraint.read_reference_curve`; None otherwise)."""
@@ -254,8 +260,6 @@ def constraint_of(config: RunConfig) -> tuple[AccuracyConfig | None, tuple | Non
         return None, None
     if acc.reference is None or acc.reference_accuracy is not None:
         return acc, None
-    from cvsparse.hyper.accuracy_constraint import read_reference_curve
-
     return acc, read_reference_curve(acc.reference, config)
 
 

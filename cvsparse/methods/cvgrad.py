@@ -53,6 +53,7 @@ from cvsparse.hyper.accuracy_constraint import STOP
 from .accuracy_drive import DENSE, DRIVE, AccuracyDrive
 from .base import (
     CompressionMethod,
+    Follow,
     RunData,
     budget_met,
     finetune_base_lr,
@@ -114,7 +115,7 @@ class CVGradMethod(CompressionMethod):
 
     def __init__(self, model: nn.Module, data: RunData, settings: CVGradConfig,
                  optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
-                 follow: tuple | None = None) -> None:
+                 follow: Follow | None = None) -> None:
         """``settings`` is the ``cvgrad`` section; ``optim`` the learning rate, momentum and
         schedule; ``epochs`` the run's epoch count (fine-tuning included); ``accuracy`` the
         ``accuracy`` section of a constrained run (None: unconstrained) and ``follow`` the
