@@ -33,6 +33,7 @@ from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, v
 from cvsparse.faults import SkippedStep, StepGuard
 from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
+from cvsparse.methods.schedules import SchedulerFactory
 from cvsparse.nn import strip
 from cvsparse.params import Selector, select_weights
 from cvsparse.precision import FP32, Precision
@@ -87,6 +88,7 @@ def compress(
     exclude: Selector | None = None,
     loss_fn: LossFn | None = None,
     gate_loader: Batches | None = None,
+    lr_scheduler: SchedulerFactory | None = None,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = False,
@@ -113,6 +115,12 @@ def compress(
         gate_loader: AutoPrune's gate batches; default: the second half of ``train_loader``'s
             dataset (the first half trains the weights), which needs a ``DataLoader`` over a
             sized dataset.
+        lr_scheduler: ``factory(optimizer, phase) -> torch.optim.lr_scheduler.LRScheduler``,
+            the weights' schedule within each phase of the method (an
+            :class:`~cvsparse.methods.schedules.LRPhase`: each cvgrad outer iteration, the
+            fine-tuning, ...); built when a phase begins, stepped once per epoch.  Default:
+            the recipe's stepped schedule (``milestones``, ``gamma``).  A resumed run needs
+            the same factory.
         resume: continue the run in ``out`` from its checkpoint (pass the same model
             architecture, freshly built, and the same loaders); the stored settings are used.
         progress: print one line per epoch to stderr.
@@ -147,7 +155,7 @@ def compress(
     else:
         run_config = build_config(model, method, epochs, config, overrides)
     run = _Run(run_config, model, train_loader, val_loader, test_loader, include, exclude,
-               loss_fn, gate_loader, state, progress, ranks)
+               loss_fn, gate_loader, state, progress, ranks, lr_scheduler)
     if out_dir is None or not ranks.is_main:
         run.train()
         return run.finish(None)
@@ -220,7 +228,8 @@ class _Run:
                  val_loader: Batches, test_loader: Batches | None,
                  include: Selector | None, exclude: Selector | None, loss_fn: LossFn | None,
                  gate_loader: Batches | None, state: dict[str, Any] | None,
-                 progress: bool, ranks: Ranks | None = None) -> None:
+                 progress: bool, ranks: Ranks | None = None,
+                 lr_scheduler: SchedulerFactory | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
@@ -258,6 +267,8 @@ class _Run:
                        loss_fn=self.ranks.loss(self.loss_fn) or loss_fn,
                        regularized=self.regularized, reduce=self.ranks.reducer())
         self.method = method_class.from_config(config, model, data)
+        if lr_scheduler is not None:
+            self.method.use_lr_scheduler(lr_scheduler)
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
         self.method.precision = self.precision
         self.precision.prepare(model)   # after the method: AutoPrune's gates too

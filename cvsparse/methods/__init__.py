@@ -4,6 +4,7 @@ from .autoprune import AutoPruneMethod
 from .base import CompressionMethod, RunData
 from .cvgrad import CVGradMethod
 from .magnitude import MagnitudeMethod
+from .schedules import LRPhase
 
 METHOD_CLASSES: dict[str, type[CompressionMethod]] = {
     "cvgrad": CVGradMethod,
@@ -11,5 +12,5 @@ METHOD_CLASSES: dict[str, type[CompressionMethod]] = {
     "magnitude": MagnitudeMethod,
 }
 
-__all__ = ["METHOD_CLASSES", "AutoPruneMethod", "CompressionMethod", "CVGradMethod",
+__all__ = ["METHOD_CLASSES", "AutoPruneMethod", "CompressionMethod", "CVGradMethod", "LRPhase",
            "MagnitudeMethod", "RunData"]

@@ -28,7 +28,8 @@ from cvsparse.hyper.accuracy_constraint import (
     read_reference,
 )
 
-from .base import Batches, Follow, LossFn
+from .base import Batches, Follow, LossFn, finetune_base_lr
+from .schedules import LRPhase
 
 #: Phases of a constrained run.
 DENSE, DRIVE, FINETUNE = "dense", "drive", "finetune"
@@ -67,6 +68,7 @@ class AccuracyDrive:
         self.reduce = reduce
         self.constraint = AccuracyConstraint(acc.max_accuracy_drop, acc.max_relative_drop,
                                              acc.patience)
+        self.epochs = epochs
         self.dense_end, self.drive_end = acc.phases(epochs)
         self.curve: ReferenceCurve | None = None
         self.curve_note: str | None = None
@@ -104,6 +106,23 @@ class AccuracyDrive:
         if epoch >= (self.drive_end if self.stopped_at is None else self.stopped_at):
             return FINETUNE
         return DENSE if epoch < self.dense_end else DRIVE
+
+    def lr_phase(self, epoch: int) -> LRPhase:
+        """The learning-rate phase of epoch ``epoch``: the dense phase at ``optim.lr``, the
+        drive at ``accuracy.drive_lr`` (default ``optim.lr``), both constant; fine-tuning
+        restarted at ``optim.finetune_lr`` (default ``lr·gamma``).  Following a reference
+        run, each phase takes that run's rates of its epochs."""
+        opt, phase = self.optim, self.phase(epoch)
+        if phase == DENSE:
+            start, end, base = 0, self.dense_end, opt.lr
+        elif phase == DRIVE:
+            drive_lr = self.accuracy.drive_lr
+            start, end = self.dense_end, self.finetune_start
+            base = opt.lr if drive_lr is None else drive_lr
+        else:
+            start, end, base = self.finetune_start, self.epochs, finetune_base_lr(opt)
+        followed = None if self.curve is None else tuple(self.curve.lrs[start:end])
+        return LRPhase(phase, start, end - start, base, followed)
 
     def scheduled_lr(self, epoch: int) -> float | None:
         """The learning rate of epoch ``epoch`` when the run follows a reference run's schedule

@@ -41,12 +41,11 @@ from .base import (
     RunData,
     budget_met,
     finetune_base_lr,
-    finetune_lr,
     finetune_weight_l2,
-    stepped_lr,
     supervised_step,
     warn_if_budget_missed,
 )
+from .schedules import LRPhase
 
 
 class AutoPruneMethod(CompressionMethod):
@@ -99,21 +98,28 @@ class AutoPruneMethod(CompressionMethod):
                                   ap.target_compression, ap.target_flops, epoch,
                                   self.regularized)
         weight_l2 = self.settings.weight_l2
-        if self.frozen_at is None:
-            lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
-        else:  # fine-tuning restarts the schedule one step down, over the epochs that remain
-            remaining = self.epochs - self.frozen_at
-            lr = finetune_lr(self.optim, finetune_base_lr(self.optim),
-                             epoch - self.frozen_at, remaining)
+        if self.frozen_at is not None:
             weight_l2 = finetune_weight_l2(self.optim, weight_l2)
-        for group in self.weight_opt.param_groups:
-            group["lr"] = lr
+        lr = self.schedule.enter(self.weight_opt, epoch, self.lr_phase(epoch))
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self.finetuning = self.frozen_at is not None
         self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.settings, epoch)
         self._second = None
         self._gate_steps, self._target_met = 0, False
         return lr
+
+    def lr_phase(self, epoch: int) -> LRPhase:
+        """The weights' learning-rate phase: the stepped schedule at ``optim.lr`` until the
+        gates freeze; then fine-tuning restarts it at ``optim.finetune_lr`` (default
+        ``lr·gamma``) over the epochs that remain; a constrained run has the drive's phases
+        (:meth:`AccuracyDrive.lr_phase`).  The gates' learning rate is constant."""
+        if self.drive is not None:
+            return self.drive.lr_phase(epoch)
+        opt = self.optim
+        if self.frozen_at is None:
+            return LRPhase("train", 0, opt.epochs, opt.lr)
+        start = self.frozen_at
+        return LRPhase("finetune", start, self.epochs - start, finetune_base_lr(opt))
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.observe(x)
@@ -179,24 +185,15 @@ class AutoPruneMethod(CompressionMethod):
         Drive: weight and gate steps, ``accuracy.drive_lr`` (default ``optim.lr``), the
         magnitude cuts.  Fine-tuning: the kept gates frozen, as after a met budget.  Following
         a reference run's schedule, every phase takes that run's learning rate of the epoch."""
-        drive, opt = self.drive, self.optim
+        drive = self.drive
         phase = drive.start_epoch(epoch)
         self._epoch, self._second, self._gate_steps = epoch, None, 0
         self._target_met = phase != DRIVE   # gate steps only in the drive
         weight_l2 = self.settings.weight_l2
         if phase == FINETUNE:
             self._select_gates()
-            start = drive.finetune_start
-            lr = finetune_lr(self.optim, finetune_base_lr(self.optim), epoch - start,
-                             self.epochs - start)
             weight_l2 = finetune_weight_l2(self.optim, weight_l2)
-        else:
-            drive_lr = self.drive.accuracy.drive_lr
-            lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
-        scheduled = drive.scheduled_lr(epoch)   # following a reference run's schedule
-        lr = lr if scheduled is None else scheduled
-        for group in self.weight_opt.param_groups:
-            group["lr"] = lr
+        lr = self.schedule.enter(self.weight_opt, epoch, self.lr_phase(epoch))
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self.finetuning = phase == FINETUNE
         self.aux_opt.param_groups[0]["lambda1"] = aux_l1_at(self.settings, epoch)

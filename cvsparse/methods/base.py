@@ -23,6 +23,8 @@ from cvsparse.faults import SkippedStep, StepFault, StepGuard
 from cvsparse.hyper.accuracy_constraint import ReferenceCurve, read_reference_curve
 from cvsparse.precision import FP32, Precision
 
+from .schedules import LRPhase, PhaseScheduler, SchedulerFactory, recipe_scheduler
+
 #: A loader: any iterable of ``(inputs, targets)`` batches that can be iterated again (a
 #: ``torch.utils.data.DataLoader``, cvsparse's ``BatchLoader``, a list of tensor pairs ...).
 Batches = Iterable[tuple[Tensor, Tensor]]
@@ -88,6 +90,14 @@ class CompressionMethod(ABC):
         #: The module training steps run forward and backward through: the model, or (set by
         #: the loop in a data-parallel run) its DistributedDataParallel wrapper.
         self.step_module: nn.Module = model
+        #: Runs the weights' learning rate through the method's phases (:meth:`lr_phase`).
+        self.schedule = PhaseScheduler(recipe_scheduler(optim))
+
+    def use_lr_scheduler(self, factory: SchedulerFactory) -> None:
+        """Schedule the weights' learning rate within each phase with ``factory(optimizer,
+        phase)`` (any ``torch.optim.lr_scheduler``) instead of the recipe's stepped schedule;
+        call before the first epoch."""
+        self.schedule = PhaseScheduler(factory)
 
     @classmethod
     def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> CompressionMethod:
@@ -104,6 +114,11 @@ class CompressionMethod(ABC):
     @abstractmethod
     def set_epoch(self, epoch: int) -> float:
         """Prepare global epoch ``epoch`` (0-based); returns the weight learning rate used."""
+
+    @abstractmethod
+    def lr_phase(self, epoch: int) -> LRPhase:
+        """The learning-rate phase global epoch ``epoch`` belongs to (its first epoch, length
+        and base rate); :meth:`set_epoch` hands it to ``self.schedule``."""
 
     @abstractmethod
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -215,30 +230,12 @@ def _optimizer_step(optimizer: torch.optim.Optimizer,
     return scaler.get_scale() >= scale
 
 
-def stepped_lr(base: float, epoch: int, epochs: int, milestones: list[float],
-               gamma: float) -> float:
-    """Learning rate at ``epoch`` of a phase of ``epochs`` epochs: ``base`` times ``gamma`` for
-    every milestone (a fraction of ``epochs``) already passed."""
-    drops = sum(0 < int(f * epochs) <= epoch for f in milestones)
-    return base * gamma**drops
-
-
 def finetune_weight_l2(opt: OptimConfig, training: float | Tensor) -> float | Tensor:
     """Weight L2 of a fine-tuning phase: ``optim.finetune_weight_l2``, else ``training`` (the
     training phase's value).  The shrinkage that served the pruning can cost accuracy once the
     support is fixed (~0.1 points on a few thousand weights, RESULTS.md)."""
     value = opt.finetune_weight_l2
     return training if value is None else value
-
-
-def finetune_lr(opt: OptimConfig, base: float, epoch: int, epochs: int) -> float:
-    """Learning rate of epoch ``epoch`` (0-based) of a fine-tuning phase of ``epochs`` epochs
-    that starts at ``base``: the stepped schedule over the first ``epochs − optim.swa_epochs``,
-    then the constant ``optim.swa_lr`` (default ``base``) over the weight-averaging window."""
-    stepped = epochs - opt.swa_epochs
-    if epoch >= stepped:
-        return opt.swa_lr if opt.swa_lr is not None else base
-    return stepped_lr(base, epoch, stepped, opt.milestones, opt.gamma)
 
 
 def finetune_base_lr(opt: OptimConfig) -> float:

@@ -57,13 +57,12 @@ from .base import (
     RunData,
     budget_met,
     finetune_base_lr,
-    finetune_lr,
     finetune_weight_l2,
-    stepped_lr,
     supervised_step,
     warn_if_budget_missed,
 )
 from .cvgrad_optimizer import CVGradOptimizer, CVGradSettings
+from .schedules import LRPhase
 
 #: ``cvgrad.lambda_range`` of a constrained run when none is given: the drive's checks come ten
 #: times an epoch, and each hyper step may move λ by a factor of e^hyper_lr; unbounded, λ2 rose
@@ -186,27 +185,35 @@ class CVGradMethod(CompressionMethod):
         self._epoch = epoch
         if self.finetuning:
             start = self.finetune_start
-            return self._set_finetune_epoch(epoch - start, self.epochs - start)
+            return self._set_finetune_epoch(epoch - start)
         inner = epoch % opt.epochs
         if inner == 0 and epoch > 0 and cv.reinit:
             self.model.load_state_dict(self.initial_state)
             self.optimizer.state.clear()
         elif inner == 0 and epoch > 0 and cv.release_masks:
             self.released = self.release_masks(cv.release_batches)
-        lr = stepped_lr(opt.lr, inner, opt.epochs, opt.milestones, opt.gamma)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.param_groups[0]["threshold"] = (
             cv.threshold if epoch >= cv.threshold_start_epoch else None
         )
-        return lr
+        return self.schedule.enter(self.optimizer, epoch, self.lr_phase(epoch))
 
-    def _set_finetune_epoch(self, epoch: int, epochs: int) -> float:
-        """Epoch ``epoch`` of ``epochs`` fine-tuning epochs (after the last outer iteration or
-        the budget): no L1 (the support is fixed by the masks, pruned weights stay at zero),
-        λ2 ``optim.finetune_weight_l2`` (default: the learned λ2), schedule restarted at
-        ``optim.finetune_lr`` (default ``lr·gamma``)."""
-        lr = finetune_lr(self.optim, finetune_base_lr(self.optim), epoch, epochs)
+    def lr_phase(self, epoch: int) -> LRPhase:
+        """Each outer iteration restarts the stepped schedule at ``optim.lr``; fine-tuning
+        restarts it at ``optim.finetune_lr`` (default ``lr·gamma``); a constrained run has the
+        drive's phases (:meth:`AccuracyDrive.lr_phase`)."""
+        if self.drive is not None:
+            return self.drive.lr_phase(epoch)
+        opt = self.optim
+        if epoch >= self.finetune_start:
+            start = self.finetune_start
+            return LRPhase("finetune", start, self.epochs - start, finetune_base_lr(opt))
+        return LRPhase("train", epoch - epoch % opt.epochs, opt.epochs, opt.lr)
+
+    def _set_finetune_epoch(self, epoch: int) -> float:
+        """Fine-tuning epoch ``epoch`` (0-based; after the last outer iteration, the budget or
+        the drive): no L1 (the support is fixed by the masks, pruned weights stay at zero),
+        λ2 ``optim.finetune_weight_l2`` (default: the learned λ2), the ``"finetune"``
+        learning-rate phase."""
         group = self.optimizer.param_groups[0]
         if epoch == 0:
             if self.drive is not None:
@@ -226,9 +233,7 @@ class CVGradMethod(CompressionMethod):
                               "support as it is", stacklevel=2)
         group["lambda1"], group["threshold"] = 0.0, None   # every epoch: a resume reloads λ1
         group["lambda2"] = finetune_weight_l2(self.optim, self.core.lambda_args()[1])
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        return lr
+        return self.schedule.enter(self.optimizer, self._epoch, self.lr_phase(self._epoch))
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.observe(x)
@@ -359,24 +364,15 @@ class CVGradMethod(CompressionMethod):
         drive = self.drive
         phase = drive.start_epoch(epoch)
         self._epoch, self._online_val = epoch, None
-        scheduled = drive.scheduled_lr(epoch)
         if self.finetuning:
             start = self.finetune_start
-            lr = self._set_finetune_epoch(epoch - start, self.epochs - start)
-        else:
-            opt, drive_lr = self.optim, self.drive.accuracy.drive_lr
-            lr = drive_lr if phase == DRIVE and drive_lr is not None else opt.lr
-        lr = lr if scheduled is None else scheduled
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.finetuning:
-            return lr
+            return self._set_finetune_epoch(epoch - start)
         group = self.optimizer.param_groups[0]
         self.core.push_lambdas()
         if phase == DENSE:
             group["lambda1"] = 0.0
         group["threshold"] = self.settings.threshold if phase == DRIVE else None
-        return lr
+        return self.schedule.enter(self.optimizer, epoch, self.lr_phase(epoch))
 
     def _constrained_step(self) -> None:
         """After a training step: the drive's magnitude cut when one falls (the weights below

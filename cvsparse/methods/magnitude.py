@@ -19,12 +19,11 @@ from cvsparse.config import MagnitudeConfig, OptimConfig
 from .base import (
     CompressionMethod,
     RunData,
-    finetune_lr,
     finetune_weight_l2,
-    stepped_lr,
     supervised_step,
 )
 from .magnitude_pruner import MagnitudePruner
+from .schedules import LRPhase
 
 
 class MagnitudeMethod(CompressionMethod):
@@ -47,18 +46,20 @@ class MagnitudeMethod(CompressionMethod):
         opt = self.optim
         if epoch >= opt.epochs and not self.core.pruned:
             self.core.prune(self.settings.target_compression)
-        if self.core.pruned:
-            lr = finetune_lr(self.optim, opt.lr, epoch - opt.epochs,
-                             self.settings.finetune_epochs)
-        else:
-            lr = stepped_lr(opt.lr, epoch, opt.epochs, opt.milestones, opt.gamma)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.schedule.enter(self.optimizer, epoch, self.lr_phase(epoch))
         weight_l2 = self.settings.weight_l2
         self.optimizer.param_groups[0]["lambda2"] = (
             finetune_weight_l2(self.optim, weight_l2) if self.core.pruned else weight_l2)
         self.finetuning = self.core.pruned
         return lr
+
+    def lr_phase(self, epoch: int) -> LRPhase:
+        """The stepped schedule at ``optim.lr`` until the cut; then fine-tuning restarts it
+        at ``optim.lr`` over ``magnitude.finetune_epochs``."""
+        opt = self.optim
+        if epoch < opt.epochs:
+            return LRPhase("train", 0, opt.epochs, opt.lr)
+        return LRPhase("finetune", opt.epochs, self.settings.finetune_epochs, opt.lr)
 
     def train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.observe(x)

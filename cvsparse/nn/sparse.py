@@ -224,8 +224,7 @@ class SparseConv2d(_Packed):
         return nn.Sequential(conv, *followers) if followers else conv
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._convolve(x)
-        return max_pool_tiles(y, self.pool) if self.pool > 1 else y
+        return max_pool_tiles(self._convolve(x), self.pool)
 
     def _convolve(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
