@@ -255,16 +255,22 @@ class AccuracyDrive:
         verdict = self.constraint.observe(accuracy, compression, (self.epoch, self.epoch_steps),
                                           self.reference_now())
         if verdict == BEST:
-            self.snapshot = copy.deepcopy({
-                "model": model.state_dict(),
-                **{name: opt.state_dict() for name, opt in optimizers.items()}})
+            self.snapshot = _copy_states(model, optimizers)
         if verdict == STOP:
             self.stopped_at = self.epoch + 1
         return verdict
 
+    def keep_start(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        """Called before each cut of the drive: before the first, keep a copy of the network
+        as it is, the network a drive with no feasible check falls back to (never one that
+        the drive's cuts made less accurate than the bound allows)."""
+        if self.snapshot is None:
+            self.snapshot = _copy_states(model, optimizers)
+
     def restore(self, model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> None:
-        """Put the kept network's states back into ``model`` and ``optimizers`` (nothing when
-        no check was feasible); the drive is over from here on."""
+        """Put the kept network's states back into ``model`` and ``optimizers`` (without a
+        feasible check, those from before the drive's first cut; nothing when the drive never
+        cut); the drive is over from here on."""
         if self.snapshot is not None:
             model.load_state_dict(self.snapshot["model"])
             for name, opt in optimizers.items():
@@ -297,3 +303,8 @@ class AccuracyDrive:
         self.steps_per_epoch, self.stopped_at = state["steps_per_epoch"], state["stopped_at"]
         self.next_check = state["next_check"]
 
+
+def _copy_states(model: nn.Module, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, Any]:
+    """A deep copy of the states of ``model`` (key ``"model"``) and ``optimizers`` (by name)."""
+    return copy.deepcopy({"model": model.state_dict(),
+                          **{name: opt.state_dict() for name, opt in optimizers.items()}})

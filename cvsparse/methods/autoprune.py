@@ -206,6 +206,7 @@ class AutoPruneMethod(CompressionMethod):
         drive.count_step()
         in_drive = drive.phase(self._epoch) == DRIVE and not drive.selected
         if in_drive and drive.cut_due():
+            drive.keep_start(self.model, self._optimizers())
             self._cut()
         if drive.check_due():
             self._check_constraint()
@@ -243,7 +244,7 @@ class AutoPruneMethod(CompressionMethod):
         totals = metrics.summarize(metrics.layer_table(self.measured_model(), self.input_shape(),
                                                        self.regularized))
         verdict = self.drive.judge(accuracy, totals["compression_rate"], self.model,
-                                   {"weight_opt": self.weight_opt, "aux_opt": self.aux_opt})
+                                   self._optimizers())
         if verdict == STOP:
             self._select_gates()
             self._target_met = True   # no gate step for the rest of this epoch
@@ -253,11 +254,14 @@ class AutoPruneMethod(CompressionMethod):
         states; the network as it is when no check was feasible)."""
         if self.drive.selected:
             return
-        self.drive.restore(self.model, {"weight_opt": self.weight_opt,
-                                        "aux_opt": self.aux_opt})
+        self.drive.restore(self.model, self._optimizers())
         self.frozen_at = self.drive.finetune_start
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers whose states a kept network carries, by name."""
+        return {"weight_opt": self.weight_opt, "aux_opt": self.aux_opt}
 
     def _target_reached(self) -> bool:
         """Whether the gated model, as :meth:`measured_model` reports it, meets

@@ -374,12 +374,17 @@ class CVGradMethod(CompressionMethod):
         group["threshold"] = self.settings.threshold if phase == DRIVE else None
         return self.schedule.enter(self.optimizer, epoch, self.lr_phase(epoch))
 
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers whose states a kept network carries, by name."""
+        return {"optimizer": self.optimizer}
+
     def _constrained_step(self) -> None:
         """After a training step: the drive's magnitude cut when one falls (the weights below
         the cut are pruned and masked, like τ's), then a check when one falls."""
         drive = self.drive
         drive.count_step()
         if self.hyper_active and drive.cut_due():
+            drive.keep_start(self.model, self._optimizers())
             cut = drive.cut(self.weights)
             if cut is not None:
                 group = self.optimizer.param_groups[0]
@@ -407,7 +412,7 @@ class CVGradMethod(CompressionMethod):
         accuracy = self.drive.probe(copy.deepcopy(self.model), self.names,
                                     self.settings.threshold)
         verdict = self.drive.judge(accuracy, self.core.compression(), self.model,
-                                   {"optimizer": self.optimizer})
+                                   self._optimizers())
         if verdict == STOP:
             self._select_support()   # the drive is over: hyper_active is False from here
         elif self.hyper_active:
@@ -419,7 +424,7 @@ class CVGradMethod(CompressionMethod):
         as it is when no check was feasible), masked below τ."""
         if self.drive.selected:
             return
-        self.drive.restore(self.model, {"optimizer": self.optimizer})
+        self.drive.restore(self.model, self._optimizers())
         self.core.push_lambdas()
         self._fix_support()
 

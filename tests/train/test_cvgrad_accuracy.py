@@ -272,3 +272,22 @@ def test_learning_rates_of_a_followed_schedule_cannot_be_set(tmp_path, dense_run
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "follows its reference run's learning rates" in lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("settings", [BASE, AP], ids=["cvgrad", "autoprune"])
+def test_a_drive_with_no_feasible_check_keeps_the_network_it_started_from(tmp_path, settings):
+    """A bound no support can meet (100% given, 0.1 points allowed): every check fails, and the
+    delivered network is the one from before the drive's first cut — denser than the first
+    check's level — never the one the failed checks' cuts left behind."""
+    trainer = Trainer(tiny_config(**{**settings, "accuracy.max_accuracy_drop": 0.1,
+                                     "accuracy.reference_accuracy": 100.0}),
+                      tmp_path / "run", progress=False)
+    report = trainer.run()
+    drive = trainer.method.drive
+    assert report["selected_compression"] is None and report["constraint_met_val"] is False
+    assert drive.constraint.violations >= drive.accuracy.patience   # the cuts went on
+    exported = trainer.method.measured_model()
+    rate = zeros_rate(exported, [n for n, _ in exported.named_parameters()
+                                 if n.endswith("weight")])   # every Linear weight here
+    assert rate == pytest.approx(report["compression_rate"])
+    assert rate < drive.accuracy.check_ratio
