@@ -251,7 +251,8 @@ class AutoPruneMethod(CompressionMethod):
 
     def _select_gates(self) -> None:
         """Freeze the gates of the kept network (restored with its weights and optimizer
-        states; the network as it is when no check was feasible)."""
+        states; when no check was feasible, the network from before the drive's first
+        cut)."""
         if self.drive.selected:
             return
         self.drive.restore(self.model, self._optimizers())

@@ -420,8 +420,8 @@ class CVGradMethod(CompressionMethod):
             self.model.train()
 
     def _select_support(self) -> None:
-        """End the drive on the kept network (its weights, momentum and masks; the network
-        as it is when no check was feasible), masked below τ."""
+        """End the drive on the kept network (its weights, momentum and masks; when no check
+        was feasible, the network from before the drive's first cut), masked below τ."""
         if self.drive.selected:
             return
         self.drive.restore(self.model, self._optimizers())
