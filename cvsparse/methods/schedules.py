@@ -113,13 +113,13 @@ class PhaseScheduler:
     def enter(self, optimizer: Optimizer, epoch: int, phase: LRPhase) -> float:
         """Set the learning rate of global epoch ``epoch`` (in ``phase``); returns it (the
         first group's)."""
-        if phase != self.phase or self.scheduler is None or self.epoch is None:
+        if phase != self.phase:   # also the first call: no phase yet
             for group in optimizer.param_groups:
                 group["lr"] = phase.base_lr
                 group.pop("initial_lr", None)   # a scheduler takes its base from ``lr``
             self.scheduler, self.phase = self.factory(optimizer, phase), phase
             self._advance(epoch - phase.start)
-        elif epoch != self.epoch:
+        else:
             self._advance(epoch - self.epoch)
         self.epoch = epoch
         return optimizer.param_groups[0]["lr"]
