@@ -76,6 +76,7 @@ class AccuracyConstraint:
         self.violations = 0
         self.checks = 0
         self.stopped_at: list[int] | None = None
+        self.history: list[dict[str, Any]] = []
 
     def set_reference(self, accuracy: float, source: str, *, rising: bool = False) -> None:
         """The reference validation accuracy (a fraction in [0, 1]) and how it was obtained;
@@ -101,11 +102,6 @@ class AccuracyConstraint:
             bounds.append(reference * (1 - self.max_relative_drop / 100))
         return max(bounds)
 
-    def holds(self, accuracy: float, reference: float | None = None) -> bool:
-        """Whether ``accuracy`` (a fraction) satisfies the constraint against ``reference``
-        (default: the run's reference)."""
-        return accuracy >= (self.bound if reference is None else self.bound_for(reference))
-
     def observe(self, accuracy: float, compression: float, at: tuple[int, int],
                 reference: float | None = None) -> str:
         """Judge one check of a network of ``compression`` (a rate ≥ 1) measured at
@@ -125,21 +121,30 @@ class AccuracyConstraint:
         smoothed = sum(self.recent) / len(self.recent)
         if self.rising and len(self.recent) == self.window and smoothed > self.reference:
             self.reference, self.raised_at = smoothed, list(at)
-        if self.holds(accuracy, reference):
+        bound = self.bound if reference is None else self.bound_for(reference)
+        verdict = self._verdict(float(accuracy), bound, float(compression), list(at))
+        self.history.append({"at": list(at), "compression": float(compression),
+                             "val_acc": float(accuracy), "bound": bound, "verdict": verdict})
+        return verdict
+
+    def _verdict(self, accuracy: float, bound: float, compression: float, at: list[int]) -> str:
+        """The verdict of :meth:`observe` once the check's bound is known."""
+        if accuracy >= bound:
             self.violations = 0
             if compression > self.best_compression:
-                self.best_compression, self.best_accuracy = float(compression), float(accuracy)
-                self.best_at = list(at)
+                self.best_compression, self.best_accuracy, self.best_at = compression, accuracy, at
                 return BEST
             return FEASIBLE
         self.violations += 1
         if self.violations >= self.patience:
-            self.stopped_at = list(at)
+            self.stopped_at = at
             return STOP
         return VIOLATED
 
     def report(self) -> dict[str, Any]:
-        """The report's entries: the reference, the bound, the kept support's check."""
+        """The report's entries: the reference, the bound, the kept support's check, and
+        every check (``constraint_history``: where, compression, validation accuracy, bound,
+        verdict)."""
         return {
             "reference_val_acc": self.reference,
             "reference_source": self.source,
@@ -152,6 +157,7 @@ class AccuracyConstraint:
             "selected_val_acc": self.best_accuracy,
             "selected_at": self.best_at,
             "drive_stopped_at": self.stopped_at,
+            "constraint_history": self.history,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -159,12 +165,13 @@ class AccuracyConstraint:
                 "raised_at": self.raised_at, "recent": self.recent,
                 "best_compression": self.best_compression, "best_accuracy": self.best_accuracy,
                 "best_at": self.best_at, "violations": self.violations, "checks": self.checks,
-                "stopped_at": self.stopped_at}
+                "stopped_at": self.stopped_at, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("reference", "source", "rising", "raised_at", "recent", "best_compression",
                     "best_accuracy", "best_at", "violations", "checks", "stopped_at"):
             setattr(self, key, state[key])
+        self.history = state.get("history", [])   # absent from earlier versions' checkpoints
 
 
 def with_verdict(report: dict[str, Any]) -> dict[str, Any]:

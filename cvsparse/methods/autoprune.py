@@ -2,9 +2,11 @@
 by straight-through gradients on auxiliary parameters ``m``.
 
 The training split is halved: weights take a step on a batch of the first half, then the
-auxiliary parameters on a batch of the second half (1:1).  Weights carry L2 (``weight_l2``),
-``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m`` reaches exactly 0 and the
-unit switches off; it comes back if the data gradient pushes ``m`` above 0 again).  With
+auxiliary parameters on a batch of the second half (1:1); where no gate moves (fine-tuning,
+the dense phase of an accuracy-constrained run) both batches train the weights.  Weights carry
+L2 (``weight_l2``), ``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m``
+reaches exactly 0 and the unit switches off; it comes back if the data gradient pushes ``m``
+above 0 again).  With
 ``aux_l1_ramp_epochs = R`` the L1 grows linearly over the first R epochs, so that the pruning
 follows the ramp rather than the gates' learning rate.  Once the
 compression (or FLOPs) target is met the gates freeze and the weights are fine-tuned on all
@@ -33,7 +35,7 @@ from cvsparse.hyper.accuracy_constraint import STOP
 from cvsparse.nn import aux_parameters, gated_layers, strip
 from cvsparse.params import regularized_parameters
 
-from .accuracy_drive import DRIVE, FINETUNE, AccuracyDrive
+from .accuracy_drive import DENSE, DRIVE, FINETUNE, AccuracyDrive
 from .autoprune_optimizer import AutoPruneOptimizer, AutoPruneSettings
 from .base import (
     CompressionMethod,
@@ -75,6 +77,7 @@ class AutoPruneMethod(CompressionMethod):
         self._epoch = 0
         self._gate_steps = 0        # gate steps taken in this epoch
         self._target_met = False    # met within this epoch: the gates stop until it ends
+        self._dense = False         # a constrained run's dense phase: no gate, whole split
         self.drive: AccuracyDrive | None = None
         if accuracy is not None:
             self.drive = AccuracyDrive(accuracy, optim, epochs, data.val,
@@ -125,7 +128,7 @@ class AutoPruneMethod(CompressionMethod):
         self.observe(x)
         loss, logits = supervised_step(self.step_module, self.weight_opt, x, y, self.guard,
                                        self.loss_fn, precision=self.precision)
-        if self.frozen_at is not None:  # fine-tuning: the second half trains the weights too
+        if self.frozen_at is not None or self._dense:   # both halves train the weights
             xb, yb = (t.to(x.device) for t in self._second_batch())
             supervised_step(self.step_module, self.weight_opt, xb, yb, self.guard, self.loss_fn,
                             precision=self.precision)
@@ -181,14 +184,16 @@ class AutoPruneMethod(CompressionMethod):
     # ---- the accuracy-constrained run (docs/method.md §8) --------------------------------------
 
     def _set_constrained_epoch(self, epoch: int) -> float:
-        """Dense phase: weight steps only (the gates stay as initialized, open or not).
-        Drive: weight and gate steps, ``accuracy.drive_lr`` (default ``optim.lr``), the
-        magnitude cuts.  Fine-tuning: the kept gates frozen, as after a met budget.  Following
-        a reference run's schedule, every phase takes that run's learning rate of the epoch."""
+        """Dense phase: weight steps only, on both halves of the training split, as a dense
+        run takes them (the gates stay as initialized, open or not).  Drive: weight and gate
+        steps, ``accuracy.drive_lr`` (default ``optim.lr``), the magnitude cuts.  Fine-tuning:
+        the kept gates frozen, as after a met budget.  Following a reference run's schedule,
+        every phase takes that run's learning rate of the epoch."""
         drive = self.drive
         phase = drive.start_epoch(epoch)
         self._epoch, self._second, self._gate_steps = epoch, None, 0
         self._target_met = phase != DRIVE   # gate steps only in the drive
+        self._dense = phase == DENSE
         weight_l2 = self.settings.weight_l2
         if phase == FINETUNE:
             self._select_gates()

@@ -74,6 +74,12 @@ def test_verdicts_of_a_short_sequence():
     report = c.report()
     assert report["selected_compression"] == 9.0 and report["selected_at"] == [0, 4]
     assert report["drive_stopped_at"] == [1, 1] and report["constraint_checks"] == 6
+    history = report["constraint_history"]   # every judged check, the stopped call excluded
+    assert [h["verdict"] for h in history] == [BEST, FEASIBLE, VIOLATED, BEST, VIOLATED, STOP]
+    assert [h["at"] for h in history] == [[0, 1], [0, 2], [0, 3], [0, 4], [1, 0], [1, 1]]
+    assert [h["val_acc"] for h in history] == [0.95, 0.945, 0.93, 0.941, 0.90, 0.92]
+    assert [h["compression"] for h in history] == [2.0, 1.5, 8.0, 9.0, 20.0, 30.0]
+    assert all(h["bound"] == pytest.approx(0.94) for h in history)
 
 
 @settings(max_examples=300, deadline=None)

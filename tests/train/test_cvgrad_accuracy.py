@@ -49,6 +49,12 @@ def test_the_kept_network_meets_the_bound_on_validation(tmp_path):
     rate = zeros_rate(trainer.model, report["regularized_tensors"])
     assert rate == pytest.approx(report["compression_rate"])
     assert rate >= report["selected_compression"] > 2   # the support kept, masked below τ
+    kept = [h for h in report["constraint_history"] if h["at"] == report["selected_at"]]
+    assert [(h["verdict"], h["compression"]) for h in kept] == [
+        ("best", report["selected_compression"])]
+    bounds = [h["bound"] for h in report["constraint_history"]]   # a rising reference
+    assert kept[0]["val_acc"] >= kept[0]["bound"]
+    assert bounds == sorted(bounds) and bounds[-1] == pytest.approx(report["accuracy_bound"])
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [float(r["lambda1"]) for r in rows[:2]] == [1e-4, 1e-4]   # dense: λ untouched
     # the drive's λ stay within 10x of their start (cvgrad.lambda_range of a constrained run)
@@ -176,6 +182,33 @@ def test_autoprune_keeps_the_sparsest_gates_that_meet_the_bound(tmp_path):
     assert rate == pytest.approx(report["compression_rate"])
     assert rate >= report["selected_compression"] > 2
     assert report["gates_frozen_at_epoch"] is not None
+
+
+def test_autoprune_trains_its_weights_on_the_whole_split_in_the_dense_phase(tmp_path):
+    """The dense phase takes no gate step, and its weights train on both halves of the
+    training split, as the dense run it is compared with does: in the first (dense) epoch
+    every training forward is followed by a weight step, and as many of them draw on the
+    second half as on the first (oracle: the halves' own examples)."""
+    trainer = Trainer(tiny_config(**{**AP, "accuracy.max_accuracy_drop": 3.0}),
+                      tmp_path / "ap", progress=False)
+    method = trainer.method
+    assert method.drive.dense_end == 2
+    first, second = ({row.numpy().tobytes() for x, _ in loader for row in x}
+                     for loader in (trainer.train_loader, method.data.second_half))
+    seen: list[bytes] = []
+    steps = {"weight": 0, "aux": 0}
+
+    def record(module, args):
+        if module.training and torch.is_grad_enabled():
+            seen.extend(row.numpy().tobytes() for row in args[0])
+
+    trainer.model.register_forward_pre_hook(record)
+    for name, opt in (("weight", method.weight_opt), ("aux", method.aux_opt)):
+        opt.register_step_post_hook(lambda *_, name=name: steps.__setitem__(name, steps[name] + 1))
+    trainer.run(max_epochs=1)
+    assert steps == {"weight": 2 * 30, "aux": 0}
+    assert sum(row in first for row in seen) == sum(row in second for row in seen) == 30 * 64
+    assert len(seen) == 2 * 30 * 64
 
 
 def test_autoprune_is_monotone_in_the_drop_and_resumes_bitwise(tmp_path):
