@@ -131,7 +131,9 @@ def _ratio(dense: float, effective: float) -> str:
 
 
 def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Path) -> list[Path]:
-    """accuracy.png, sparsity.png, lambda.png and layers.png; returns the paths written."""
+    """accuracy.png, sparsity.png, lambda.png (cvgrad), layers.png and, for an
+    accuracy-constrained run, drive.png (every check's validation accuracy and bound against
+    its compression); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,6 +156,10 @@ def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Pa
         if shown:
             ax.plot([r["epoch"] for r in shown], [100 * r[key] for r in shown], marker="o",
                     ms=3, label=label)
+    bounded = [r for r in rows if r.get("accuracy_bound") is not None]
+    if bounded:   # a constrained run: the validation bound after each epoch
+        ax.plot([r["epoch"] for r in bounded], [100 * r["accuracy_bound"] for r in bounded],
+                ls=":", color="C3", label="bound (validation)")
     ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -186,6 +192,23 @@ def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Pa
         ax.grid(alpha=0.3, which="both")
         ax.legend()
         save(fig, "lambda.png")
+
+    checks = report.get("constraint_history") or []
+    if checks:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rates = [h["compression"] for h in checks]
+        ax.plot(rates, [100 * h["val_acc"] for h in checks], marker="o", ms=3,
+                label="check (probe)")
+        ax.plot(rates, [100 * h["bound"] for h in checks], ls="--", color="C3", label="bound")
+        kept = [h for h in checks if h["at"] == report.get("selected_at")]
+        if kept:
+            ax.scatter([kept[0]["compression"]], [100 * kept[0]["val_acc"]], s=90, zorder=3,
+                       facecolors="none", edgecolors="k", label="kept")
+        ax.set(xscale="log", xlabel="compression at the check (x)",
+               ylabel="validation accuracy (%)", title="Accuracy-constrained drive")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        save(fig, "drive.png")
 
     layers = report["layers"]
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers)), 4))

@@ -55,6 +55,7 @@ def test_the_kept_network_meets_the_bound_on_validation(tmp_path):
     bounds = [h["bound"] for h in report["constraint_history"]]   # a rising reference
     assert kept[0]["val_acc"] >= kept[0]["bound"]
     assert bounds == sorted(bounds) and bounds[-1] == pytest.approx(report["accuracy_bound"])
+    assert (tmp_path / "run" / "plots" / "drive.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [float(r["lambda1"]) for r in rows[:2]] == [1e-4, 1e-4]   # dense: λ untouched
     # the drive's λ stay within 10x of their start (cvgrad.lambda_range of a constrained run)

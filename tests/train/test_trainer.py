@@ -84,6 +84,7 @@ def test_run_writes_report_metrics_plots_and_learns_lambda(tmp_path):
     for name in ("accuracy.png", "sparsity.png", "lambda.png", "layers.png"):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not (tmp_path / "plots" / "drive.png").exists()   # no constraint, no drive
     assert on_disk["config"]["model"] == "lenet300"
 
 
