@@ -109,21 +109,35 @@ def _accuracy_line(report: dict[str, Any]) -> list[str]:
 
 
 def comparison_table(reports: dict[str, dict[str, Any]]) -> str:
-    """A markdown table, one row per run: model, method, test error, compression, FLOPs."""
+    """A markdown table, one row per run: model, method, test error, compression, FLOPs, the
+    validation accuracy (against its bound for an accuracy-constrained run) and wall time."""
     lines = [
         "| run | model | method | epochs | test error (%) | compression | pruned (%) "
-        "| FLOPs kept (%) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| FLOPs kept (%) | validation (%) | wall time (s) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for name, r in reports.items():
         flops = 100 * r["flops_effective"] / r["flops_dense"] if r["flops_dense"] else 100.0
         error = "-" if r["test_acc"] is None else f"{100 * (1 - r['test_acc']):.2f}"
+        wall = r.get("wall_time_s")
         lines.append(
             f"| {name} | {r['config']['model']} | {r['config']['method']} | {r['epochs']} "
             f"| {error} | {r['compression_rate']:.1f}x "
-            f"| {r['pruned_pct']:.2f} | {flops:.1f} |"
+            f"| {r['pruned_pct']:.2f} | {flops:.1f} | {_validation_cell(r)} "
+            f"| {'-' if wall is None else f'{wall:.0f}'} |"
         )
     return "\n".join(lines)
+
+
+def _validation_cell(report: dict[str, Any]) -> str:
+    """The final validation accuracy in points; for a constrained run, against its bound."""
+    val = report.get("val_acc")
+    if val is None:
+        return "-"
+    if report.get("accuracy_bound") is None:
+        return f"{100 * val:.2f}"
+    sign = ">=" if report.get("constraint_met_val") else "<"
+    return f"{100 * val:.2f} {sign} {100 * report['accuracy_bound']:.2f}"
 
 
 def _ratio(dense: float, effective: float) -> str:

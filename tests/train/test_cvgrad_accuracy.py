@@ -12,7 +12,7 @@ import torch
 
 from cvsparse.metrics import evaluate
 from cvsparse.train import Trainer
-from cvsparse.train.outputs import summary_table
+from cvsparse.train.outputs import comparison_table, summary_table
 
 from .cli_helpers import run_cli, tiny_yaml
 from .test_trainer import full_and_resumed, tiny_config
@@ -46,6 +46,8 @@ def test_the_kept_network_meets_the_bound_on_validation(tmp_path):
                     f"{100 * report['accuracy_bound']:.2f}% (reference "
                     f"{100 * report['reference_val_acc']:.2f}%, {report['reference_source']}): "
                     "met"]
+    row = comparison_table({"run": report}).splitlines()[-1]
+    assert f"| {100 * val:.2f} >= {100 * report['accuracy_bound']:.2f} |" in row
     rate = zeros_rate(trainer.model, report["regularized_tensors"])
     assert rate == pytest.approx(report["compression_rate"])
     assert rate >= report["selected_compression"] > 2   # the support kept, masked below τ

@@ -211,6 +211,7 @@ def test_cli_train_then_resume_finished_run(tmp_path, capsys):
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"| {100 * (1 - again['test_acc']):.2f} |" in row
     assert f"| {again['compression_rate']:.1f}x |" in row
+    assert row.endswith(f"| {100 * again['val_acc']:.2f} | {again['wall_time_s']:.0f} |")
     assert main(["compare", str(tmp_path / "missing")]) == 2
 
 
