@@ -130,11 +130,14 @@ class AccuracyDrive:
         return None if self.curve is None else self.curve.lrs[epoch]
 
     def reference_now(self) -> float | None:
-        """The reference at this point of the run: the followed dense run's validation accuracy
-        after as many epochs (fractions included); None without a curve (the one reference)."""
+        """The reference of a check now: the followed dense run's validation accuracy after as
+        much training as the probed network has had, the run's epochs so far (fractions
+        included) and the probe's steps, which train at this epoch's learning rate and so
+        count up to the epoch's end at most; None without a curve (the one reference)."""
         if self.curve is None:
             return None
-        return self.curve.accuracy_after(self.epoch + self.epoch_share())
+        probe_share = self.probe_steps() / (self.steps_per_epoch or FIRST_EPOCH_STEPS)
+        return self.curve.accuracy_after(self.epoch + min(1.0, self.epoch_share() + probe_share))
 
     def epoch_share(self) -> float:
         """The share of the current epoch done (whole before an epoch's steps are known)."""
@@ -202,6 +205,11 @@ class AccuracyDrive:
 
     # ---- measuring -------------------------------------------------------------------------
 
+    def probe_steps(self) -> int:
+        """The training steps of a probe: ``accuracy.probe_fraction`` of an epoch's steps."""
+        per_epoch = self.steps_per_epoch or FIRST_EPOCH_STEPS
+        return max(1, round(self.accuracy.probe_fraction * per_epoch))
+
     def probe(self, network: nn.Module, names: list[str], threshold: float) -> float:
         """What a support is worth: the validation accuracy of ``network`` (a copy the caller
         may discard; it is trained here) after ``accuracy.probe_fraction`` of an epoch's steps
@@ -209,7 +217,7 @@ class AccuracyDrive:
         ``lr · gamma``; the followed schedule's learning rate with a reference curve), its weights
         ``names`` that are zero or below ``threshold`` held at zero."""
         acc, opt = self.accuracy, self.optim
-        steps = max(1, round(acc.probe_fraction * (self.steps_per_epoch or FIRST_EPOCH_STEPS)))
+        steps = self.probe_steps()
         named = dict(network.named_parameters())
         weights = [named[n] for n in names]
         with torch.no_grad():

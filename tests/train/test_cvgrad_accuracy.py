@@ -280,6 +280,16 @@ def test_a_reference_run_of_the_same_schedule_is_followed_epoch_by_epoch(tmp_pat
     assert 4 <= epoch < 6   # a check of the drive
     lower = min(dense_val[epoch - 1], dense_val[epoch])
     assert report["selected_val_acc"] >= lower - 0.02
+    # each check against the dense run's accuracy after as much training as its probed
+    # network had: its step of 30 and the probe's 6 (0.2 of an epoch), to the epoch's end
+    checks = report["constraint_history"]
+    assert len(checks) == report["constraint_checks"] > 6
+    for check in checks:
+        e, step = check["at"]
+        share = min(1.0, (step + 6) / 30)
+        dense_then = (1 - share) * dense_val[e - 1] + share * dense_val[e]
+        assert check["bound"] == pytest.approx(dense_then - 0.02), check
+    assert any(0 < step < 24 for _, step in (c["at"] for c in checks))   # mid-epoch ones
     if method == "cvgrad":   # (AutoPrune's gated model is counted in its own tests)
         assert zeros_rate(trainer.model, report["regularized_tensors"]) == pytest.approx(
             report["compression_rate"])
