@@ -64,7 +64,6 @@ class AccuracyConstraint:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         self.window = window
-        self.recent: list[float] = []
         self.max_drop, self.max_relative_drop, self.patience = max_drop, max_relative_drop, patience
         self.reference: float | None = None
         self.source: str | None = None
@@ -74,9 +73,8 @@ class AccuracyConstraint:
         self.best_accuracy: float | None = None
         self.best_at: list[int] | None = None
         self.violations = 0
-        self.checks = 0
         self.stopped_at: list[int] | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []   # every judged check, in order
 
     def set_reference(self, accuracy: float, source: str, *, rising: bool = False) -> None:
         """The reference validation accuracy (a fraction in [0, 1]) and how it was obtained;
@@ -116,10 +114,10 @@ class AccuracyConstraint:
         """
         if self.stopped_at is not None:
             return STOP
-        self.checks += 1
-        self.recent = [*self.recent, float(accuracy)][-self.window:]
-        smoothed = sum(self.recent) / len(self.recent)
-        if self.rising and len(self.recent) == self.window and smoothed > self.reference:
+        earlier = self.history[max(0, len(self.history) - self.window + 1):]
+        recent = [*(h["val_acc"] for h in earlier), float(accuracy)]   # the last `window`
+        smoothed = sum(recent) / len(recent)
+        if self.rising and len(recent) == self.window and smoothed > self.reference:
             self.reference, self.raised_at = smoothed, list(at)
         bound = self.bound if reference is None else self.bound_for(reference)
         verdict = self._verdict(float(accuracy), bound, float(compression), list(at))
@@ -152,7 +150,7 @@ class AccuracyConstraint:
             "max_accuracy_drop": self.max_drop,
             "max_relative_drop": self.max_relative_drop,
             "accuracy_bound": None if self.reference is None else self.bound,
-            "constraint_checks": self.checks,
+            "constraint_checks": len(self.history),
             "selected_compression": (None if self.best_at is None else self.best_compression),
             "selected_val_acc": self.best_accuracy,
             "selected_at": self.best_at,
@@ -162,16 +160,15 @@ class AccuracyConstraint:
 
     def state_dict(self) -> dict[str, Any]:
         return {"reference": self.reference, "source": self.source, "rising": self.rising,
-                "raised_at": self.raised_at, "recent": self.recent,
+                "raised_at": self.raised_at,
                 "best_compression": self.best_compression, "best_accuracy": self.best_accuracy,
-                "best_at": self.best_at, "violations": self.violations, "checks": self.checks,
+                "best_at": self.best_at, "violations": self.violations,
                 "stopped_at": self.stopped_at, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("reference", "source", "rising", "raised_at", "recent", "best_compression",
-                    "best_accuracy", "best_at", "violations", "checks", "stopped_at"):
+        for key in ("reference", "source", "rising", "raised_at", "best_compression",
+                    "best_accuracy", "best_at", "violations", "stopped_at", "history"):
             setattr(self, key, state[key])
-        self.history = state.get("history", [])   # absent from earlier versions' checkpoints
 
 
 def with_verdict(report: dict[str, Any]) -> dict[str, Any]:
