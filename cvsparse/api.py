@@ -39,6 +39,7 @@ from cvsparse.params import Selector, select_weights
 from cvsparse.precision import FP32, Precision
 from cvsparse.train import checkpoint, outputs, rundir
 from cvsparse.train.averaging import WeightAverage
+from cvsparse.train.curve import CURVE_NAME, ValidationCurve
 from cvsparse.train.distributed import Ranks
 from cvsparse.train.loop import (
     _check_evaluation,
@@ -275,6 +276,10 @@ class _Run:
         self.method.step_module = self.ranks.wrap(model)   # DDP with several ranks
         self.average = WeightAverage(model, whole_train, self.device)
         self.rows: list[dict[str, Any]] = []
+        self.curve = ValidationCurve(config.accuracy.curve_points)
+        if self.curve.points and _length(self.train_loader) is None:
+            raise ValueError("accuracy.curve_points places its validation points by step: "
+                             "the train_loader must have a length (len(train_loader))")
         self.epoch = 0
         self.wall_time = 0.0
         if state is not None:
@@ -297,6 +302,7 @@ class _Run:
                 self.average.copy_to_model()   # the finished model is the weight average
             if out_dir is not None and store is not None:
                 outputs.write_metrics_csv(self.rows, out_dir / "metrics.csv")
+                self.curve.write(out_dir / CURVE_NAME)
                 store.save(self._state())
 
     def finish(self, out_dir: Path | None) -> CompressionResult:
@@ -328,6 +334,9 @@ class _Run:
         averaging = window > 0 and epoch >= self.config.total_epochs - window
         self.model.train()
         cap = self.config.optim.max_steps_per_epoch
+        if self.curve.points:
+            steps = _length(self.train_loader)
+            self.curve.start_epoch(epoch, steps if cap is None else min(cap, steps))
         loss_sum, correct, seen = 0.0, 0, 0
         for step, (x, y) in enumerate(self.train_loader):
             if cap is not None and step >= cap:
@@ -338,12 +347,14 @@ class _Run:
             try:
                 loss, logits = self._guarded_step(x, y)
             except SkippedStep:
+                self.curve.after_step(step + 1, self._validate)
                 continue
             if averaging:
                 self.average.update()
             loss_sum += float(loss) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+            self.curve.after_step(step + 1, self._validate)
         loss_sum, correct, seen = self.ranks.sum(loss_sum, correct, seen)
         if seen == 0 and self.guard.counts["step"] == 0:
             raise ValueError("train_loader yielded no batches")
@@ -373,6 +384,12 @@ class _Run:
         """The method's step (:func:`cvsparse.train.loop.guarded_step`)."""
         return guarded_step(self.model, self.method, self.guard, x, y)
 
+    def _validate(self) -> dict[str, Any]:
+        """The validation split's loss and accuracy now (a point of :attr:`curve`)."""
+        with self._evaluated():
+            return self.ranks.combined(evaluate(self.model, self.val_loader, self.loss_fn,
+                                                self.device, self.precision))
+
     def _shape(self) -> tuple[int, ...]:
         if self.input_shape is None:
             self.input_shape = self.method.input_shape()
@@ -392,6 +409,7 @@ class _Run:
             "rng": checkpoint.rng_state(),
             "average": self.average.state_dict(),
             "rows": self.rows,
+            "curve": self.curve.state_dict(),
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
             "guard": self.guard.state_dict(),
@@ -415,6 +433,7 @@ class _Run:
                 generator.set_state(saved)
         checkpoint.set_rng_state(state["rng"])
         self.rows = state["rows"]
+        self.curve.load_state_dict(state.get("curve", []))   # older checkpoints: no points
         self.epoch = state["epoch"]
         self.wall_time = state["wall_time_s"]
 
@@ -471,6 +490,14 @@ def _halves(loader: Batches, seed: int) -> tuple[DataLoader, DataLoader]:
                           drop_last=loader.drop_last, generator=loader.generator)
 
     return like(order[:half]), like(order[half:])
+
+
+def _length(loader: Batches) -> int | None:
+    """``len(loader)``, or None when the loader has no length (an iterable dataset)."""
+    try:
+        return len(loader)   # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _generators(loaders: list[Any]) -> list[torch.Generator | None]:

@@ -103,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--reference-accuracy", type=float, metavar="A",
                        help="the reference validation accuracy in percent (e.g. 98.3); no "
                        "dense phase")
+    train.add_argument("--curve-points", type=int, metavar="K",
+                       help="also measure the validation accuracy K times inside each epoch "
+                       "(curve.csv): a constrained run that follows this one with --reference "
+                       "judges its checks against these points (default 0)")
     train.add_argument("--finetune-epochs", type=int,
                        help="fine-tune epochs on the pruned support (every method)")
     train.add_argument("--finetune-lr", type=float,
@@ -180,7 +184,7 @@ _FLAGS = {  # flag attribute → config path
     "min_compression_epochs": "cvgrad.min_compression_epochs",
     "max_accuracy_drop": "accuracy.max_accuracy_drop",
     "max_relative_drop": "accuracy.max_relative_drop", "reference": "accuracy.reference",
-    "reference_accuracy": "accuracy.reference_accuracy",
+    "reference_accuracy": "accuracy.reference_accuracy", "curve_points": "accuracy.curve_points",
     "granularity": "autoprune.granularity",
     "ste": "autoprune.ste", "slope": "autoprune.slope", "update": "autoprune.update",
     "aux_lr": "autoprune.aux_lr",

@@ -248,6 +248,9 @@ class MagnitudeConfig:
             fail("magnitude needs target_compression >= 1, finetune_epochs >= 0, weight_l2 >= 0")
 
 
+MAX_CURVE_POINTS = 100   # validation points per epoch a run may measure
+
+
 @dataclass
 class AccuracyConfig:
     """Compression bounded by the accuracy a user can give up (docs/method.md §8): cvgrad
@@ -269,11 +272,17 @@ class AccuracyConfig:
     patience: int = 6                # failed checks in a row that end the compression drive
     max_compression: float = 1000.0  # the drive's level rises geometrically to this rate
     drive_lr: float | None = None    # learning rate of the drive; None = optim.lr
+    curve_points: int = 0            # validation measurements inside each epoch (curve.csv),
+                                     # for constrained runs that follow this run
 
     def validate(self, fail: Fail) -> None:
         """Call ``fail`` on the first bad ``accuracy.*`` setting; the reference run, the
         method and the room for the phases are checked by :func:`validate`."""
         _check_finite(self, "accuracy.", fail)
+        if isinstance(self.curve_points, bool) or not isinstance(self.curve_points, int) \
+                or not 0 <= self.curve_points <= MAX_CURVE_POINTS:
+            fail(f"accuracy.curve_points is a count of validation points per epoch, in "
+                 f"[0, {MAX_CURVE_POINTS}], got {self.curve_points!r}")
         if not self.active:
             given = [k for k in ("reference", "reference_accuracy")
                      if getattr(self, k) is not None]

@@ -28,6 +28,7 @@ stops no earlier — the kept support is never denser (monotone by construction)
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
@@ -212,25 +213,34 @@ def read_reference(path: str | Path, config: Any = None) -> tuple[float, str]:
     return float(accuracy), f"run folder {folder.name}"
 
 
+#: The file of a run's validation points inside its epochs (``accuracy.curve_points``).
+CURVE_NAME = "curve.csv"
+
+
 @dataclass(frozen=True)
 class ReferenceCurve:
     """A finished dense run's learning rate and validation accuracy (a fraction) in each epoch
-    (its ``metrics.csv``), for a constrained run of the same schedule to follow."""
+    (its ``metrics.csv``), and the points it measured inside its epochs (``inner``: pairs of
+    epochs trained and validation accuracy, from its ``curve.csv``), for a constrained run of
+    the same schedule to follow."""
 
     lrs: tuple[float, ...]
     val_acc: tuple[float, ...]
+    inner: tuple[tuple[float, float], ...] = ()
 
     def accuracy_after(self, epochs: float) -> float:
         """The dense run's validation accuracy after ``epochs`` epochs of training (fractions
-        included): linear between the epoch ends, the first epoch's before its end."""
-        if epochs <= 1:
-            return self.val_acc[0]
-        last = len(self.val_acc)
-        if epochs >= last:
-            return self.val_acc[-1]
-        whole = int(epochs)
-        share = epochs - whole
-        return (1 - share) * self.val_acc[whole - 1] + share * self.val_acc[whole]
+        included): linear between its measured points (the epoch ends and the ``inner``
+        points), the first point's value before it."""
+        knots = sorted([(e + 1.0, a) for e, a in enumerate(self.val_acc)] + list(self.inner))
+        if epochs <= knots[0][0]:
+            return knots[0][1]
+        if epochs >= knots[-1][0]:
+            return knots[-1][1]
+        after = bisect.bisect_right([at for at, _ in knots], epochs)
+        (x0, y0), (x1, y1) = knots[after - 1], knots[after]
+        share = (epochs - x0) / (x1 - x0)
+        return (1 - share) * y0 + share * y1
 
     def drops(self) -> list[int]:
         """The epochs whose learning rate is lower than the epoch before's."""
@@ -251,9 +261,10 @@ class ReferenceCurve:
 
 def read_reference_curve(path: str | Path, config: Any) -> tuple[ReferenceCurve | None, str]:
     """The per-epoch curve of the finished run in folder ``path`` when this run (``config``, a
-    :class:`~cvsparse.config.RunConfig`) can follow it, and a note for the report: why it
-    cannot otherwise (another model, batch size or epoch count, no ``metrics.csv``, a schedule
-    without a phase to drive in)."""
+    :class:`~cvsparse.config.RunConfig`) can follow it, with the points inside its epochs when
+    it measured some (``curve.csv``), and a note for the report: why it cannot otherwise
+    (another model, batch size or epoch count, no ``metrics.csv``, a schedule without a phase
+    to drive in).  ValueError (one line) when its ``curve.csv`` is malformed."""
     folder = Path(path)
     try:
         report = json.loads((folder / "report.json").read_text())
@@ -273,8 +284,33 @@ def read_reference_curve(path: str | Path, config: Any) -> tuple[ReferenceCurve 
         return None, f"it used batch size {batch}, this run {config.data.batch_size}"
     if sorted(rows) != list(range(epochs)):
         return None, f"it has {len(rows)} epochs in metrics.csv, this run {epochs}"
+    inner = _read_inner_points(folder / CURVE_NAME, epochs)
     curve = ReferenceCurve(tuple(rows[e][0] for e in range(epochs)),
-                           tuple(rows[e][1] for e in range(epochs)))
+                           tuple(rows[e][1] for e in range(epochs)), inner)
     if curve.phases(config.accuracy.finetune_fraction) is None:
         return None, "its learning rate schedule has no drop to start a compression drive at"
+    if inner:
+        return curve, (f"followed epoch by epoch, with {len(inner)} validation points inside "
+                       "its epochs")
     return curve, "followed epoch by epoch"
+
+
+def _read_inner_points(path: Path, epochs: int) -> tuple[tuple[float, float], ...]:
+    """``(epochs trained, validation accuracy)`` of each point in the ``curve.csv`` at
+    ``path`` (none when there is no such file), the epochs trained being ``epoch + step /
+    steps``; ValueError naming the file when it is malformed or lies outside ``epochs``."""
+    if not path.is_file():
+        return ()
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        points = []
+        for row in rows:
+            epoch, step, steps = int(row["epoch"]), int(row["step"]), int(row["steps"])
+            accuracy = float(row["val_acc"])
+            if not (0 <= epoch < epochs and 0 < step < steps and 0 <= accuracy <= 1):
+                raise ValueError(f"a row is out of range: {dict(row)}")
+            points.append((epoch + step / steps, accuracy))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"accuracy.reference: {path} cannot be read ({exc})") from None
+    return tuple(points)

@@ -42,6 +42,7 @@ from cvsparse.precision import Precision
 
 from . import checkpoint, distributed, outputs, rundir
 from .averaging import WeightAverage
+from .curve import CURVE_NAME, ValidationCurve
 
 #: Keys every checkpoint state holds (a state without one of them is incomplete).
 _STATE_KEYS = ("epoch", "model", "method", "generator", "hyper_generator", "rng", "split",
@@ -121,6 +122,7 @@ class Trainer:
         self.method.step_module = self.ranks.wrap(self.model)   # DDP with several ranks
         self.average = WeightAverage(self.model, self.bn_loader, self.device)
         self.rows: list[dict[str, Any]] = []
+        self.curve = ValidationCurve(config.accuracy.curve_points)
         self.epoch = 0
         self.wall_time = 0.0
         if state is not None:
@@ -165,6 +167,7 @@ class Trainer:
                 self.average.copy_to_model()   # the finished model is the weight average
             if self.ranks.is_main:
                 outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
+                self.curve.write(self.out_dir / CURVE_NAME)
                 self.checkpoints.save(self._state())
         report = self.report()
         if self.ranks.is_main:
@@ -239,6 +242,7 @@ class Trainer:
         desc = f"epoch {epoch + 1}/{self.config.total_epochs}"
         live = self.progress and _is_terminal(sys.stderr)   # else one line when the pass ends
         bar = tqdm(total=n_steps, desc=desc, disable=not live, leave=False, dynamic_ncols=True)
+        self.curve.start_epoch(epoch, n_steps)
         started, steps = time.perf_counter(), 0
         for step, (x, y) in enumerate(self.train_loader):
             if step >= n_steps:
@@ -248,6 +252,7 @@ class Trainer:
                 loss, logits = self._guarded_step(x, y)
             except SkippedStep:
                 bar.update()
+                self.curve.after_step(step + 1, self._validate)
                 continue
             if averaging:
                 self.average.update()
@@ -257,6 +262,7 @@ class Trainer:
             steps += 1
             bar.update()
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            self.curve.after_step(step + 1, self._validate)
         bar.close()
         loss_sum, correct, seen = self.ranks.sum(loss_sum, correct, seen)
         if self.progress and not live:
@@ -287,6 +293,11 @@ class Trainer:
                                                                         torch.Tensor]:
         """The method's training step (:func:`guarded_step`)."""
         return guarded_step(self.model, self.method, self.guard, x, y)
+
+    def _validate(self) -> dict[str, Any]:
+        """The validation split's loss and accuracy now (a point of :attr:`curve`)."""
+        with self._evaluated():
+            return self.ranks.evaluate(self.model, self.val_loader, self.device, self.precision)
 
     def _averages(self, epoch: int) -> bool:
         """Whether ``epoch`` lies in the weight-averaging window: the last ``optim.swa_epochs``
@@ -321,6 +332,7 @@ class Trainer:
             "split": (self.train_idx, self.val_idx),
             "average": self.average.state_dict(),
             "rows": self.rows,
+            "curve": self.curve.state_dict(),
             "wall_time_s": self.wall_time,
             "config": self.config.to_dict(),
             "guard": self.guard.state_dict(),
@@ -340,6 +352,7 @@ class Trainer:
         hyper_generator.set_state(state["hyper_generator"])
         checkpoint.set_rng_state(state["rng"])
         self.rows = state["rows"]
+        self.curve.load_state_dict(state.get("curve", []))   # older checkpoints: no points
         self.epoch = state["epoch"]
         self.wall_time = state["wall_time_s"]
 

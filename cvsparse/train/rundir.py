@@ -16,11 +16,13 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME
+from .curve import CURVE_NAME
 
 LOCK_NAME = "run.lock"
 #: What a run writes into its folder (``--overwrite`` removes exactly these).
 RUN_FILES = (CHECKPOINT_NAME, PREVIOUS_NAME, CHECKPOINT_NAME + ".tmp", "report.json",
-             "report.json.tmp", "metrics.csv", "metrics.csv.tmp", "plots")
+             "report.json.tmp", "metrics.csv", "metrics.csv.tmp", CURVE_NAME, CURVE_NAME + ".tmp",
+             "plots")
 
 
 class RunDirError(ValueError):
