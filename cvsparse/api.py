@@ -311,7 +311,7 @@ class _Run:
         report = self.report()
         if out_dir is not None:
             outputs.write_json(report, out_dir / "report.json")
-            outputs.write_plots(self.rows, report, out_dir / "plots")
+            outputs.write_plots(self.rows, report, out_dir / "plots", self.curve.rows)
         model = strip(self.model)
         if model is not self.model:   # the model was itself one gated layer
             raise ValueError("compress: the model is a single layer; wrap it in a module")

@@ -172,7 +172,7 @@ class Trainer:
         report = self.report()
         if self.ranks.is_main:
             outputs.write_json(report, self.out_dir / "report.json")
-            outputs.write_plots(self.rows, report, self.out_dir / "plots")
+            outputs.write_plots(self.rows, report, self.out_dir / "plots", self.curve.rows)
         if self.progress:
             print(outputs.summary_table(report))
         return report

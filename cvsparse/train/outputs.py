@@ -144,8 +144,10 @@ def _ratio(dense: float, effective: float) -> str:
     return f"{dense / effective:.1f}x" if effective else "all"
 
 
-def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Path) -> list[Path]:
-    """accuracy.png, sparsity.png, lambda.png (cvgrad), layers.png and, for an
+def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Path,
+                points: list[dict[str, Any]] | None = None) -> list[Path]:
+    """accuracy.png (with the validation ``points`` measured inside the epochs, the rows of
+    ``curve.csv``), sparsity.png, lambda.png (cvgrad), layers.png and, for an
     accuracy-constrained run, drive.png (every check's validation accuracy and bound against
     its compression); returns the paths written."""
     import matplotlib
@@ -154,7 +156,7 @@ def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Pa
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
-    epochs = [r["epoch"] for r in rows]
+    epochs = [r["epoch"] + 1 for r in rows]   # epochs trained
     written = []
 
     def save(fig, name: str) -> None:
@@ -168,20 +170,24 @@ def write_plots(rows: list[dict[str, Any]], report: dict[str, Any], plot_dir: Pa
     for key, label in (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test")):
         shown = [r for r in rows if key in r]   # e.g. no test accuracy without a test set
         if shown:
-            ax.plot([r["epoch"] for r in shown], [100 * r[key] for r in shown], marker="o",
+            ax.plot([r["epoch"] + 1 for r in shown], [100 * r[key] for r in shown], marker="o",
                     ms=3, label=label)
+    if points:
+        ax.plot([p["epoch"] + p["step"] / p["steps"] for p in points],
+                [100 * p["val_acc"] for p in points], ls="none", marker=".", ms=4, color="C1",
+                label="validation, inside the epochs")
     bounded = [r for r in rows if r.get("accuracy_bound") is not None]
     if bounded:   # a constrained run: the validation bound after each epoch
-        ax.plot([r["epoch"] for r in bounded], [100 * r["accuracy_bound"] for r in bounded],
+        ax.plot([r["epoch"] + 1 for r in bounded], [100 * r["accuracy_bound"] for r in bounded],
                 ls=":", color="C3", label="bound (validation)")
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    ax.set(xlabel="epochs trained", ylabel="accuracy (%)", title="Accuracy")
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, "accuracy.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [r["pruned_pct"] for r in rows], marker="o", ms=3, color="C3")
-    ax.set(xlabel="epoch", ylabel="pruned weights (%)", title="Sparsity", ylim=(0, 100))
+    ax.set(xlabel="epochs trained", ylabel="pruned weights (%)", title="Sparsity", ylim=(0, 100))
     ax2 = ax.twinx()
     ax2.plot(epochs, [r["compression_rate"] for r in rows], ls="--", color="C0",
              label="compression")
