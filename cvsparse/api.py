@@ -302,7 +302,7 @@ class _Run:
                 self.average.copy_to_model()   # the finished model is the weight average
             if out_dir is not None and store is not None:
                 outputs.write_metrics_csv(self.rows, out_dir / "metrics.csv")
-                self.curve.write(out_dir / CURVE_NAME)
+                outputs.write_metrics_csv(self.curve.rows, out_dir / CURVE_NAME)
                 store.save(self._state())
 
     def finish(self, out_dir: Path | None) -> CompressionResult:

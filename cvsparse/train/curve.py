@@ -13,17 +13,12 @@ modules' modes and BatchNorm statistics as they were.
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from cvsparse.hyper.accuracy_constraint import CURVE_NAME
 
 __all__ = ["CURVE_NAME", "ValidationCurve", "point_steps"]
-
-COLUMNS = ("epoch", "step", "steps", "val_loss", "val_acc")
 
 
 def point_steps(points: int, steps: int) -> list[int]:
@@ -57,17 +52,6 @@ class ValidationCurve:
         val = evaluate()
         self.rows.append({"epoch": self._epoch, "step": done, "steps": self._steps,
                           "val_loss": val["loss"], "val_acc": val["acc"]})
-
-    def write(self, path: Path) -> None:
-        """The points as CSV at ``path`` (atomically; nothing when there are none)."""
-        if not self.rows:
-            return
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, path)
 
     def state_dict(self) -> list[dict[str, Any]]:
         return list(self.rows)

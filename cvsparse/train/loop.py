@@ -167,7 +167,7 @@ class Trainer:
                 self.average.copy_to_model()   # the finished model is the weight average
             if self.ranks.is_main:
                 outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
-                self.curve.write(self.out_dir / CURVE_NAME)
+                outputs.write_metrics_csv(self.curve.rows, self.out_dir / CURVE_NAME)
                 self.checkpoints.save(self._state())
         report = self.report()
         if self.ranks.is_main:

@@ -12,7 +12,9 @@ import numpy as np
 
 
 def write_metrics_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """One row per epoch; columns are the union of the rows' keys in first-seen order."""
+    """``rows`` (one per epoch for ``metrics.csv``, one per point for ``curve.csv``) as CSV,
+    atomically, nothing when there are none; columns are the union of the rows' keys in
+    first-seen order."""
     if not rows:
         return
     columns: list[str] = []
