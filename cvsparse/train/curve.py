@@ -42,7 +42,7 @@ class ValidationCurve:
     def start_epoch(self, epoch: int, steps: int) -> None:
         """Plan the points of ``epoch``, which runs ``steps`` training steps."""
         self._epoch, self._steps = epoch, steps
-        self._due = set(point_steps(self.points, steps)) if self.points else set()
+        self._due = set(point_steps(self.points, steps))
 
     def after_step(self, done: int, evaluate: Callable[[], dict[str, Any]]) -> None:
         """Call after the epoch's ``done``-th step (counting skipped ones): ``evaluate()`` (a
