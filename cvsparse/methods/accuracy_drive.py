@@ -27,6 +27,7 @@ from cvsparse.hyper.accuracy_constraint import (
     ReferenceCurve,
     read_reference,
 )
+from cvsparse.precision import FP32, Precision
 
 from .base import Batches, Follow, LossFn, finetune_base_lr
 from .schedules import LRPhase
@@ -210,12 +211,17 @@ class AccuracyDrive:
         per_epoch = self.steps_per_epoch or FIRST_EPOCH_STEPS
         return max(1, round(self.accuracy.probe_fraction * per_epoch))
 
-    def probe(self, network: nn.Module, names: list[str], threshold: float) -> float:
+    def probe(self, network: nn.Module, names: list[str], threshold: float,
+              precision: Precision | None = None) -> float:
         """What a support is worth: the validation accuracy of ``network`` (a copy the caller
         may discard; it is trained here) after ``accuracy.probe_fraction`` of an epoch's steps
         of SGD without L1 (the run's momentum, ``accuracy.probe_lr``, default
         ``lr · gamma``; the followed schedule's learning rate with a reference curve), its weights
-        ``names`` that are zero or below ``threshold`` held at zero."""
+        ``names`` that are zero or below ``threshold`` held at zero.  The probe's steps and its
+        validation compute as the run's do: under ``precision``'s autocast and memory layout
+        (default fp32, contiguous; fp16 with a loss scaler of its own, started at the run's
+        scale)."""
+        precision = FP32 if precision is None else precision
         acc, opt = self.accuracy, self.optim
         steps = self.probe_steps()
         named = dict(network.named_parameters())
@@ -223,28 +229,39 @@ class AccuracyDrive:
         with torch.no_grad():
             masks = [(w != 0) & (w.abs() >= threshold) for w in weights]
             torch._foreach_mul_(weights, masks)
+        precision.prepare(network)
         trained = [p for p in network.parameters() if p.requires_grad]
         lr = acc.probe_lr or self.scheduled_lr(self.epoch) or opt.lr * opt.gamma
         sgd = torch.optim.SGD(trained, lr=lr, momentum=opt.momentum)
+        scaler = None if precision.scaler is None else torch.amp.GradScaler(
+            precision.device_type, init_scale=precision.scaler.get_scale())
         device = weights[0].device
         network.train()
         for _ in range(steps):
             x, y = (t.to(device) for t in self.train_batch())
             sgd.zero_grad(set_to_none=True)
-            self.loss_fn(network(x), y).backward()
+            with precision.autocast():
+                logits = network(precision.input(x))
+            loss = self.loss_fn(logits.float(), y)
+            (loss if scaler is None else scaler.scale(loss)).backward()
             if self.reduce is not None:   # the global batch's gradient on every rank
                 with_grad = [p for p in trained if p.grad is not None]
                 for p, g in zip(with_grad, self.reduce([p.grad for p in with_grad]),
                                 strict=True):
                     p.grad = g
-            sgd.step()
+            if scaler is None:
+                sgd.step()
+            else:   # skips a step whose scaled gradients overflowed, and lowers the scale
+                scaler.step(sgd)
+                scaler.update()
             with torch.no_grad():
                 torch._foreach_mul_(weights, masks)
-        return self._accuracy(network)
+        return self._accuracy(network, precision)
 
-    def _accuracy(self, network: nn.Module) -> float:
-        """Validation accuracy of ``network`` over the whole split (every rank's shard)."""
-        part = metrics.evaluate(network, self.val)
+    def _accuracy(self, network: nn.Module, precision: Precision = FP32) -> float:
+        """Validation accuracy of ``network`` over the whole split (every rank's shard),
+        its forward passes under ``precision``."""
+        part = metrics.evaluate(network, self.val, precision=precision)
         if self.reduce is None:
             return part["acc"]
         counts = torch.tensor([part["acc"] * part["n"], part["n"]], dtype=torch.float64)

@@ -245,7 +245,7 @@ class AutoPruneMethod(CompressionMethod):
         (weights, gates, both optimizers) and a stop freezes the gates on it."""
         network = self.measured_model()
         names = [n for n, _ in regularized_parameters(network, self.regularized)]
-        accuracy = self.drive.probe(network, names, 0.0)
+        accuracy = self.drive.probe(network, names, 0.0, self.precision)
         totals = metrics.summarize(metrics.layer_table(self.measured_model(), self.input_shape(),
                                                        self.regularized))
         verdict = self.drive.judge(accuracy, totals["compression_rate"], self.model,

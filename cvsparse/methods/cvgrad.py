@@ -410,7 +410,7 @@ class CVGradMethod(CompressionMethod):
         """Probe the support, let the constraint judge it (the sparsest feasible network is
         kept; a stop ends the drive on it), then, in the drive, one hyper step."""
         accuracy = self.drive.probe(copy.deepcopy(self.model), self.names,
-                                    self.settings.threshold)
+                                    self.settings.threshold, self.precision)
         verdict = self.drive.judge(accuracy, self.core.compression(), self.model,
                                    self._optimizers())
         if verdict == STOP:

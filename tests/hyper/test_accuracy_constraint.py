@@ -259,3 +259,115 @@ def test_the_cut_leaves_the_share_of_weights_the_level_asks_for():
     assert kept == int(total / level)
     pruned = [w * (w.abs() >= cut) for w in weights]
     assert drive.cut(pruned) is None   # as compressed as asked: no further cut
+
+
+# ---- the probe computes as the run does --------------------------------------------------------
+
+def probe_problem():
+    """A small convolutional network on 3-channel 8x8 images (so that channels-last is a
+    layout of its own), five fixed training batches and two validation batches."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    batches = [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 4, (16,), generator=g))
+               for _ in range(5)]
+    val = [(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+           for _ in range(2)]
+    return net, batches, val
+
+
+def probe_by_hand(net, batches, val, names, threshold, lr, momentum, dtype, channels_last,
+                  scale=None):
+    """The probe written out with torch.autocast and torch.optim.SGD (and, with ``scale``, a
+    torch.amp.GradScaler started there): (accuracy, weights)."""
+    import torch
+    import torch.nn.functional as F
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    params = dict(net.named_parameters())
+    weights = [params[n] for n in names]
+    with torch.no_grad():
+        masks = [(w != 0) & (w.abs() >= threshold) for w in weights]
+        for w, m in zip(weights, masks, strict=True):
+            w.mul_(m)
+    net.to(memory_format=layout)
+    sgd = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=scale is not None)
+    for x, y in batches:
+        sgd.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits = net(x.contiguous(memory_format=layout))
+        scaler.scale(F.cross_entropy(logits.float(), y)).backward()
+        scaler.step(sgd)
+        scaler.update()
+        with torch.no_grad():
+            for w, m in zip(weights, masks, strict=True):
+                w.mul_(m)
+    net.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        for x, y in val:
+            correct += int((net(x.contiguous(memory_format=layout)).argmax(1) == y).sum())
+    return correct / sum(len(y) for _, y in val), [w.detach().clone() for w in weights]
+
+
+@pytest.mark.parametrize("precision,channels_last",
+                         [("fp32", False), ("bf16", True), ("fp16", False)])
+def test_the_probe_trains_and_measures_in_the_runs_precision(precision, channels_last):
+    """A bf16 channels-last run's checks train and validate under bf16 autocast on
+    channels-last batches, fp16 ones under fp16 autocast with a loss scaler started at the
+    run's scale, fp32 ones in fp32: the probe's accuracy and trained weights are those of the
+    same steps written with torch.autocast, torch.amp.GradScaler and torch.optim.SGD."""
+    import copy
+    import warnings
+
+    import torch
+    import torch.nn.functional as F
+
+    from cvsparse.methods.accuracy_drive import AccuracyDrive
+    from cvsparse.precision import Precision
+
+    net, batches, val = probe_problem()
+    names = ["0.weight", "2.weight", "5.weight"]
+    config = RunConfig()
+    config.accuracy.max_accuracy_drop = 1.0
+    config.accuracy.probe_lr = 0.05
+    feed = iter(batches)
+    drive = AccuracyDrive(config.accuracy, config.optim, config.total_epochs, val,
+                          lambda: next(feed), F.cross_entropy)
+    drive.steps_per_epoch = 100   # probe_fraction 0.05: five steps, the five batches
+    assert drive.probe_steps() == len(batches)
+    threshold = 0.05
+    probed = copy.deepcopy(net)
+    seen = []   # (training?, under autocast?, channels-last batch?) of every forward pass
+    probed.register_forward_hook(lambda module, args, out: seen.append(
+        (module.training, torch.is_autocast_enabled("cpu"),
+         args[0].is_contiguous(memory_format=torch.channels_last)
+         and not args[0].is_contiguous())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # fp16 on the CPU: slow convolutions, said once
+        run = Precision(precision, channels_last)
+    if run.scaler is not None:
+        run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)   # the run's scale
+    accuracy = drive.probe(probed, names, threshold, run)
+    reduced = precision != "fp32"
+    assert seen == [(True, reduced, channels_last)] * len(batches) \
+        + [(False, reduced, channels_last)] * len(val)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    expected, weights = probe_by_hand(copy.deepcopy(net), batches, val, names, threshold,
+                                      0.05, config.optim.momentum, dtype, channels_last,
+                                      2.0 ** 10 if precision == "fp16" else None)
+    params = dict(probed.named_parameters())
+    assert accuracy == expected
+    for name, weight in zip(names, weights, strict=True):
+        assert torch.equal(params[name], weight), name
+        assert int((weight == 0).sum()) > 0   # the threshold pruned something, held at zero
+    assert params["0.weight"].is_contiguous(memory_format=torch.channels_last) == channels_last
+    if reduced:   # the reduced precision really changed what the steps computed
+        _, in_fp32 = probe_by_hand(copy.deepcopy(net), batches, val, names, threshold, 0.05,
+                                   config.optim.momentum, None, False)
+        assert not torch.equal(in_fp32[0], weights[0])

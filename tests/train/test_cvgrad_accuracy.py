@@ -337,3 +337,26 @@ def test_a_drive_with_no_feasible_check_keeps_the_network_it_started_from(tmp_pa
                                  if n.endswith("weight")])   # every Linear weight here
     assert rate == pytest.approx(report["compression_rate"])
     assert rate < drive.accuracy.check_ratio
+
+
+@pytest.mark.parametrize("method", ["cvgrad", "autoprune"])
+def test_the_checks_of_a_bf16_run_compute_in_bf16(tmp_path, method):
+    """A bf16 constrained run's checks train and validate copies of the network under bf16
+    autocast, as the run's own steps and the dense run it is compared with do (only the
+    hyper steps stay float32 by design, and the FLOP count's one-image pass)."""
+    base = AP if method == "autoprune" else BASE
+    trainer = Trainer(tiny_config(**{**base, "accuracy.max_accuracy_drop": 3.0,
+                                     "precision": "bf16"}), tmp_path / method, progress=False)
+    seen = []   # (a copy?, training?, under autocast?) of every forward pass on a batch
+    trainer.model.register_forward_hook(lambda module, args, out: seen.append(
+        (module is not trainer.model, module.training, torch.is_autocast_enabled("cpu")))
+        if len(args[0]) > 1 else None)
+    report = trainer.run()
+    checks = len(report["constraint_history"])
+    assert checks >= 3
+    copies = [(training, autocast) for copy, training, autocast in seen if copy]
+    steps, val_batches = trainer.method.drive.probe_steps(), 2000 // 500
+    assert copies.count((True, True)) == checks * steps
+    assert copies.count((False, True)) == checks * val_batches
+    assert len(copies) == checks * (steps + val_batches)
+    assert all(autocast for copy, training, autocast in seen if training)
