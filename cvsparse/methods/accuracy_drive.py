@@ -258,7 +258,7 @@ class AccuracyDrive:
                 torch._foreach_mul_(weights, masks)
         return self._accuracy(network, precision)
 
-    def _accuracy(self, network: nn.Module, precision: Precision = FP32) -> float:
+    def _accuracy(self, network: nn.Module, precision: Precision) -> float:
         """Validation accuracy of ``network`` over the whole split (every rank's shard),
         its forward passes under ``precision``."""
         part = metrics.evaluate(network, self.val, precision=precision)
