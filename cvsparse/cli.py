@@ -207,8 +207,10 @@ _METHOD_FLAGS = {  # flags whose meaning depends on the method
 
 
 #: Flags ``--resume`` accepts with any value: they change where and how the run computes, not
-#: what (``--quiet`` too).  ``--finetune-epochs`` is accepted when it adds epochs (runs without
-#: weight averaging).  Every other flag that would change the stored configuration is refused.
+#: what it trains (``--quiet`` too).  Another thread count changes the order in which the CPU
+#: kernels sum, so the run goes on bit for bit only at the thread count it had (warned).
+#: ``--finetune-epochs`` is accepted when it adds epochs (runs without weight averaging).  Every
+#: other flag that would change the stored configuration is refused.
 RESUME_SAFE_FLAGS = ("threads", "device", "data_root", "download")
 
 
@@ -235,6 +237,7 @@ def resume_config(args: argparse.Namespace, stored: RunConfig) -> RunConfig:
     ValueError naming every flag that would change anything else."""
     refused = [f"--{name}" for name in ("config", "out") if getattr(args, name) is not None]
     refused += ["--overwrite"] if args.overwrite else []
+    threads_were = stored.threads
     for flag, path in _given_flags(args, stored.method):
         value, current = getattr(args, flag), _get(stored, path)
         if value == current:
@@ -249,7 +252,18 @@ def resume_config(args: argparse.Namespace, stored: RunConfig) -> RunConfig:
                          "would change it (resume accepts --threads, --device, --data-root, "
                          "--download, --quiet and a larger --finetune-epochs; start a new run "
                          "with --out for anything else)")
+    if stored.threads != threads_were:
+        _warn_thread_change(stored.threads, threads_were)
     return stored
+
+
+def _warn_thread_change(threads: int, stored: int | None) -> None:
+    """Warn that a resume at ``threads`` CPU threads leaves the path of the run, which used
+    ``stored`` (None: torch's default)."""
+    was = f"the {stored} it was trained with" if stored is not None else "torch's default it used"
+    warnings.warn(f"--threads {threads} instead of {was}: CPU kernels sum in another order with "
+                  "another thread count, so the resumed run is not bit for bit the uninterrupted "
+                  "one", stacklevel=2)
 
 
 def _given_flags(args: argparse.Namespace, method: str) -> list[tuple[str, str]]:

@@ -162,4 +162,5 @@ def test_resume_still_names_a_foreign_flag_as_a_change_and_takes_the_safe_ones()
     with pytest.raises(ValueError, match="--weight-l2 would change it"):
         cli.resume_config(args, stored)
     args = cli._parser().parse_args(["train", "--resume", "unused", "--threads", "3"])
-    assert cli.resume_config(args, stored).threads == 3
+    with pytest.warns(UserWarning, match="^--threads 3 instead of"):
+        assert cli.resume_config(args, stored).threads == 3
