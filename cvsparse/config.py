@@ -267,7 +267,8 @@ class AccuracyConfig:
     check_ratio: float = 1.25        # a check each time the drive's level has grown by this
                                      # factor since the last one
     probe_fraction: float = 0.05     # a check fine-tunes a copy of the network on its support
-                                     # for this fraction of an epoch's steps, then evaluates it
+                                     # for this fraction of an epoch's weight steps, then
+                                     # evaluates it
     probe_lr: float | None = None    # the probe's learning rate; None = optim.lr · optim.gamma
     patience: int = 6                # failed checks in a row that end the compression drive
     max_compression: float = 1000.0  # the drive's level rises geometrically to this rate

@@ -57,13 +57,17 @@ class AccuracyDrive:
             this run cannot follow it) and the note saying why or how
             (:func:`~cvsparse.hyper.accuracy_constraint.read_reference_curve`); None: only the
             reference's final accuracy is used.
+        weight_steps: the weight steps the method takes per training step (AutoPrune, whose
+            steps draw a batch from each half of the training split: 2), so that a probe
+            trains on as many batches as the run's weights see in its share of an epoch.
     """
 
     def __init__(self, accuracy: AccuracyConfig, optim: OptimConfig, epochs: int, val: Batches,
                  train_batch: Callable[[], tuple], loss_fn: LossFn,
                  reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
-                 follow: Follow | None = None) -> None:
+                 follow: Follow | None = None, weight_steps: int = 1) -> None:
         acc = accuracy
+        self.weight_steps = weight_steps
         self.accuracy, self.optim = accuracy, optim
         self.val, self.train_batch, self.loss_fn = val, train_batch, loss_fn
         self.reduce = reduce
@@ -137,7 +141,8 @@ class AccuracyDrive:
         count up to the epoch's end at most; None without a curve (the one reference)."""
         if self.curve is None:
             return None
-        probe_share = self.probe_steps() / (self.steps_per_epoch or FIRST_EPOCH_STEPS)
+        per_epoch = (self.steps_per_epoch or FIRST_EPOCH_STEPS) * self.weight_steps
+        probe_share = self.probe_steps() / per_epoch
         return self.curve.accuracy_after(self.epoch + min(1.0, self.epoch_share() + probe_share))
 
     def epoch_share(self) -> float:
@@ -207,14 +212,15 @@ class AccuracyDrive:
     # ---- measuring -------------------------------------------------------------------------
 
     def probe_steps(self) -> int:
-        """The training steps of a probe: ``accuracy.probe_fraction`` of an epoch's steps."""
-        per_epoch = self.steps_per_epoch or FIRST_EPOCH_STEPS
+        """The training steps of a probe: ``accuracy.probe_fraction`` of the weight steps of an
+        epoch (its training steps times ``weight_steps``)."""
+        per_epoch = (self.steps_per_epoch or FIRST_EPOCH_STEPS) * self.weight_steps
         return max(1, round(self.accuracy.probe_fraction * per_epoch))
 
     def probe(self, network: nn.Module, names: list[str], threshold: float,
               precision: Precision | None = None) -> float:
         """What a support is worth: the validation accuracy of ``network`` (a copy the caller
-        may discard; it is trained here) after ``accuracy.probe_fraction`` of an epoch's steps
+        may discard; it is trained here) after :meth:`probe_steps` steps
         of SGD without L1 (the run's momentum, ``accuracy.probe_lr``, default
         ``lr · gamma``; the followed schedule's learning rate with a reference curve), its weights
         ``names`` that are zero or below ``threshold`` held at zero.  The probe's steps and its

@@ -3,7 +3,9 @@ by straight-through gradients on auxiliary parameters ``m``.
 
 The training split is halved: weights take a step on a batch of the first half, then the
 auxiliary parameters on a batch of the second half (1:1); where no gate moves (fine-tuning,
-the dense phase of an accuracy-constrained run) both batches train the weights.  Weights carry
+the dense phase of an accuracy-constrained run) both batches train the weights; in the drive of
+a constrained run the second batch trains the weights too, after the gates' step, so that they
+keep the pace of the dense run the checks compare them with.  Weights carry
 L2 (``weight_l2``), ``m`` carries L1 (``aux_l1``, applied by the proximal step, so ``m``
 reaches exactly 0 and the unit switches off; it comes back if the data gradient pushes ``m``
 above 0 again).  With
@@ -82,7 +84,7 @@ class AutoPruneMethod(CompressionMethod):
         if accuracy is not None:
             self.drive = AccuracyDrive(accuracy, optim, epochs, data.val,
                                        lambda: next(iter(self.data.train_for_hvp)),
-                                       self.loss_fn, data.reduce, follow)
+                                       self.loss_fn, data.reduce, follow, weight_steps=2)
 
     @staticmethod
     def split_training(train_idx: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -136,6 +138,9 @@ class AutoPruneMethod(CompressionMethod):
             xb, yb = (t.to(x.device) for t in self._second_batch())
             supervised_step(self.step_module, self.aux_opt, xb, yb, self.guard, self.loss_fn,
                             precision=self.precision)
+            if self.drive is not None:   # the weights keep the dense run's pace (two steps)
+                supervised_step(self.step_module, self.weight_opt, xb, yb, self.guard,
+                                self.loss_fn, precision=self.precision)
             self._gate_steps += 1
             every = self.settings.target_check_every
             if every and self._gate_steps % every == 0:
@@ -185,8 +190,9 @@ class AutoPruneMethod(CompressionMethod):
 
     def _set_constrained_epoch(self, epoch: int) -> float:
         """Dense phase: weight steps only, on both halves of the training split, as a dense
-        run takes them (the gates stay as initialized, open or not).  Drive: weight and gate
-        steps, ``accuracy.drive_lr`` (default ``optim.lr``), the magnitude cuts.  Fine-tuning:
+        run takes them (the gates stay as initialized, open or not).  Drive: a weight step on
+        the first half's batch, a gate step then a weight step on the second half's,
+        ``accuracy.drive_lr`` (default ``optim.lr``), the magnitude cuts.  Fine-tuning:
         the kept gates frozen, as after a met budget.  Following a reference run's schedule,
         every phase takes that run's learning rate of the epoch."""
         drive = self.drive

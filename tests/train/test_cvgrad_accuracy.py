@@ -214,6 +214,46 @@ def test_autoprune_trains_its_weights_on_the_whole_split_in_the_dense_phase(tmp_
     assert len(seen) == 2 * 30 * 64
 
 
+def test_autoprune_drive_keeps_the_dense_runs_pace_of_weight_steps(tmp_path):
+    """In the drive every training step takes a weight step on the first half's batch, then a
+    gate step and a second weight step on the second half's: two weight steps per training
+    step, as the dense phase (and the dense run the checks follow) takes them.  An allowed drop
+    no check fails keeps the gates moving for the whole epoch."""
+    trainer = Trainer(tiny_config(**{**AP, "accuracy.max_accuracy_drop": 90.0}),
+                      tmp_path / "ap", progress=False)
+    method = trainer.method
+    trainer.run(max_epochs=method.drive.dense_end)
+    order: list[str] = []
+    for name, opt in (("weight", method.weight_opt), ("aux", method.aux_opt)):
+        opt.register_step_post_hook(lambda *_, name=name: order.append(name))
+    trainer.run(max_epochs=method.drive.dense_end + 1)   # the drive's first epoch
+    assert method.drive.phase(method.drive.dense_end) == "drive"
+    assert order == ["weight", "aux", "weight"] * 30
+
+
+def test_autoprune_probe_trains_on_the_batches_of_its_share_of_an_epoch(tmp_path):
+    """A probe of ``probe_fraction`` = 0.2 of an epoch trains on the batches the dense run
+    takes in a fifth of an epoch: 0.2 · 30 steps · 2 batches per step = 12 (cvgrad, one batch
+    per step: 6)."""
+    for settings, batches in ((AP, 12), (BASE, 6)):
+        trainer = Trainer(tiny_config(**{**settings, "accuracy.max_accuracy_drop": 90.0}),
+                          tmp_path / settings.get("method", "cvgrad"), progress=False)
+        drive = trainer.method.drive
+        trainer.run(max_epochs=drive.dense_end)
+        draws = [0]
+        fresh = drive.train_batch
+
+        def counted(fresh=fresh, draws=draws):
+            draws[0] += 1
+            return fresh()
+
+        drive.train_batch = counted
+        trainer.run(max_epochs=drive.dense_end + 1)
+        checks = [h for h in trainer.method.report()["constraint_history"]
+                  if h["at"][0] == drive.dense_end]
+        assert len(checks) >= 2 and draws[0] == batches * len(checks)
+
+
 def test_autoprune_is_monotone_in_the_drop_and_resumes_bitwise(tmp_path):
     rates = []
     for drop in (0.5, 30.0):
