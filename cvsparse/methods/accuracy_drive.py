@@ -141,8 +141,7 @@ class AccuracyDrive:
         count up to the epoch's end at most; None without a curve (the one reference)."""
         if self.curve is None:
             return None
-        per_epoch = (self.steps_per_epoch or FIRST_EPOCH_STEPS) * self.weight_steps
-        probe_share = self.probe_steps() / per_epoch
+        probe_share = self.probe_steps() / self.weight_steps_per_epoch()
         return self.curve.accuracy_after(self.epoch + min(1.0, self.epoch_share() + probe_share))
 
     def epoch_share(self) -> float:
@@ -211,11 +210,14 @@ class AccuracyDrive:
 
     # ---- measuring -------------------------------------------------------------------------
 
+    def weight_steps_per_epoch(self) -> int:
+        """The weight steps of an epoch: its training steps times ``weight_steps``."""
+        return (self.steps_per_epoch or FIRST_EPOCH_STEPS) * self.weight_steps
+
     def probe_steps(self) -> int:
-        """The training steps of a probe: ``accuracy.probe_fraction`` of the weight steps of an
-        epoch (its training steps times ``weight_steps``)."""
-        per_epoch = (self.steps_per_epoch or FIRST_EPOCH_STEPS) * self.weight_steps
-        return max(1, round(self.accuracy.probe_fraction * per_epoch))
+        """The training steps of a probe: ``accuracy.probe_fraction`` of an epoch's weight
+        steps."""
+        return max(1, round(self.accuracy.probe_fraction * self.weight_steps_per_epoch()))
 
     def probe(self, network: nn.Module, names: list[str], threshold: float,
               precision: Precision | None = None) -> float:
