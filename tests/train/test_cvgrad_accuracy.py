@@ -231,6 +231,25 @@ def test_autoprune_drive_keeps_the_dense_runs_pace_of_weight_steps(tmp_path):
     assert order == ["weight", "aux", "weight"] * 30
 
 
+def test_autoprune_drive_without_gate_steps_changes_gates_only_at_its_cuts(tmp_path):
+    """``autoprune.aux_lr = 0``: the gate steps move no gate, so after a drive epoch every gate
+    holds its value from the drive's start, except those the cuts closed (0 and masked)."""
+    trainer = Trainer(tiny_config(**{**AP, "autoprune.aux_lr": 0.0,
+                                     "accuracy.max_accuracy_drop": 90.0}),
+                      tmp_path / "ap", progress=False)
+    method = trainer.method
+    trainer.run(max_epochs=method.drive.dense_end)
+    aux = [p for g in method.aux_opt.param_groups for p in g["params"]]
+    start = [p.detach().clone() for p in aux]
+    trainer.run(max_epochs=method.drive.dense_end + 1)   # the drive's first epoch
+    closed = 0
+    for p, before in zip(aux, start, strict=True):
+        mask = method.aux_opt.state[p]["mask"]
+        assert torch.equal(p[mask], before[mask]) and bool((p[~mask] == 0).all())
+        closed += int((~mask & (before > 0)).sum())
+    assert closed > 0   # the cuts did close gates
+
+
 def test_autoprune_probe_trains_on_the_batches_of_its_share_of_an_epoch(tmp_path):
     """A probe of ``probe_fraction`` = 0.2 of an epoch trains on the batches the dense run
     takes in a fifth of an epoch: 0.2 · 30 steps · 2 batches per step = 12 (cvgrad, one batch
