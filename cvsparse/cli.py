@@ -68,12 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--slope", type=float,
                        help="autoprune: LeakyReLU STE slope for closed gates (default 0.01)")
     train.add_argument("--update", choices=UPDATES, help="autoprune: gate update rule")
-    train.add_argument("--aux-lr", type=float, help="autoprune: learning rate of the gates")
+    train.add_argument("--aux-lr", type=float,
+                       help="autoprune: learning rate of the gates (default 0.1; 0 under an "
+                       "accuracy constraint, whose cuts alone close gates)")
     train.add_argument("--aux-l1", type=float, help="autoprune: L1 strength on the gates")
     train.add_argument("--aux-l1-ramp-epochs", type=int, metavar="R",
                        help="autoprune: the gate L1 grows linearly to --aux-l1 over R epochs")
     train.add_argument("--weight-l2", type=float,
-                       help="autoprune / magnitude: L2 (weight decay) on the weights")
+                       help="autoprune / magnitude: L2 (weight decay) on the weights "
+                       "(default 5e-4; a constrained AutoPrune run that follows a dense run "
+                       "takes that run's)")
     train.add_argument("--target-compression", type=float,
                        help="autoprune / cvgrad: end the pruning phase (freeze the gates or the "
                        "support) and fine-tune once this rate is reached; magnitude: the rate "

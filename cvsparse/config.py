@@ -196,10 +196,12 @@ class AutoPruneConfig:
     ste: str = "leaky_relu"
     slope: float = 0.01              # LeakyReLU STE slope for closed gates (m ≤ 0)
     update: str = "proposed"
-    aux_lr: float = 0.1
+    aux_lr: float | None = None      # None = 0.1, or 0 under an accuracy constraint, whose
+                                     # cuts alone close gates (resolve_defaults)
     aux_l1: float = 2e-3
     aux_l1_ramp_epochs: int = 0      # aux L1 grows linearly to aux_l1 over these epochs (0: none)
-    weight_l2: float = 5e-4
+    weight_l2: float | None = None   # None = 5e-4, or the weight L2 of the dense run a
+                                     # constrained run follows (resolve_defaults)
     target_compression: float | None = None
     target_flops: float | None = None
     target_check_every: int = 0      # also check the target every k gate steps (0: epoch ends)
@@ -221,15 +223,18 @@ class AutoPruneConfig:
             fail(f"autoprune.ste must be {_either(STE_CODES, quoted=False)}, got {self.ste!r}")
         if self.update not in UPDATES:
             fail(f"autoprune.update must be {_either(UPDATES)}, got {self.update!r}")
-        for name in ("aux_lr", "aux_l1", "weight_l2", "slope"):
-            if not getattr(self, name) >= 0:
-                fail(f"autoprune.{name} must be >= 0, got {getattr(self, name)}")
         _check_budget("autoprune", self.target_compression, self.target_flops,
                       self.target_check_every, fail)
         if self.finetune_epochs < 0:
             fail(f"autoprune.finetune_epochs must be >= 0, got {self.finetune_epochs}")
         if self.aux_l1_ramp_epochs < 0:
             fail(f"autoprune.aux_l1_ramp_epochs must be >= 0, got {self.aux_l1_ramp_epochs}")
+        for name in ("aux_lr", "aux_l1", "weight_l2", "slope"):
+            value = getattr(self, name)
+            if value is None:
+                fail(f"autoprune.{name} is unset; resolve_defaults gives it its default")
+            if not value >= 0:
+                fail(f"autoprune.{name} must be >= 0, got {value}")
 
 
 @dataclass
@@ -476,16 +481,59 @@ def _type_error(name: str, expected: str, value: Any) -> ValueError:
 DEFAULT_LR = {"lenet5": 0.01}
 
 
+#: ``autoprune.aux_lr`` and ``autoprune.weight_l2`` of a run without an accuracy constraint.
+AUTOPRUNE_AUX_LR, AUTOPRUNE_WEIGHT_L2 = 0.1, 5e-4
+
+
 def resolve_defaults(config: RunConfig) -> RunConfig:
-    """Fill the settings whose default depends on others (``optim.lr`` on the model,
-    ``data.image_size`` on the dataset), in place; returns ``config``."""
+    """Fill the settings whose default depends on others, in place; returns ``config``:
+    ``optim.lr`` on the model, ``data.image_size`` on the dataset, and AutoPrune's
+    ``aux_lr`` and ``weight_l2`` on the accuracy constraint (docs/method.md §8): under one
+    the gates take no steps (0), and a run that follows a dense run's schedule takes that
+    run's weight L2 as well as its learning rates."""
     if config.optim.lr is None:
         config.optim.lr = DEFAULT_LR.get(config.model, 0.1)
+    _resolve_autoprune(config)
     if config.data.image_size is None and config.data.dataset.startswith("imagefolder:"):
         from cvsparse.imagefolder import DEFAULT_IMAGE_SIZE
 
         config.data.image_size = DEFAULT_IMAGE_SIZE
     return config
+
+
+def _resolve_autoprune(config: RunConfig) -> None:
+    """AutoPrune's unset ``aux_lr`` and ``weight_l2`` (see :func:`resolve_defaults`).  A
+    reference that cannot be read leaves the plain defaults: :func:`validate` names it."""
+    acc = config.accuracy
+    constrained = config.method == "autoprune" and acc.active
+    followed = None
+    if constrained and acc.reference is not None and config.autoprune.weight_l2 is None:
+        from cvsparse.hyper.accuracy_constraint import read_reference_curve
+
+        try:
+            curve, _ = read_reference_curve(acc.reference, config)
+        except ValueError:
+            curve = None
+        followed = curve.weight_l2 if curve is not None else None
+    config.autoprune = resolve_autoprune(config.autoprune, constrained, followed)
+
+
+def resolve_autoprune(section: AutoPruneConfig, constrained: bool,
+                      followed_weight_l2: float | None = None) -> AutoPruneConfig:
+    """``section`` with its unset ``aux_lr`` and ``weight_l2`` given their defaults (a copy;
+    ``section`` itself when both are set): ``aux_lr`` 0.1, or 0 when the run is
+    ``constrained`` (an accuracy constraint's cuts alone close gates); ``weight_l2`` 5e-4, or
+    ``followed_weight_l2``, the constant weight L2 of the dense run a constrained run follows."""
+    if section.aux_lr is not None and section.weight_l2 is not None:
+        return section
+    aux_lr = section.aux_lr
+    if aux_lr is None:
+        aux_lr = 0.0 if constrained else AUTOPRUNE_AUX_LR
+    weight_l2 = section.weight_l2
+    if weight_l2 is None:
+        weight_l2 = followed_weight_l2 if constrained and followed_weight_l2 is not None \
+            else AUTOPRUNE_WEIGHT_L2
+    return dataclasses.replace(section, aux_lr=aux_lr, weight_l2=weight_l2)
 
 
 def validate(config: RunConfig, *, n_train: int | None = None,
@@ -513,8 +561,9 @@ def validate(config: RunConfig, *, n_train: int | None = None,
     _check_at_least_one({"threads": config.threads}, fail)
     if not 0 <= config.seed < 2**32:
         fail(f"seed must be an integer in [0, 2**32), got {config.seed}")
-    for section in (config.data, config.cvgrad, config.autoprune, config.magnitude,
-                    config.optim):   # optim last: its unset lr is the others' usual state
+    for section in (config.data, config.cvgrad, config.magnitude, config.optim,
+                    config.autoprune):   # optim.lr and autoprune.aux_lr / weight_l2 unset are
+                                         # a config's usual state before resolve_defaults
         section.validate(fail)
     _check_accuracy(config, fail)
     swa, finetune_epochs = config.optim.swa_epochs, config.finetune_epochs

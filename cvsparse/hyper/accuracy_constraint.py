@@ -222,11 +222,13 @@ class ReferenceCurve:
     """A finished dense run's learning rate and validation accuracy (a fraction) in each epoch
     (its ``metrics.csv``), and the points it measured inside its epochs (``inner``: pairs of
     epochs trained and validation accuracy, from its ``curve.csv``), for a constrained run of
-    the same schedule to follow."""
+    the same schedule to follow; ``weight_l2``, the L2 it trained its weights with when that
+    was constant (None otherwise: see :func:`constant_weight_l2`)."""
 
     lrs: tuple[float, ...]
     val_acc: tuple[float, ...]
     inner: tuple[tuple[float, float], ...] = ()
+    weight_l2: float | None = None
 
     def accuracy_after(self, epochs: float) -> float:
         """The dense run's validation accuracy after ``epochs`` epochs of training (fractions
@@ -286,13 +288,31 @@ def read_reference_curve(path: str | Path, config: Any) -> tuple[ReferenceCurve 
         return None, f"it has {len(rows)} epochs in metrics.csv, this run {epochs}"
     inner = _read_inner_points(folder / CURVE_NAME, epochs)
     curve = ReferenceCurve(tuple(rows[e][0] for e in range(epochs)),
-                           tuple(rows[e][1] for e in range(epochs)), inner)
+                           tuple(rows[e][1] for e in range(epochs)), inner,
+                           constant_weight_l2(stored))
     if curve.phases(config.accuracy.finetune_fraction) is None:
         return None, "its learning rate schedule has no drop to start a compression drive at"
     if inner:
         return curve, (f"followed epoch by epoch, with {len(inner)} validation points inside "
                        "its epochs")
     return curve, "followed epoch by epoch"
+
+
+def constant_weight_l2(stored: dict[str, Any]) -> float | None:
+    """The weight L2 a run of configuration ``stored`` (its report's ``config``) trained with,
+    when it was one number for the whole run: ``cvgrad.lambda2`` unless cvgrad learned it,
+    ``autoprune.weight_l2`` or ``magnitude.weight_l2``; None otherwise."""
+    method = stored.get("method")
+    section = stored.get(method) if isinstance(method, str) else None
+    if not isinstance(section, dict):
+        return None
+    if method == "cvgrad":
+        learned = section.get("learn_lambda2") and section.get("hyper_lr") != 0
+        value = None if learned else section.get("lambda2")
+    else:
+        value = section.get("weight_l2")
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if finite and 0 <= value < float("inf") else None
 
 
 def _read_inner_points(path: Path, epochs: int) -> tuple[tuple[float, float], ...]:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from cvsparse import metrics
-from cvsparse.config import AccuracyConfig, AutoPruneConfig, OptimConfig
+from cvsparse.config import AccuracyConfig, AutoPruneConfig, OptimConfig, resolve_autoprune
 from cvsparse.hyper.accuracy_constraint import STOP
 from cvsparse.nn import aux_parameters, gated_layers, strip
 from cvsparse.params import regularized_parameters
@@ -61,10 +61,13 @@ class AutoPruneMethod(CompressionMethod):
     def __init__(self, model: nn.Module, data: RunData, settings: AutoPruneConfig,
                  optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
                  follow: Follow | None = None) -> None:
-        """``settings`` is the ``autoprune`` section; ``optim``, ``epochs``, ``accuracy`` and
-        ``follow`` as for :class:`~cvsparse.methods.cvgrad.CVGradMethod`."""
+        """``settings`` is the ``autoprune`` section (its unset ``aux_lr`` and ``weight_l2``
+        take :func:`~cvsparse.config.resolve_autoprune`'s defaults); ``optim``, ``epochs``,
+        ``accuracy`` and ``follow`` as for :class:`~cvsparse.methods.cvgrad.CVGradMethod`."""
         super().__init__(model, data, optim, epochs)
-        ap = self.settings = settings
+        curve = follow[0] if follow is not None else None
+        ap = self.settings = resolve_autoprune(
+            settings, accuracy is not None, curve.weight_l2 if curve is not None else None)
         if data.second_half is None:
             raise ValueError("autoprune needs the second half of the training split")
         if ap.pretrained:

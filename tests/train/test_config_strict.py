@@ -155,7 +155,8 @@ SECTION_CASES = [
                          ids=lambda v: v if isinstance(v, str) else None)
 def test_each_section_refuses_its_own_bad_values_as_the_whole_check_does(attr, section, bad,
                                                                           message):
-    defaults = {"lr": 0.1} if section is OptimConfig else {}
+    defaults = {OptimConfig: {"lr": 0.1},   # what resolve_defaults gives them
+                AutoPruneConfig: {"aux_lr": 0.1, "weight_l2": 5e-4}}.get(section, {})
     section(**defaults).validate(_raise)   # its defaults pass
     with pytest.raises(ValueError) as alone:
         section(**{**defaults, **bad}).validate(_raise)

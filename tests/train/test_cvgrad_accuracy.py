@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
 
+from cvsparse.config import AutoPruneConfig, resolve_autoprune, resolve_defaults
 from cvsparse.metrics import evaluate
 from cvsparse.train import Trainer
 from cvsparse.train.outputs import comparison_table, summary_table
@@ -218,7 +220,7 @@ def test_autoprune_drive_keeps_the_dense_runs_pace_of_weight_steps(tmp_path):
     """In the drive every training step takes a weight step on the first half's batch, then a
     gate step and a second weight step on the second half's: two weight steps per training
     step, as the dense phase (and the dense run the checks follow) takes them.  An allowed drop
-    no check fails keeps the gates moving for the whole epoch."""
+    no check fails keeps the gate steps going for the whole epoch."""
     trainer = Trainer(tiny_config(**{**AP, "accuracy.max_accuracy_drop": 90.0}),
                       tmp_path / "ap", progress=False)
     method = trainer.method
@@ -232,12 +234,13 @@ def test_autoprune_drive_keeps_the_dense_runs_pace_of_weight_steps(tmp_path):
 
 
 def test_autoprune_drive_without_gate_steps_changes_gates_only_at_its_cuts(tmp_path):
-    """``autoprune.aux_lr = 0``: the gate steps move no gate, so after a drive epoch every gate
-    holds its value from the drive's start, except those the cuts closed (0 and masked)."""
-    trainer = Trainer(tiny_config(**{**AP, "autoprune.aux_lr": 0.0,
-                                     "accuracy.max_accuracy_drop": 90.0}),
+    """Under a constraint ``autoprune.aux_lr`` is 0 unless given: the gate steps move no gate,
+    so after a drive epoch every gate holds its value from the drive's start, except those the
+    cuts closed (0 and masked)."""
+    trainer = Trainer(tiny_config(**{**AP, "accuracy.max_accuracy_drop": 90.0}),
                       tmp_path / "ap", progress=False)
     method = trainer.method
+    assert trainer.config.autoprune.aux_lr == 0
     trainer.run(max_epochs=method.drive.dense_end)
     aux = [p for g in method.aux_opt.param_groups for p in g["params"]]
     start = [p.detach().clone() for p in aux]
@@ -352,6 +355,50 @@ def test_a_reference_run_of_the_same_schedule_is_followed_epoch_by_epoch(tmp_pat
     if method == "cvgrad":   # (AutoPrune's gated model is counted in its own tests)
         assert zeros_rate(trainer.model, report["regularized_tensors"]) == pytest.approx(
             report["compression_rate"])
+    else:   # the weights took the dense run's L2, the gates no step
+        dense_l2 = json.loads((folder / "report.json").read_text())["config"]["cvgrad"]["lambda2"]
+        assert trainer.method.weight_opt.param_groups[0]["lambda2"] == dense_l2
+        assert trainer.method.aux_opt.param_groups[0]["lr"] == 0
+
+
+def reference_copy(dense_run, folder, **cvgrad) -> str:
+    """A copy of the dense run's folder whose stored configuration has ``cvgrad`` changed."""
+    source, _ = dense_run
+    shutil.copytree(source, folder)
+    report = json.loads((folder / "report.json").read_text())
+    report["config"]["cvgrad"].update(cvgrad)
+    (folder / "report.json").write_text(json.dumps(report))
+    return str(folder)
+
+
+def test_autoprune_defaults_follow_the_constraint_and_the_followed_run(tmp_path, dense_run):
+    """Unset, ``autoprune.aux_lr`` is 0.1 and ``autoprune.weight_l2`` 5e-4.  Under an accuracy
+    constraint the gates take no steps (``aux_lr`` 0); a run that follows a dense run of its
+    schedule takes that run's weight L2 (the ``cvgrad.lambda2`` of its report, when cvgrad did
+    not learn it).  Values given are kept; cvgrad's runs leave the section alone."""
+    plain = reference_copy(dense_run, tmp_path / "plain", lambda2=3e-4)
+    learned = reference_copy(dense_run, tmp_path / "learned", lambda2=3e-4, learn_lambda2=True,
+                             hyper_lr=0.01)
+    drop = {"accuracy.max_accuracy_drop": 1.0}
+    cases = [
+        ({}, (0.1, 5e-4)),
+        (drop, (0.0, 5e-4)),
+        ({**drop, "accuracy.reference": plain}, (0.0, 3e-4)),
+        ({**drop, "accuracy.reference": plain, "autoprune.aux_lr": 0.2,
+          "autoprune.weight_l2": 1e-3}, (0.2, 1e-3)),
+        ({**drop, "accuracy.reference": learned}, (0.0, 5e-4)),
+        ({**drop, "accuracy.reference": plain, "optim.epochs": 5}, (0.0, 5e-4)),  # not followed
+        ({**drop, "accuracy.reference": str(tmp_path / "missing")}, (0.0, 5e-4)),
+        ({**drop, "accuracy.reference": plain, "method": "cvgrad"}, (0.1, 5e-4)),
+    ]
+    for overrides, expected in cases:
+        config = resolve_defaults(tiny_config(**{**AP, **overrides}))
+        assert (config.autoprune.aux_lr, config.autoprune.weight_l2) == expected, overrides
+    # a section handed to the method's constructor unresolved gets the same defaults
+    for constrained, followed, expected in ((False, 3e-4, (0.1, 5e-4)), (True, None, (0.0, 5e-4)),
+                                            (True, 3e-4, (0.0, 3e-4))):
+        section = resolve_autoprune(AutoPruneConfig(), constrained, followed)
+        assert (section.aux_lr, section.weight_l2) == expected
 
 
 def test_a_reference_run_of_another_schedule_gives_its_final_accuracy_only(tmp_path, dense_run):
