@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from cvsparse.config import AUTOPRUNE_AUX_LR, AUTOPRUNE_WEIGHT_L2
 from cvsparse.nn import aux_parameters, convert, convertible_layers, strip
 from cvsparse.optim import ProxSGD
 from cvsparse.params import (
@@ -46,9 +47,9 @@ class AutoPruneSettings:
     ste: str = "leaky_relu"
     slope: float = 0.01
     update: str = "proposed"
-    aux_lr: float = 0.1
+    aux_lr: float = AUTOPRUNE_AUX_LR
     aux_l1: float = 2e-3
-    weight_l2: float = 5e-4
+    weight_l2: float = AUTOPRUNE_WEIGHT_L2
     skip_layers: list[str] = field(default_factory=list)
 
     @classmethod
