@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler, Subset
 from cvsparse import metrics
 from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, validate
 from cvsparse.faults import SkippedStep, StepGuard
+from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
 from cvsparse.methods.schedules import SchedulerFactory
@@ -152,11 +153,12 @@ def compress(
             rundir.check_free(out_dir, overwrite)
     if state is not None:
         run_config = from_dict(state["config"])
-        validate(run_config, named_sources=False)
+        followed = followed_run_in(state, run_config)
+        validate(run_config, named_sources=False, followed=followed)
     else:
-        run_config = build_config(model, method, epochs, config, overrides)
+        run_config, followed = build_config(model, method, epochs, config, overrides)
     run = _Run(run_config, model, train_loader, val_loader, test_loader, include, exclude,
-               loss_fn, gate_loader, state, progress, ranks, lr_scheduler)
+               loss_fn, gate_loader, state, progress, ranks, lr_scheduler, followed)
     if out_dir is None or not ranks.is_main:
         run.train()
         return run.finish(None)
@@ -170,11 +172,13 @@ def compress(
 
 def build_config(model: nn.Module, method: str, epochs: int | None,
                  config: RunConfig | dict[str, Any] | str | Path | None,
-                 overrides: dict[str, Any]) -> RunConfig:
+                 overrides: dict[str, Any]) -> tuple[RunConfig, FollowedRun | None]:
     """The resolved, validated :class:`RunConfig` of a :func:`compress` call: defaults ←
     ``config`` ← ``method``, ``epochs`` and ``overrides`` (flat keys looked up in the method's
-    section, then ``optim``, then ``seed``, ``threads``, ``precision`` and ``channels_last``).
-    ``model`` names the model in the report (``"custom:<class name>"``)."""
+    section, then ``optim``, then ``seed``, ``threads``, ``precision`` and ``channels_last``),
+    and the reference run it is judged against, read once (None without
+    ``accuracy.reference``).  ``model`` names the model in the report
+    (``"custom:<class name>"``)."""
     if config is None:
         base = RunConfig()
     elif isinstance(config, RunConfig):
@@ -202,9 +206,10 @@ def build_config(model: nn.Module, method: str, epochs: int | None,
         else:
             values[key] = value
     config = from_dict(values, base)
-    resolve_defaults(config)
-    validate(config, named_sources=False)
-    return config
+    followed = followed_run_of(config)
+    resolve_defaults(config, followed)
+    validate(config, named_sources=False, followed=followed)
+    return config, followed
 
 
 def _section_of(config: RunConfig, key: str) -> str:
@@ -230,7 +235,8 @@ class _Run:
                  include: Selector | None, exclude: Selector | None, loss_fn: LossFn | None,
                  gate_loader: Batches | None, state: dict[str, Any] | None,
                  progress: bool, ranks: Ranks | None = None,
-                 lr_scheduler: SchedulerFactory | None = None) -> None:
+                 lr_scheduler: SchedulerFactory | None = None,
+                 followed: FollowedRun | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = config
@@ -267,7 +273,8 @@ class _Run:
                        second_half=second, input_shape=self.input_shape,
                        loss_fn=self.ranks.loss(self.loss_fn) or loss_fn,
                        regularized=self.regularized, reduce=self.ranks.reducer())
-        self.method = method_class.from_config(config, model, data)
+        self.followed = followed
+        self.method = method_class.from_config(config, model, data, followed)
         if lr_scheduler is not None:
             self.method.use_lr_scheduler(lr_scheduler)
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
@@ -418,6 +425,7 @@ class _Run:
             "regularized": self.regularized,
             "loader_generators": [None if g is None else g.get_state()
                                   for g in _generators(self.loaders)],
+            "followed": None if self.followed is None else self.followed.to_dict(),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:

@@ -12,9 +12,12 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from cvsparse.hyper.reference_run import FollowedRun
 
 #: A section's own checks: ``fail(message)`` raises the ``ValueError`` naming the bad setting.
 Fail = Callable[[str], None]
@@ -485,15 +488,17 @@ DEFAULT_LR = {"lenet5": 0.01}
 AUTOPRUNE_AUX_LR, AUTOPRUNE_WEIGHT_L2 = 0.1, 5e-4
 
 
-def resolve_defaults(config: RunConfig) -> RunConfig:
+def resolve_defaults(config: RunConfig, followed: FollowedRun | None = None) -> RunConfig:
     """Fill the settings whose default depends on others, in place; returns ``config``:
     ``optim.lr`` on the model, ``data.image_size`` on the dataset, and AutoPrune's
     ``aux_lr`` and ``weight_l2`` on the accuracy constraint (docs/method.md §8): under one
     the gates take no steps (0), and a run that follows a dense run's schedule takes that
-    run's weight L2 as well as its learning rates."""
+    run's weight L2 as well as its learning rates.  ``followed``: the reference run as the
+    caller read it (:func:`~cvsparse.hyper.reference_run.followed_run_of`); None reads it
+    when it is needed."""
     if config.optim.lr is None:
         config.optim.lr = DEFAULT_LR.get(config.model, 0.1)
-    _resolve_autoprune(config)
+    _resolve_autoprune(config, followed)
     if config.data.image_size is None and config.data.dataset.startswith("imagefolder:"):
         from cvsparse.imagefolder import DEFAULT_IMAGE_SIZE
 
@@ -501,21 +506,20 @@ def resolve_defaults(config: RunConfig) -> RunConfig:
     return config
 
 
-def _resolve_autoprune(config: RunConfig) -> None:
+def _resolve_autoprune(config: RunConfig, followed: FollowedRun | None) -> None:
     """AutoPrune's unset ``aux_lr`` and ``weight_l2`` (see :func:`resolve_defaults`).  A
     reference that cannot be read leaves the plain defaults: :func:`validate` names it."""
-    acc = config.accuracy
-    constrained = config.method == "autoprune" and acc.active
-    followed = None
-    if constrained and acc.reference is not None and config.autoprune.weight_l2 is None:
-        from cvsparse.hyper.accuracy_constraint import read_reference_curve
+    constrained = config.method == "autoprune" and config.accuracy.active
+    if constrained and followed is None and config.autoprune.weight_l2 is None:
+        from cvsparse.hyper.reference_run import followed_run_of
 
         try:
-            curve, _ = read_reference_curve(acc.reference, config)
+            followed = followed_run_of(config)
         except ValueError:
-            curve = None
-        followed = curve.weight_l2 if curve is not None else None
-    config.autoprune = resolve_autoprune(config.autoprune, constrained, followed)
+            followed = None
+    curve = followed.curve if followed is not None else None
+    config.autoprune = resolve_autoprune(config.autoprune, constrained,
+                                         curve.weight_l2 if curve is not None else None)
 
 
 def resolve_autoprune(section: AutoPruneConfig, constrained: bool,
@@ -536,14 +540,16 @@ def resolve_autoprune(section: AutoPruneConfig, constrained: bool,
     return dataclasses.replace(section, aux_lr=aux_lr, weight_l2=weight_l2)
 
 
-def validate(config: RunConfig, *, n_train: int | None = None,
-             named_sources: bool = True) -> None:
+def validate(config: RunConfig, *, n_train: int | None = None, named_sources: bool = True,
+             followed: FollowedRun | None = None) -> None:
     """Raise ``ValueError`` naming the first bad setting (``n_train``: training-set size).
 
     Each section's ``validate`` checks its own keys; this adds the top-level keys and what
-    spans sections (the accuracy constraint's method and phases, the SWA epochs, the split).
-    ``named_sources=False`` leaves ``model`` and ``data.dataset`` unchecked: the Python API
-    (``cvsparse.compress``) takes a module and loaders rather than names of the registries."""
+    spans sections (the accuracy constraint's method, reference run and phases, the SWA
+    epochs, the split).  ``named_sources=False`` leaves ``model`` and ``data.dataset``
+    unchecked: the Python API (``cvsparse.compress``) takes a module and loaders rather than
+    names of the registries.  ``followed``: the reference run as the caller read it or
+    stored it (:class:`~cvsparse.hyper.reference_run.FollowedRun`); None reads its folder."""
     from cvsparse.methods import METHOD_CLASSES
     from cvsparse.precision import PRECISIONS
 
@@ -565,7 +571,7 @@ def validate(config: RunConfig, *, n_train: int | None = None,
                     config.autoprune):   # optim.lr and autoprune.aux_lr / weight_l2 unset are
                                          # a config's usual state before resolve_defaults
         section.validate(fail)
-    _check_accuracy(config, fail)
+    _check_accuracy(config, fail, followed)
     swa, finetune_epochs = config.optim.swa_epochs, config.finetune_epochs
     if isinstance(swa, bool) or not isinstance(swa, int) or not 0 <= swa <= finetune_epochs:
         fail(f"optim.swa_epochs must be an int in [0, {finetune_epochs}] (the {config.method} "
@@ -655,9 +661,11 @@ def _check_floor(cv: CVGradConfig, fail: Callable[[str], None]) -> None:
         fail(f"cvgrad.floor_gain must be a finite number > 0, got {cv.floor_gain}")
 
 
-def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
+def _check_accuracy(config: RunConfig, fail: Callable[[str], None],
+                    followed: FollowedRun | None) -> None:
     """The accuracy constraint: its section's own checks, a method that takes it, a reference
-    run that can be read, no size set by hand beside it, and room for its phases."""
+    run that can be read (``followed``, or its folder) and judges this run, no size set by
+    hand beside it, and room for its phases."""
     from cvsparse.methods import METHOD_CLASSES
 
     acc = config.accuracy
@@ -668,12 +676,13 @@ def _check_accuracy(config: RunConfig, fail: Callable[[str], None]) -> None:
     acc.validate(fail)
     if not acc.active:
         return
-    curve = None
-    if acc.reference is not None:
-        from cvsparse.hyper.accuracy_constraint import read_reference, read_reference_curve
+    if followed is None:
+        from cvsparse.hyper.reference_run import followed_run_of
 
-        read_reference(acc.reference, config)   # ValueError naming the problem
-        curve, _ = read_reference_curve(acc.reference, config)
+        followed = followed_run_of(config)   # ValueError naming the problem
+    if followed is not None:
+        followed.check(config)   # ValueError naming the problem
+    curve = followed.curve if followed is not None else None
     for key, value in (("accuracy.drive_lr", acc.drive_lr),
                        ("optim.finetune_lr", config.optim.finetune_lr)):
         if curve is not None and value is not None:

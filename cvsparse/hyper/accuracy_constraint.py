@@ -10,7 +10,8 @@ taking the stricter of the two when both are given.  A reference measured in the
 that mean, so the bound follows the best accuracy the run has shown so far — an early dense
 phase underestimates what the network reaches with more epochs — without chasing the noise of
 one lucky check.  A given reference stays fixed, or, from a dense run of the same schedule
-(:class:`ReferenceCurve`), follows that run's validation accuracy epoch by epoch: a check is
+(:class:`~cvsparse.hyper.reference_run.ReferenceCurve`), follows that run's validation
+accuracy epoch by epoch: a check is
 then judged against what the dense network had reached at the same point of the same
 schedule.  The constrained run
 (docs/method.md §8) drives compression up and asks this object, at every check, what the
@@ -28,12 +29,7 @@ stops no earlier — the kept support is never denser (monotone by construction)
 
 from __future__ import annotations
 
-import bisect
-import csv
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 #: Verdicts of :meth:`AccuracyConstraint.observe`.
@@ -180,157 +176,3 @@ def with_verdict(report: dict[str, Any]) -> dict[str, Any]:
         val = report.get("val_acc")
         report["constraint_met_val"] = val is not None and val >= report["accuracy_bound"]
     return report
-
-
-def read_reference(path: str | Path, config: Any = None) -> tuple[float, str]:
-    """The validation accuracy (a fraction) of the finished run in folder ``path``, from its
-    ``report.json``, and a description of the source for the report.
-
-    With ``config`` (a :class:`~cvsparse.config.RunConfig`), the run must have measured it on
-    the same validation split: same dataset, ``val_size`` and ``split_seed``.  ValueError (one
-    line) when the folder, its report or its ``val_acc`` is missing, or the split differs."""
-    folder = Path(path)
-    report_path = folder / "report.json"
-    if not report_path.is_file():
-        raise ValueError(f"accuracy.reference: {folder} holds no report.json (give the folder "
-                         "of a finished run)")
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"accuracy.reference: {report_path} cannot be read: {exc}") from None
-    accuracy = report.get("val_acc") if isinstance(report, dict) else None
-    if not isinstance(accuracy, (int, float)) or not 0 <= accuracy <= 1:
-        raise ValueError(f"accuracy.reference: {report_path} has no validation accuracy "
-                         "(val_acc)")
-    stored = report.get("config", {}).get("data", {}) if isinstance(report, dict) else {}
-    if config is not None:
-        for key in ("dataset", "val_size", "split_seed"):
-            mine = getattr(config.data, key)
-            if key in stored and mine is not None and stored[key] != mine:
-                raise ValueError(f"accuracy.reference: {folder} measured its accuracy with "
-                                 f"data.{key} = {stored[key]!r}, this run has {mine!r} (the "
-                                 "reference must come from the same validation split)")
-    return float(accuracy), f"run folder {folder.name}"
-
-
-#: The file of a run's validation points inside its epochs (``accuracy.curve_points``).
-CURVE_NAME = "curve.csv"
-
-
-@dataclass(frozen=True)
-class ReferenceCurve:
-    """A finished dense run's learning rate and validation accuracy (a fraction) in each epoch
-    (its ``metrics.csv``), and the points it measured inside its epochs (``inner``: pairs of
-    epochs trained and validation accuracy, from its ``curve.csv``), for a constrained run of
-    the same schedule to follow; ``weight_l2``, the L2 it trained its weights with when that
-    was constant (None otherwise: see :func:`constant_weight_l2`)."""
-
-    lrs: tuple[float, ...]
-    val_acc: tuple[float, ...]
-    inner: tuple[tuple[float, float], ...] = ()
-    weight_l2: float | None = None
-
-    def accuracy_after(self, epochs: float) -> float:
-        """The dense run's validation accuracy after ``epochs`` epochs of training (fractions
-        included): linear between its measured points (the epoch ends and the ``inner``
-        points), the first point's value before it."""
-        knots = sorted([(e + 1.0, a) for e, a in enumerate(self.val_acc)] + list(self.inner))
-        if epochs <= knots[0][0]:
-            return knots[0][1]
-        if epochs >= knots[-1][0]:
-            return knots[-1][1]
-        after = bisect.bisect_right([at for at, _ in knots], epochs)
-        (x0, y0), (x1, y1) = knots[after - 1], knots[after]
-        share = (epochs - x0) / (x1 - x0)
-        return (1 - share) * y0 + share * y1
-
-    def drops(self) -> list[int]:
-        """The epochs whose learning rate is lower than the epoch before's."""
-        return [e for e in range(1, len(self.lrs)) if self.lrs[e] < self.lrs[e - 1]]
-
-    def phases(self, finetune_fraction: float) -> tuple[int, int] | None:
-        """``(dense_end, drive_end)`` on this schedule: dense until the first drop of the
-        learning rate, the drive until the second (without one: until the last
-        ``finetune_fraction`` of the epochs), fine-tuning after; None when the schedule has
-        no drop, or no epoch between the two."""
-        drops = self.drops()
-        if not drops:
-            return None
-        epochs = len(self.lrs)
-        end = drops[1] if len(drops) > 1 else epochs - max(1, round(finetune_fraction * epochs))
-        return (drops[0], end) if drops[0] < end < epochs else None
-
-
-def read_reference_curve(path: str | Path, config: Any) -> tuple[ReferenceCurve | None, str]:
-    """The per-epoch curve of the finished run in folder ``path`` when this run (``config``, a
-    :class:`~cvsparse.config.RunConfig`) can follow it, with the points inside its epochs when
-    it measured some (``curve.csv``), and a note for the report: why it cannot otherwise
-    (another model, batch size or epoch count, no ``metrics.csv``, a schedule without a phase
-    to drive in).  ValueError (one line) when its ``curve.csv`` is malformed."""
-    folder = Path(path)
-    try:
-        report = json.loads((folder / "report.json").read_text())
-        stored = report.get("config", {})
-        with open(folder / "metrics.csv", newline="") as handle:
-            rows = {int(r["epoch"]): (float(r["lr"]), float(r["val_acc"]))
-                    for r in csv.DictReader(handle)}
-    except FileNotFoundError as exc:
-        return None, f"it has no {Path(exc.filename).name}"
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return None, f"its metrics.csv cannot be read ({exc})"
-    epochs = config.total_epochs
-    if stored.get("model") != config.model:
-        return None, f"it trained {stored.get('model')!r}, this run {config.model!r}"
-    batch = stored.get("data", {}).get("batch_size")
-    if batch is not None and batch != config.data.batch_size:
-        return None, f"it used batch size {batch}, this run {config.data.batch_size}"
-    if sorted(rows) != list(range(epochs)):
-        return None, f"it has {len(rows)} epochs in metrics.csv, this run {epochs}"
-    inner = _read_inner_points(folder / CURVE_NAME, epochs)
-    curve = ReferenceCurve(tuple(rows[e][0] for e in range(epochs)),
-                           tuple(rows[e][1] for e in range(epochs)), inner,
-                           constant_weight_l2(stored))
-    if curve.phases(config.accuracy.finetune_fraction) is None:
-        return None, "its learning rate schedule has no drop to start a compression drive at"
-    if inner:
-        return curve, (f"followed epoch by epoch, with {len(inner)} validation points inside "
-                       "its epochs")
-    return curve, "followed epoch by epoch"
-
-
-def constant_weight_l2(stored: dict[str, Any]) -> float | None:
-    """The weight L2 a run of configuration ``stored`` (its report's ``config``) trained with,
-    when it was one number for the whole run: ``cvgrad.lambda2`` unless cvgrad learned it,
-    ``autoprune.weight_l2`` or ``magnitude.weight_l2``; None otherwise."""
-    method = stored.get("method")
-    section = stored.get(method) if isinstance(method, str) else None
-    if not isinstance(section, dict):
-        return None
-    if method == "cvgrad":
-        learned = section.get("learn_lambda2") and section.get("hyper_lr") != 0
-        value = None if learned else section.get("lambda2")
-    else:
-        value = section.get("weight_l2")
-    finite = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if finite and 0 <= value < float("inf") else None
-
-
-def _read_inner_points(path: Path, epochs: int) -> tuple[tuple[float, float], ...]:
-    """``(epochs trained, validation accuracy)`` of each point in the ``curve.csv`` at
-    ``path`` (none when there is no such file), the epochs trained being ``epoch + step /
-    steps``; ValueError naming the file when it is malformed or lies outside ``epochs``."""
-    if not path.is_file():
-        return ()
-    try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        points = []
-        for row in rows:
-            epoch, step, steps = int(row["epoch"]), int(row["step"]), int(row["steps"])
-            accuracy = float(row["val_acc"])
-            if not (0 <= epoch < epochs and 0 < step < steps and 0 <= accuracy <= 1):
-                raise ValueError(f"a row is out of range: {dict(row)}")
-            points.append((epoch + step / steps, accuracy))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"accuracy.reference: {path} cannot be read ({exc})") from None
-    return tuple(points)

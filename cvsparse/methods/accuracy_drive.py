@@ -21,15 +21,11 @@ from torch import Tensor, nn
 from cvsparse import metrics
 from cvsparse.config import AccuracyConfig, OptimConfig
 from cvsparse.hyper import AccuracyConstraint
-from cvsparse.hyper.accuracy_constraint import (
-    BEST,
-    STOP,
-    ReferenceCurve,
-    read_reference,
-)
+from cvsparse.hyper.accuracy_constraint import BEST, STOP
+from cvsparse.hyper.reference_run import FollowedRun, ReferenceCurve, read_followed_run
 from cvsparse.precision import FP32, Precision
 
-from .base import Batches, Follow, LossFn, finetune_base_lr
+from .base import Batches, LossFn, finetune_base_lr
 from .schedules import LRPhase
 
 #: Phases of a constrained run.
@@ -53,10 +49,10 @@ class AccuracyDrive:
         loss_fn: the training loss.
         reduce: averages tensors over the ranks of a data-parallel run (None: one process),
             so that every rank probes and judges alike.
-        follow: with ``accuracy.reference``, the reference run's per-epoch curve (None when
-            this run cannot follow it) and the note saying why or how
-            (:func:`~cvsparse.hyper.accuracy_constraint.read_reference_curve`); None: only the
-            reference's final accuracy is used.
+        follow: with ``accuracy.reference``, the reference run as the run read it
+            (:func:`~cvsparse.hyper.reference_run.read_followed_run`: its final accuracy and,
+            when this run can follow it, its per-epoch curve); None reads only its final
+            accuracy.
         weight_steps: the weight steps the method takes per training step (AutoPrune, whose
             steps draw a batch from each half of the training split: 2), so that a probe
             trains on as many batches as the run's weights see in its share of an epoch.
@@ -65,7 +61,7 @@ class AccuracyDrive:
     def __init__(self, accuracy: AccuracyConfig, optim: OptimConfig, epochs: int, val: Batches,
                  train_batch: Callable[[], tuple], loss_fn: LossFn,
                  reduce: Callable[[Sequence[Tensor]], list[Tensor]] | None = None,
-                 follow: Follow | None = None, weight_steps: int = 1) -> None:
+                 follow: FollowedRun | None = None, weight_steps: int = 1) -> None:
         acc = accuracy
         self.weight_steps = weight_steps
         self.accuracy, self.optim = accuracy, optim
@@ -81,9 +77,9 @@ class AccuracyDrive:
             self.constraint.set_reference(acc.reference_accuracy / 100,
                                           "given (reference_accuracy)")
         elif acc.reference is not None:
-            reference, source = read_reference(acc.reference)
-            self.curve, self.curve_note = follow if follow is not None else (
-                None, "no curve was given to follow")
+            followed = follow if follow is not None else read_followed_run(acc.reference)
+            reference, source = followed.accuracy, followed.source
+            self.curve, self.curve_note = followed.curve, followed.note
             if self.curve is None:
                 warnings.warn(f"accuracy.reference: the run is judged against {source}'s final "
                               f"validation accuracy only: {self.curve_note}", stacklevel=2)

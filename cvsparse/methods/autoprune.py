@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from cvsparse import metrics
 from cvsparse.config import AccuracyConfig, AutoPruneConfig, OptimConfig, resolve_autoprune
 from cvsparse.hyper.accuracy_constraint import STOP
+from cvsparse.hyper.reference_run import FollowedRun
 from cvsparse.nn import aux_parameters, gated_layers, strip
 from cvsparse.params import regularized_parameters
 
@@ -41,7 +42,6 @@ from .accuracy_drive import DENSE, DRIVE, FINETUNE, AccuracyDrive
 from .autoprune_optimizer import AutoPruneOptimizer, AutoPruneSettings
 from .base import (
     CompressionMethod,
-    Follow,
     RunData,
     budget_met,
     finetune_base_lr,
@@ -60,12 +60,12 @@ class AutoPruneMethod(CompressionMethod):
 
     def __init__(self, model: nn.Module, data: RunData, settings: AutoPruneConfig,
                  optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
-                 follow: Follow | None = None) -> None:
+                 follow: FollowedRun | None = None) -> None:
         """``settings`` is the ``autoprune`` section (its unset ``aux_lr`` and ``weight_l2``
         take :func:`~cvsparse.config.resolve_autoprune`'s defaults); ``optim``, ``epochs``,
         ``accuracy`` and ``follow`` as for :class:`~cvsparse.methods.cvgrad.CVGradMethod`."""
         super().__init__(model, data, optim, epochs)
-        curve = follow[0] if follow is not None else None
+        curve = follow.curve if follow is not None else None
         ap = self.settings = resolve_autoprune(
             settings, accuracy is not None, curve.weight_l2 if curve is not None else None)
         if data.second_half is None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from cvsparse import faults, metrics
 from cvsparse.config import AccuracyConfig, OptimConfig, RunConfig
 from cvsparse.faults import SkippedStep, StepFault, StepGuard
-from cvsparse.hyper.accuracy_constraint import ReferenceCurve, read_reference_curve
+from cvsparse.hyper.reference_run import FollowedRun, followed_run_of
 from cvsparse.precision import FP32, Precision
 
 from .schedules import LRPhase, PhaseScheduler, SchedulerFactory, recipe_scheduler
@@ -100,14 +100,16 @@ class CompressionMethod(ABC):
         self.schedule = PhaseScheduler(factory)
 
     @classmethod
-    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData) -> CompressionMethod:
+    def from_config(cls, config: RunConfig, model: nn.Module, data: RunData,
+                    followed: FollowedRun | None = None) -> CompressionMethod:
         """The method as a run's configuration tree sets it up (the command line and
         :func:`cvsparse.compress` build methods this way): its own section (named like the
         method), ``optim``, the epoch count and, for a method that takes an accuracy
-        constraint, ``accuracy`` with the followed reference curve (:func:`constraint_of`)."""
+        constraint, ``accuracy`` with the reference run it is judged against
+        (:func:`constraint_of`; ``followed``: as the caller read or stored it)."""
         extra: dict[str, Any] = {}
         if cls.takes_accuracy_constraint:
-            extra["accuracy"], extra["follow"] = constraint_of(config)
+            extra["accuracy"], extra["follow"] = constraint_of(config, followed)
         return cls(model, data, getattr(config, cls.name), config.optim, config.total_epochs,
                    **extra)
 
@@ -243,21 +245,18 @@ def finetune_base_lr(opt: OptimConfig) -> float:
     return opt.finetune_lr if opt.finetune_lr is not None else opt.lr * opt.gamma
 
 
-#: A followed reference run: its per-epoch curve (None when this run cannot follow it) and a
-#: note saying how, or why not (``read_reference_curve``).
-Follow = tuple[ReferenceCurve | None, str]
-
-
-def constraint_of(config: RunConfig) -> tuple[AccuracyConfig | None, Follow | None]:
+def constraint_of(config: RunConfig, followed: FollowedRun | None = None
+                  ) -> tuple[AccuracyConfig | None, FollowedRun | None]:
     """``(accuracy, follow)`` for a method's constructor: the ``accuracy`` section when the run
-    is constrained (else None) and, when it names a reference run, that run's curve and a note
-    (:func:`cvsparse.hyper.accuracy_constraint.read_reference_curve`; None otherwise)."""
+    is constrained (else None) and, when it names a reference run, that run: ``followed`` when
+    given, else read from its folder (:func:`cvsparse.hyper.reference_run.followed_run_of`);
+    None otherwise."""
     acc = config.accuracy
     if not acc.active:
         return None, None
-    if acc.reference is None or acc.reference_accuracy is not None:
-        return acc, None
-    return acc, read_reference_curve(acc.reference, config)
+    if followed is not None:
+        return acc, followed
+    return acc, followed_run_of(config)
 
 
 def budget_met(model: nn.Module, input_shape: tuple[int, ...], compression: float | None,

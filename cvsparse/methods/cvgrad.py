@@ -49,11 +49,11 @@ from cvsparse.config import AccuracyConfig, CVGradConfig, OptimConfig
 from cvsparse.faults import NonFiniteError, SkippedStep
 from cvsparse.hyper import CompressionFloor
 from cvsparse.hyper.accuracy_constraint import STOP
+from cvsparse.hyper.reference_run import FollowedRun
 
 from .accuracy_drive import DENSE, DRIVE, AccuracyDrive
 from .base import (
     CompressionMethod,
-    Follow,
     RunData,
     budget_met,
     finetune_base_lr,
@@ -114,11 +114,11 @@ class CVGradMethod(CompressionMethod):
 
     def __init__(self, model: nn.Module, data: RunData, settings: CVGradConfig,
                  optim: OptimConfig, epochs: int, *, accuracy: AccuracyConfig | None = None,
-                 follow: Follow | None = None) -> None:
+                 follow: FollowedRun | None = None) -> None:
         """``settings`` is the ``cvgrad`` section; ``optim`` the learning rate, momentum and
         schedule; ``epochs`` the run's epoch count (fine-tuning included); ``accuracy`` the
         ``accuracy`` section of a constrained run (None: unconstrained) and ``follow`` the
-        reference run's curve it follows (:func:`~cvsparse.methods.base.constraint_of`)."""
+        reference run it is judged against (:func:`~cvsparse.methods.base.constraint_of`)."""
         super().__init__(model, data, optim, epochs)
         cv = self.settings = settings
         core_settings = CVGradSettings.from_section(cv)

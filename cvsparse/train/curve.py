@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cvsparse.hyper.accuracy_constraint import CURVE_NAME
+from cvsparse.hyper.reference_run import CURVE_NAME
 
 __all__ = ["CURVE_NAME", "ValidationCurve", "point_steps"]
 

@@ -35,6 +35,7 @@ from cvsparse.data import (
 )
 from cvsparse.faults import Diverged, SkippedStep, StepGuard
 from cvsparse.hyper.accuracy_constraint import with_verdict
+from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES
 from cvsparse.methods.base import CompressionMethod, RunData
@@ -62,9 +63,11 @@ class Trainer:
         loaded; RunDirError / CheckpointError / ValueError name the problem."""
         self.out_dir = Path(out_dir)
         self.ranks = distributed.Ranks.from_env()   # one process unless started by torchrun
+        self.followed: FollowedRun | None = None   # the reference run, read once
         if not resume:
-            resolve_defaults(config)
-            validate(config)
+            self.followed = followed_run_of(config)
+            resolve_defaults(config, self.followed)
+            validate(config, followed=self.followed)
         if self.ranks.is_main:   # only rank 0 writes into the folder
             rundir.check_writable(self.out_dir)
             rundir.check_unlocked(self.out_dir)
@@ -80,7 +83,8 @@ class Trainer:
             self.config = config = from_dict(state["config"])
             if on_resume is not None:
                 self.config = config = on_resume(config)
-            validate(config)
+            self.followed = followed_run_in(state, config)
+            validate(config, followed=self.followed)
         self.ranks.check_batch_sizes(**{"data.batch_size": config.data.batch_size,
                                         "data.val_batch_size": config.data.val_batch_size})
         if config.threads:
@@ -98,7 +102,7 @@ class Trainer:
         n_train = len(self.dataset.y_train)
         val_size = config.data.val_size or default_val_size(config.data.dataset, n_train)
         config.data.val_size = val_size
-        validate(config, n_train=n_train)
+        validate(config, n_train=n_train, followed=self.followed)
         if state is not None:
             self.train_idx, self.val_idx = state["split"]
         else:
@@ -115,7 +119,7 @@ class Trainer:
         hyper_generator = torch.Generator().manual_seed(config.seed + 1)
         method_class = METHOD_CLASSES[config.method]
         run_data = self._build_loaders(method_class, hyper_generator)
-        self.method = method_class.from_config(config, self.model, run_data)
+        self.method = method_class.from_config(config, self.model, run_data, self.followed)
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
         self.method.precision = self.precision
         self.precision.prepare(self.model)   # after the method: AutoPrune's gates too
@@ -338,6 +342,7 @@ class Trainer:
             "guard": self.guard.state_dict(),
             "precision": self.precision.state_dict(),
             "data_sha256": [f["sha256"] for f in self.provenance["data"]["files"]],
+            "followed": None if self.followed is None else self.followed.to_dict(),
         }
 
     def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:

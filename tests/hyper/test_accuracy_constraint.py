@@ -3,7 +3,6 @@ of the rule "the sparsest feasible check before the patience-th violation in a r
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -17,9 +16,6 @@ from cvsparse.hyper.accuracy_constraint import (
     FEASIBLE,
     STOP,
     VIOLATED,
-    ReferenceCurve,
-    read_reference,
-    read_reference_curve,
 )
 
 
@@ -131,29 +127,6 @@ def test_bad_arguments_are_refused(kwargs, message):
         AccuracyConstraint(**kwargs)
 
 
-def test_read_reference_takes_a_finished_runs_val_acc(tmp_path):
-    run = tmp_path / "dense"
-    run.mkdir()
-    with pytest.raises(ValueError, match="no report.json"):
-        read_reference(run)
-    (run / "report.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot be read"):
-        read_reference(run)
-    (run / "report.json").write_text(json.dumps({"test_acc": 0.9}))
-    with pytest.raises(ValueError, match="no validation accuracy"):
-        read_reference(run)
-    config = RunConfig()
-    config.data.val_size = 5000
-    report = {"val_acc": 0.975, "config": {"data": {"dataset": "mnist", "val_size": 5000,
-                                                    "split_seed": 0}}}
-    (run / "report.json").write_text(json.dumps(report))
-    accuracy, source = read_reference(run, config)
-    assert accuracy == 0.975 and "dense" in source
-    config.data.val_size = 6000
-    with pytest.raises(ValueError, match="val_size"):
-        read_reference(run, config)
-
-
 # ---- a dense run's curve, followed epoch by epoch ------------------------------------------------
 
 def test_a_per_check_reference_moves_the_bound_with_it():
@@ -167,56 +140,6 @@ def test_a_per_check_reference_moves_the_bound_with_it():
     # without one, the run's reference: 0.85 < 0.89 is the second violation in a row
     assert constraint.observe(0.85, 4.0, (0, 3)) == STOP
     assert constraint.reference == 0.90 and constraint.bound_for(0.5) == pytest.approx(0.49)
-
-
-def test_the_curve_interpolates_between_epoch_ends():
-    curve = ReferenceCurve(lrs=(0.1, 0.1, 0.01, 0.01, 0.001), val_acc=(0.5, 0.6, 0.8, 0.7, 0.9))
-    # after k whole epochs: the k-th epoch's accuracy; halfway: the mean of its two neighbours
-    assert [curve.accuracy_after(k) for k in (1, 2, 3, 4, 5)] == [0.5, 0.6, 0.8, 0.7, 0.9]
-    assert curve.accuracy_after(2.5) == pytest.approx(0.7)
-    assert curve.accuracy_after(3.25) == pytest.approx(0.8 - 0.25 * 0.1)
-    assert curve.accuracy_after(0.3) == 0.5 and curve.accuracy_after(7) == 0.9
-    assert curve.drops() == [2, 4] and curve.phases(0.25) == (2, 4)
-    one_drop = ReferenceCurve(lrs=(0.1,) * 4 + (0.01,) * 4, val_acc=(0.5,) * 8)
-    assert one_drop.phases(0.25) == (4, 6)   # the drive until the last quarter
-    assert ReferenceCurve(lrs=(0.1,) * 8, val_acc=(0.5,) * 8).phases(0.25) is None
-    assert ReferenceCurve(lrs=(0.1,) * 7 + (0.01,), val_acc=(0.5,) * 8).phases(0.25) is None
-
-
-def write_dense_run(folder, lrs, val_acc, model="lenet300", batch_size=64):
-    folder.mkdir()
-    (folder / "report.json").write_text(json.dumps(
-        {"val_acc": val_acc[-1], "config": {"model": model, "data": {"batch_size": batch_size}}}))
-    with open(folder / "metrics.csv", "w", newline="") as handle:
-        out = csv.writer(handle)
-        out.writerow(["epoch", "lr", "train_loss", "val_acc"])
-        out.writerows([e, lr, 1.0, a] for e, (lr, a) in enumerate(zip(lrs, val_acc, strict=True)))
-
-
-@pytest.mark.parametrize("change, reason", [
-    ({"model": "lenet5"}, "it trained 'lenet5'"),
-    ({"batch_size": 128}, "batch size 128"),
-    ({"epochs": 6}, "6 epochs in metrics.csv"),
-    ({"flat": True}, "no drop"),
-    ({"missing": True}, "it has no metrics.csv"),
-])
-def test_a_curve_is_followed_only_on_the_same_schedule(tmp_path, change, reason):
-    config = RunConfig()
-    config.optim.epochs, config.cvgrad.outer = 8, 1
-    epochs = change.get("epochs", 8)
-    lrs = [0.1] * epochs if change.get("flat") else [0.1] * 4 + [0.01] * 2 + [0.001] * 2
-    accs = [0.5 + 0.01 * e for e in range(epochs)]
-    write_dense_run(tmp_path / "same", [0.1] * 4 + [0.01] * 2 + [0.001] * 2,
-                    [0.5 + 0.01 * e for e in range(8)])
-    curve, note = read_reference_curve(tmp_path / "same", config)
-    assert curve is not None and note == "followed epoch by epoch"
-    assert curve.lrs[3:5] == (0.1, 0.01) and curve.val_acc[-1] == pytest.approx(0.57)
-    write_dense_run(tmp_path / "other", lrs[:epochs], accs, change.get("model", "lenet300"),
-                    change.get("batch_size", 64))
-    if change.get("missing"):
-        (tmp_path / "other" / "metrics.csv").unlink()
-    curve, note = read_reference_curve(tmp_path / "other", config)
-    assert curve is None and reason in note
 
 
 # ---- the drive's level and cut (cvsparse.methods.accuracy_drive) --------------------------------

@@ -4,14 +4,16 @@ fine-tuned.  Tiny LeNet-300 runs on the MNIST fixture."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from cvsparse.config import AutoPruneConfig, resolve_autoprune, resolve_defaults
+from cvsparse.config import AutoPruneConfig, RunConfig, resolve_autoprune, resolve_defaults
 from cvsparse.metrics import evaluate
 from cvsparse.train import Trainer
 from cvsparse.train.outputs import comparison_table, summary_table
@@ -410,6 +412,45 @@ def test_a_reference_run_of_another_schedule_gives_its_final_accuracy_only(tmp_p
     assert report["reference_curve"] is False
     assert report["reference_val_acc"] == pytest.approx(float(dense_rows[-1]["val_acc"]))
     assert report["accuracy_bound"] == pytest.approx(report["reference_val_acc"] - 0.02)
+
+
+def test_a_resumed_run_is_judged_against_the_reference_it_started_with(tmp_path, dense_run):
+    """The reference run is read once, when the run starts, and stored in its checkpoints.
+    Cut in its drive, the run resumes after another curve was written into the reference
+    folder, and again after the folder was removed, and ends bit for bit as the uninterrupted
+    run, every check judged against the curve it started with.  A resume that would change
+    the epoch count of the followed schedule is refused before anything moves."""
+    reference = reference_copy(dense_run, tmp_path / "reference")
+    config = tiny_config(**{**BASE, "accuracy.max_accuracy_drop": 2.0,
+                            "accuracy.reference": reference})
+    full = Trainer(copy.deepcopy(config), tmp_path / "full", progress=False)
+    full.run()
+    Trainer(config, tmp_path / "cut", progress=False).run(max_epochs=5)
+    metrics = Path(reference) / "metrics.csv"
+    rows = list(csv.DictReader(open(metrics)))
+    with open(metrics, "w", newline="") as handle:   # a looser curve: 10 points lower
+        out = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        out.writeheader()
+        out.writerows({**r, "val_acc": float(r["val_acc"]) - 0.1} for r in rows)
+
+    def more_finetuning(stored):
+        stored.cvgrad.finetune_epochs += 1
+        return stored
+
+    with pytest.raises(ValueError, match="keeps its epoch count"):
+        Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False,
+                on_resume=more_finetuning)
+    Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False).run(max_epochs=6)
+    shutil.rmtree(reference)
+    resumed = Trainer(RunConfig(), tmp_path / "cut", resume=True, progress=False)
+    resumed.run()
+    assert full.method.drive.constraint.report() == resumed.method.drive.constraint.report()
+    for (name, a), (_, b) in zip(full.model.state_dict().items(),
+                                 resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    runs = [list(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("full", "cut")]
+    assert [{**r, "wall_time_s": ""} for r in runs[0]] == [{**r, "wall_time_s": ""}
+                                                            for r in runs[1]]
 
 
 @pytest.mark.parametrize("section", [{"accuracy": {"drive_lr": 0.01}},

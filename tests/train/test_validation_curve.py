@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cvsparse import compress
-from cvsparse.hyper.accuracy_constraint import ReferenceCurve
+from cvsparse.hyper.reference_run import ReferenceCurve
 from cvsparse.train import Trainer
 from cvsparse.train.curve import point_steps
 
