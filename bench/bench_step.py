@@ -37,7 +37,7 @@ from cvsparse.methods.base import supervised_step
 from cvsparse.models import build_model, input_shape
 from cvsparse.optim import ProxSGD
 from cvsparse.params import regularized_parameters
-from cvsparse.precision import Precision
+from cvsparse.precision import Precision, cpu_has_bf16_kernels
 
 MODELS = ["lenet300", "lenet5", "vgg16", "resnet20", "resnet56", "densenet40"]
 HYPER_MODELS = ["lenet300", "lenet5", "resnet20"]
@@ -47,7 +47,8 @@ LR, MOMENTUM, WEIGHT_DECAY = 1e-4, 0.9, 5e-4  # small lr: one batch is trained o
 STEP_BOUND, TRAIN_BOUND = 2.0, 1.25
 PRECISION_MODELS, PRECISION_BATCH = ["resnet56", "vgg16"], 128
 #: (precision, channels_last) → regression bound on its step time / the fp32 step's (measured:
-#: 0.37-0.49, 0.52-0.57, 0.81-1.15; bench/README.md, "Mixed precision").
+#: 0.37-0.49, 0.52-0.57, 0.81-1.15; bench/README.md, "Mixed precision"), where oneDNN has
+#: bfloat16 kernels for the CPU; without them a bf16 step is slower than fp32.
 PRECISION_BOUNDS = {("bf16", True): 0.6, ("bf16", False): 0.75, ("fp32", True): 1.3}
 
 
@@ -184,4 +185,7 @@ def test_cvgrad_training_step_reduced_precision_vs_fp32(benchmark, paired, name,
     ratio = _paired_ratio(benchmark, paired,
                           lambda: supervised_step(model, prox, x, y, guard, precision=precision),
                           lambda: supervised_step(fp32, prox32, x, y, guard32), 8)
-    assert ratio <= PRECISION_BOUNDS[setting]
+    if setting[0] == "bf16" and not cpu_has_bf16_kernels():
+        assert ratio > 1   # the warning's claim: slower than fp32 without oneDNN's bf16 kernels
+    else:
+        assert ratio <= PRECISION_BOUNDS[setting]

@@ -58,6 +58,11 @@ class Precision:
             raise ValueError(f"precision {precision} is not supported on {self.device_type} "
                              f"by this PyTorch's autocast ({torch.__version__}); use fp32"
                              + ("" if precision == "bf16" else " or bf16"))
+        if precision == "bf16" and self.device_type == "cpu" and not cpu_has_bf16_kernels():
+            warnings.warn("bf16 on this CPU runs convolutions far more slowly than fp32 (a "
+                          "ResNet-56 training step 11x): oneDNN has no bfloat16 kernels "
+                          "without AVX-512, so PyTorch falls back to its reference kernels "
+                          "(docs/precision.md); use fp32 here", stacklevel=2)
         if precision == "fp16" and self.device_type == "cpu":
             warnings.warn("fp16 on the CPU runs convolutions far more slowly than fp32 (a "
                           "ResNet-56 training step 200x, docs/precision.md); bf16 is the CPU's "
@@ -104,6 +109,15 @@ class Precision:
 
 #: fp32, contiguous: what a step computes without any precision setting.
 FP32 = Precision()
+
+
+def cpu_has_bf16_kernels() -> bool:
+    """Whether oneDNN, which PyTorch's CPU convolutions and matrix products run on, has bfloat16
+    kernels for this CPU (AVX-512, native with AVX512-BF16 or AMX): PyTorch's own test for
+    routing a bf16 convolution there.  Without them the convolution runs in PyTorch's
+    reference kernel."""
+    return (torch.backends.mkldnn.is_available()
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def autocast_supported(device_type: str, dtype: torch.dtype) -> bool:

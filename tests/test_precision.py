@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -31,8 +32,10 @@ from cvsparse.precision import Precision
 from cvsparse.train import Trainer
 
 CL = torch.channels_last
-#: Asserted once, in test_fp16_overflow_skips_the_step_and_lowers_the_scale.
-pytestmark = pytest.mark.filterwarnings("ignore:fp16 on the CPU:UserWarning")
+#: Asserted once each, in test_fp16_overflow_skips_the_step_and_lowers_the_scale and
+#: test_bf16_without_onednn_kernels_warns.
+pytestmark = [pytest.mark.filterwarnings("ignore:fp16 on the CPU:UserWarning"),
+              pytest.mark.filterwarnings("ignore:bf16 on this CPU:UserWarning")]
 LR, MOMENTUM, LAMBDA1, LAMBDA2 = 0.1, 0.9, 1e-3, 1e-4
 
 
@@ -224,6 +227,28 @@ def test_channels_last_step_matches_the_contiguous_step():
         if a.dim() == 4:
             assert a.is_contiguous(memory_format=CL) and not a.is_contiguous(), name
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bf16_kernels_are_detected_as_pytorch_routes_the_convolution():
+    """Oracle: the profiler's record of which kernel a bf16 autocast convolution ran, oneDNN's
+    or the reference one; ``cpu_has_bf16_kernels`` must name it on this machine."""
+    conv, x = nn.Conv2d(3, 4, 3), torch.randn(2, 3, 8, 8)
+    with torch.autograd.profiler.profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(x)
+    ran = {event.key for event in prof.key_averages()}
+    assert ("aten::mkldnn_convolution" in ran) == precision.cpu_has_bf16_kernels(), ran
+    assert ("aten::_slow_conv2d_forward" in ran) != precision.cpu_has_bf16_kernels(), ran
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_without_onednn_kernels_warns(monkeypatch, native):
+    monkeypatch.setattr(precision, "cpu_has_bf16_kernels", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Precision("bf16")
+        Precision("fp32")
+    bf16 = [str(w.message) for w in caught if str(w.message).startswith("bf16 on this CPU")]
+    assert len(bf16) == (0 if native else 1) and all("use fp32 here" in m for m in bf16)
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale():
