@@ -11,11 +11,10 @@ that mean, so the bound follows the best accuracy the run has shown so far — a
 phase underestimates what the network reaches with more epochs — without chasing the noise of
 one lucky check.  A given reference stays fixed, or, from a dense run of the same schedule
 (:class:`~cvsparse.hyper.reference_run.ReferenceCurve`), follows that run's validation
-accuracy epoch by epoch: a check is
-then judged against what the dense network had reached at the same point of the same
-schedule.  The constrained run
-(docs/method.md §8) drives compression up and asks this object, at every check, what the
-validation accuracy ``a`` it measured means:
+accuracy epoch by epoch: a check is then judged against what the dense network had reached at
+the same point of the same schedule.  The constrained run (docs/method.md §8) drives
+compression up and asks this object, at every check, what the validation accuracy ``a`` it
+measured means:
 
 - ``a ≥ b`` (the constraint holds): the check is *feasible*; when the network is also sparser
   than every feasible check before, it is the new *best* — the support the run will keep;
