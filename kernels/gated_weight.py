@@ -202,6 +202,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad: Tensor):
     weight, aux = ctx.saved_tensors
+    if not ctx.needs_input_grad[1]:   # gates held fixed: grad_w = g · h(m), the forward on g
+        return gated_weight(grad.contiguous(), aux, ctx.ste, ctx.slope, ctx.sign_rule), \
+            None, None, None, None
     grad_w, grad_aux = torch.ops.cvsparse_triton.gated_weight_backward(
         grad.contiguous(), weight, aux, ctx.ste, ctx.slope, ctx.sign_rule
     )

@@ -221,6 +221,30 @@ def test_out_writes_the_run_and_resume_is_bitwise(tmp_path):
     assert resumed.report["lambda_history"] == full.report["lambda_history"]
 
 
+@pytest.mark.filterwarnings("ignore:bf16 on this CPU:UserWarning")
+@pytest.mark.parametrize("precision, channels_last", [("fp32", False), ("bf16", True)])
+def test_fixed_gates_leave_a_constrained_autoprune_run_as_it_was(precision, channels_last):
+    """At ``aux_lr`` 0 (a constrained run's default) the gates take no gradient and a gate step
+    is its forward pass alone.  Oracle: the run that computes both, at ``aux_lr`` 1e-300, whose
+    gate steps round to nothing in float32; the two end bit for bit alike, BatchNorm statistics
+    included (they moved), in float32 and under bf16 autocast on channels-last tensors."""
+    train, val = loaders()
+    settings = dict(method="autoprune", epochs=6, finetune_epochs=2, lr=0.05,
+                    max_accuracy_drop=50.0, probe_fraction=0.5, max_compression=50.0,
+                    precision=precision, channels_last=channels_last)
+    runs = []
+    for aux_lr in (0.0, 1e-300):
+        torch.manual_seed(1)
+        runs.append(cvsparse.compress(TwoLayer(), train, val, aux_lr=aux_lr, **settings))
+    fixed, full = runs
+    assert fixed.report["constraint_history"] == full.report["constraint_history"]
+    assert fixed.report["constraint_checks"] > 3 and fixed.report["compression_rate"] > 2
+    state = fixed.model.state_dict()
+    assert state["features.1.running_mean"].abs().sum() > 0
+    for (name, a), (_, b) in zip(state.items(), full.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_a_run_without_test_set_is_summarized_by_the_command(tmp_path, capsys):
     from cvsparse.cli import main
 

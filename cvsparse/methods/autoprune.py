@@ -46,6 +46,7 @@ from .base import (
     budget_met,
     finetune_base_lr,
     finetune_weight_l2,
+    forward_loss,
     supervised_step,
     warn_if_budget_missed,
 )
@@ -76,6 +77,13 @@ class AutoPruneMethod(CompressionMethod):
                                        settings=AutoPruneSettings.from_section(ap),
                                        names=self.regularized)
         self.weight_opt, self.aux_opt = self.core.weight_opt, self.core.aux_opt
+        # At aux_lr 0 (a constrained run's default) the gates take no steps: they need no
+        # gradient, and a gate step is its forward pass alone, which still moves what it moves
+        # (BatchNorm statistics).
+        self._fixed_gates = ap.aux_lr == 0
+        if self._fixed_gates:
+            for _, aux in aux_parameters(model):
+                aux.requires_grad_(False)
         self.frozen_at: int | None = None   # epoch at which the gates froze
         self.history: list[dict[str, float]] = []
         self._second: Iterator | None = None
@@ -139,8 +147,13 @@ class AutoPruneMethod(CompressionMethod):
                             precision=self.precision)
         elif not self._target_met:
             xb, yb = (t.to(x.device) for t in self._second_batch())
-            supervised_step(self.step_module, self.aux_opt, xb, yb, self.guard, self.loss_fn,
-                            precision=self.precision)
+            if self._fixed_gates:
+                with torch.no_grad():
+                    forward_loss(self.step_module, xb, yb, self.guard, self.loss_fn,
+                                 precision=self.precision)
+            else:
+                supervised_step(self.step_module, self.aux_opt, xb, yb, self.guard,
+                                self.loss_fn, precision=self.precision)
             if self.drive is not None:   # the weights keep the dense run's pace (two steps)
                 supervised_step(self.step_module, self.weight_opt, xb, yb, self.guard,
                                 self.loss_fn, precision=self.precision)

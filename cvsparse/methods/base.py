@@ -187,14 +187,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tenso
     SkippedStep."""
     precision = FP32 if precision is None else precision
     model.zero_grad(set_to_none=True)
-    with precision.autocast():
-        logits = model(precision.input(x))
-    if isinstance(logits, Tensor) and precision.dtype is not None \
-            and logits.dtype == precision.dtype:
-        logits = logits.float()
-    loss = faults.poisoned("loss", loss_fn(logits, y))
-    if guard is not None:
-        guard.check_loss(loss)
+    loss, logits = forward_loss(model, x, y, guard, loss_fn, precision=precision)
     scaler = precision.scaler
     (loss if scaler is None else scaler.scale(loss)).backward()
     faults.poison_grads(p for group in optimizer.param_groups for p in group["params"])
@@ -214,6 +207,26 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tenso
                               f"{scaler.get_scale():g}")
         guard.record_gradients(optimizer)
     return loss.detach(), logits.detach()
+
+
+def forward_loss(model: nn.Module, x: Tensor, y: Tensor, guard: StepGuard | None = None,
+                 loss_fn: LossFn = F.cross_entropy, *,
+                 precision: Precision | None = None) -> tuple[Tensor, Tensor]:
+    """The forward pass of :func:`supervised_step`: ``(loss, logits)`` of ``model`` on ``x``
+    under ``precision`` (logits of the reduced dtype cast to float32).  With a ``guard``, a
+    loss it rejects raises :class:`~cvsparse.faults.SkippedStep`; one it takes joins its
+    history.  Under ``torch.no_grad()`` this is a training step that moves nothing but what a
+    forward pass moves (BatchNorm running statistics in training mode)."""
+    precision = FP32 if precision is None else precision
+    with precision.autocast():
+        logits = model(precision.input(x))
+    if isinstance(logits, Tensor) and precision.dtype is not None \
+            and logits.dtype == precision.dtype:
+        logits = logits.float()
+    loss = faults.poisoned("loss", loss_fn(logits, y))
+    if guard is not None:
+        guard.check_loss(loss)
+    return loss, logits
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer,

@@ -145,6 +145,11 @@ def _gated_setup_context(ctx, inputs, output):
 
 def _gated_backward(ctx, grad):
     weight, aux = ctx.saved_tensors
+    if not ctx.needs_input_grad[1]:   # gates held fixed: grad_w = g · h(m), the forward on g
+        grad_weight = torch.ops.cvsparse.gated_weight(
+            grad.contiguous(), aux, ctx.ste, ctx.slope, ctx.sign_rule
+        )
+        return grad_weight, None, None, None, None
     grad_weight, grad_aux = torch.ops.cvsparse.gated_weight_backward(
         grad.contiguous(), weight, aux, ctx.ste, ctx.slope, ctx.sign_rule
     )

@@ -78,6 +78,22 @@ def test_values_and_gradients_follow_spec(backend, granularity, update, ste):
     assert out.dtype == weight.dtype and aux.grad.dtype == aux.dtype
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fixed_gates_take_no_gradient(backend, granularity):
+    """Gates that do not require a gradient get none, and the weights' gradient is the spec's
+    g · h(m), bit for bit the one computed beside trainable gates."""
+    grad, weight, aux = make_inputs((6, 3, 2, 3), granularity)
+    kwargs = {"ste": "leaky_relu", "slope": 0.3, "update": "proposed"}
+    trained_w, trained_aux = weight.clone().requires_grad_(), aux.clone().requires_grad_()
+    ops.gated_weight(trained_w, trained_aux, **kwargs).backward(grad)
+    fixed_w, fixed_aux = weight.clone().requires_grad_(), aux.clone()
+    ops.gated_weight(fixed_w, fixed_aux, **kwargs).backward(grad)
+    assert fixed_aux.grad is None and trained_aux.grad is not None
+    assert torch.equal(fixed_w.grad, trained_w.grad)
+    _, want_gw, _ = spec_gated(grad, weight, aux, "leaky_relu", 0.3, "proposed")
+    torch.testing.assert_close(fixed_w.grad.double(), want_gw, rtol=0, atol=0)
+
+
 def test_neuron_gate_off_zeroes_whole_rows(backend):
     _, weight, aux = make_inputs((5, 4, 3), "neuron")
     aux.copy_(torch.tensor([0.5, -0.1, 0.2, 0.0, 1.0]))

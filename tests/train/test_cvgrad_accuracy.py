@@ -218,12 +218,15 @@ def test_autoprune_trains_its_weights_on_the_whole_split_in_the_dense_phase(tmp_
     assert len(seen) == 2 * 30 * 64
 
 
-def test_autoprune_drive_keeps_the_dense_runs_pace_of_weight_steps(tmp_path):
+@pytest.mark.parametrize("aux_lr, gate_step", [(0.1, ["aux"]), (None, [])])
+def test_autoprune_drive_keeps_the_dense_runs_pace_of_weight_steps(tmp_path, aux_lr, gate_step):
     """In the drive every training step takes a weight step on the first half's batch, then a
     gate step and a second weight step on the second half's: two weight steps per training
     step, as the dense phase (and the dense run the checks follow) takes them.  An allowed drop
-    no check fails keeps the gate steps going for the whole epoch."""
-    trainer = Trainer(tiny_config(**{**AP, "accuracy.max_accuracy_drop": 90.0}),
+    no check fails keeps the gate steps going for the whole epoch.  With the default
+    ``aux_lr`` 0 of a constrained run the gates' optimizer takes no step."""
+    extra = {} if aux_lr is None else {"autoprune.aux_lr": aux_lr}
+    trainer = Trainer(tiny_config(**{**AP, **extra, "accuracy.max_accuracy_drop": 90.0}),
                       tmp_path / "ap", progress=False)
     method = trainer.method
     trainer.run(max_epochs=method.drive.dense_end)
@@ -232,13 +235,13 @@ def test_autoprune_drive_keeps_the_dense_runs_pace_of_weight_steps(tmp_path):
         opt.register_step_post_hook(lambda *_, name=name: order.append(name))
     trainer.run(max_epochs=method.drive.dense_end + 1)   # the drive's first epoch
     assert method.drive.phase(method.drive.dense_end) == "drive"
-    assert order == ["weight", "aux", "weight"] * 30
+    assert order == ["weight", *gate_step, "weight"] * 30
 
 
 def test_autoprune_drive_without_gate_steps_changes_gates_only_at_its_cuts(tmp_path):
     """Under a constraint ``autoprune.aux_lr`` is 0 unless given: the gate steps move no gate,
     so after a drive epoch every gate holds its value from the drive's start, except those the
-    cuts closed (0 and masked)."""
+    cuts closed (0 and masked); the gates take no gradient."""
     trainer = Trainer(tiny_config(**{**AP, "accuracy.max_accuracy_drop": 90.0}),
                       tmp_path / "ap", progress=False)
     method = trainer.method
@@ -252,6 +255,7 @@ def test_autoprune_drive_without_gate_steps_changes_gates_only_at_its_cuts(tmp_p
         mask = method.aux_opt.state[p]["mask"]
         assert torch.equal(p[mask], before[mask]) and bool((p[~mask] == 0).all())
         closed += int((~mask & (before > 0)).sum())
+        assert not p.requires_grad and p.grad is None
     assert closed > 0   # the cuts did close gates
 
 
