@@ -77,6 +77,7 @@ _CHILD = textwrap.dedent("""
     from safetensors.torch import load_file, save_file
     from cvsparse.export import load
     folder = Path(sys.argv[1])
+    torch.set_num_threads(int(sys.argv[2]))   # the parent's: sums split as the parent split them
     for path in sorted(folder.glob("*.cvsp")):
         model = load(path)
         x = load_file(str(path.with_suffix(".in")))["x"]
@@ -101,8 +102,9 @@ def test_fresh_process_reproduces_outputs_bit_for_bit(tmp_path):
             out = model(x)
         expected[name] = out if isinstance(out, tuple) else (out,)
     # a fresh interpreter that imports only cvsparse (no model class, no training code)
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], capture_output=True,
-                            text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path),
+                             str(torch.get_num_threads())], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "imported: []" in result.stdout
     for name, want in expected.items():
