@@ -3,8 +3,9 @@ used as ``ŵ = w ⊙ h(m)``, ``h(m) = 1[m > 0]``, with one auxiliary parameter `
 weight or per output unit.
 
 They are drop-in subclasses: same constructor arguments, same ``weight`` / ``bias`` parameters
-and state_dict keys plus ``aux``.  The gate is computed by :func:`cvsparse.ops.gated_weight`,
-whose backward sends ``∂L/∂ŵ ⊙ h(m)`` to ``w`` and a straight-through estimate to ``m``.
+and state_dict keys plus ``aux``.  While ``m`` learns, the gate is computed by
+:func:`cvsparse.ops.gated_weight`, whose backward sends ``∂L/∂ŵ ⊙ h(m)`` to ``w`` and a
+straight-through estimate to ``m``; gates held fixed are a plain 0/1 mask.
 """
 
 from __future__ import annotations
@@ -96,10 +97,24 @@ class _Gated:
             self.aux.normal_(mean, std)
 
     def effective_weight(self) -> Tensor:
-        """``weight ⊙ h(aux)``, shaped like ``weight`` and differentiable in both (this is the
-        weight the forward pass uses; under ``torch.no_grad()`` it is the stripped weight)."""
-        return gated_weight(self.weight, self.aux, ste=self.ste, slope=self.slope,
-                            update=self.update)
+        """``weight ⊙ h(aux)``, shaped like ``weight`` (this is the weight the forward pass
+        uses; under ``torch.no_grad()`` it is the stripped weight).
+
+        Differentiable in ``weight``, and in ``aux`` through :func:`cvsparse.ops.gated_weight`
+        when ``aux`` requires a gradient.  Gates held fixed (``aux.requires_grad`` False, or
+        autograd off) are a constant 0/1 mask taken by ``torch.mul``, whose backward
+        ``g ⊙ h(aux)`` is the op's weight gradient bit for bit, without the custom op's
+        dispatch."""
+        if self.aux.requires_grad and torch.is_grad_enabled():
+            return gated_weight(self.weight, self.aux, ste=self.ste, slope=self.slope,
+                                update=self.update)
+        return self.weight.contiguous() * self._unit_mask().to(self.weight.dtype)
+
+    def _unit_mask(self) -> Tensor:
+        """``aux > 0`` with ``aux``'s shape padded by trailing 1s to broadcast over
+        ``weight``."""
+        gate = self.gate()
+        return gate.reshape(gate.shape + (1,) * (self.weight.dim() - gate.dim()))
 
     def gate(self) -> Tensor:
         """``aux > 0`` as a bool tensor shaped like ``aux`` (True = the unit is kept)."""

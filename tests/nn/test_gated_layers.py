@@ -91,6 +91,39 @@ def test_layer_gradients(kind, granularity, update):
     torch.testing.assert_close(layer.aux.grad, per_weight * ste_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("kind, channels_last",
+                         [("conv", False), ("conv", True), ("linear", False)])
+def test_fixed_gates_give_the_gated_op_bits(kind, channels_last, granularity, dtype):
+    """Gates that take no gradient are a plain mask; oracle: the same layer through the gated
+    op (its gates learning), whose output and weight gradient must be equal bit for bit, in
+    training and under ``no_grad``, on contiguous and channels-last weights."""
+    gated_cls, _, args, x_shape = LAYERS[kind]
+    torch.manual_seed(2)
+    learning = gated_cls(**args, granularity=granularity, dtype=dtype)
+    randomize_aux(learning, seed=2)
+    fixed = gated_cls(**args, granularity=granularity, dtype=dtype)
+    fixed.load_state_dict(learning.state_dict())
+    fixed.aux.requires_grad_(False)
+    x = torch.randn(x_shape, dtype=dtype)
+    if channels_last:
+        learning, fixed = (m.to(memory_format=torch.channels_last) for m in (learning, fixed))
+        x = x.contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn_like(learning(x))
+    outs = []
+    for layer in (learning, fixed):
+        out = layer(x)
+        (out * upstream).sum().backward()
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(learning.weight.grad, fixed.weight.grad)
+    assert (learning.weight.grad[~unit_mask(learning)] == 0).all()
+    assert fixed.aux.grad is None and learning.aux.grad is not None
+    with torch.no_grad():
+        assert torch.equal(learning(x), outs[0]) and torch.equal(fixed(x), outs[0])
+
+
 @pytest.mark.parametrize("kind", LAYERS)
 def test_neuron_gate_off_silences_output_unit(kind):
     gated_cls, _, args, x_shape = LAYERS[kind]
