@@ -19,7 +19,7 @@ from cvsparse.config import RunConfig
 ROOT = Path(__file__).resolve().parents[1]
 CLI_DOC = ROOT / "docs" / "cli.md"
 README = ROOT / "README.md"
-TEST_COMMAND = "python -m pytest tests -q"
+TEST_COMMAND = "python -m pytest tests -q -n 2"
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
