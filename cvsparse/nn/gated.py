@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cvsparse.ops import STE_CODES, gated_weight
+from cvsparse.ops import STE_CODES, gated_weight, reference
 
 GRANULARITIES = ("weight", "neuron")
 UPDATES = ("proposed", "bnn")
@@ -102,19 +102,14 @@ class _Gated:
 
         Differentiable in ``weight``, and in ``aux`` through :func:`cvsparse.ops.gated_weight`
         when ``aux`` requires a gradient.  Gates held fixed (``aux.requires_grad`` False, or
-        autograd off) are a constant 0/1 mask taken by ``torch.mul``, whose backward
-        ``g ⊙ h(aux)`` is the op's weight gradient bit for bit, without the custom op's
-        dispatch."""
+        autograd off) are a constant 0/1 mask: the operator's plain-PyTorch reference, a
+        ``torch.mul`` whose backward ``g ⊙ h(aux)`` is the op's weight gradient bit for bit,
+        without the custom op's dispatch."""
         if self.aux.requires_grad and torch.is_grad_enabled():
             return gated_weight(self.weight, self.aux, ste=self.ste, slope=self.slope,
                                 update=self.update)
-        return self.weight.contiguous() * self._unit_mask().to(self.weight.dtype)
-
-    def _unit_mask(self) -> Tensor:
-        """``aux > 0`` with ``aux``'s shape padded by trailing 1s to broadcast over
-        ``weight``."""
-        gate = self.gate()
-        return gate.reshape(gate.shape + (1,) * (self.weight.dim() - gate.dim()))
+        return reference.gated_weight(self.weight.contiguous(), self.aux.detach(),
+                                      STE_CODES[self.ste], self.slope, self.update == "proposed")
 
     def gate(self) -> Tensor:
         """``aux > 0`` as a bool tensor shaped like ``aux`` (True = the unit is kept)."""
