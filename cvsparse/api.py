@@ -280,7 +280,7 @@ class _Run:
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
         self.method.precision = self.precision
         self.precision.prepare(model)   # after the method: AutoPrune's gates too
-        self.method.step_module = self.ranks.wrap(model)   # DDP with several ranks
+        self.method.use_wrapper(self.ranks.wrap)   # DDP with several ranks
         self.average = WeightAverage(model, whole_train, self.device)
         self.rows: list[dict[str, Any]] = []
         self.curve = ValidationCurve(config.accuracy.curve_points)

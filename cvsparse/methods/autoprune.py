@@ -82,8 +82,7 @@ class AutoPruneMethod(CompressionMethod):
         # (BatchNorm statistics).
         self._fixed_gates = ap.aux_lr == 0
         if self._fixed_gates:
-            for _, aux in aux_parameters(model):
-                aux.requires_grad_(False)
+            self._hold_gates()
         self.frozen_at: int | None = None   # epoch at which the gates froze
         self.history: list[dict[str, float]] = []
         self._second: Iterator | None = None
@@ -116,6 +115,7 @@ class AutoPruneMethod(CompressionMethod):
         weight_l2 = self.settings.weight_l2
         if self.frozen_at is not None:
             weight_l2 = finetune_weight_l2(self.optim, weight_l2)
+            self._hold_gates()
         lr = self.schedule.enter(self.weight_opt, epoch, self.lr_phase(epoch))
         self.weight_opt.param_groups[0]["lambda2"] = weight_l2
         self.finetuning = self.frozen_at is not None
@@ -280,12 +280,24 @@ class AutoPruneMethod(CompressionMethod):
         """Freeze the gates of the kept network (restored with its weights and optimizer
         states; when no check was feasible, the network from before the drive's first
         cut)."""
-        if self.drive.selected:
-            return
-        self.drive.restore(self.model, self._optimizers())
-        self.frozen_at = self.drive.finetune_start
+        if not self.drive.selected:
+            self.drive.restore(self.model, self._optimizers())
+            self.frozen_at = self.drive.finetune_start
+        self._hold_gates()
 
     # ---- internals --------------------------------------------------------------------------
+
+    def _hold_gates(self) -> None:
+        """Gates that take no more steps (frozen, or ``aux_lr`` 0) take no gradient either:
+        their layers then gate by the plain mask product, which gives the weights the bits of
+        the gated op (docs/method.md §6.2), and no backward pass computes the gates' gradient.
+        The step module is built again over the parameters that still learn."""
+        learning = [aux for _, aux in aux_parameters(self.model) if aux.requires_grad]
+        if not learning:
+            return
+        for aux in learning:
+            aux.requires_grad_(False)
+        self.step_module = self.wrap(self.model)
 
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers whose states a kept network carries, by name."""

@@ -88,10 +88,19 @@ class CompressionMethod(ABC):
             None if data.regularized is None else list(data.regularized))
         self._input_shape = None if data.input_shape is None else tuple(data.input_shape)
         #: The module training steps run forward and backward through: the model, or (set by
-        #: the loop in a data-parallel run) its DistributedDataParallel wrapper.
+        #: the loop with :meth:`use_wrapper` in a data-parallel run) its DistributedDataParallel
+        #: wrapper.
         self.step_module: nn.Module = model
+        self.wrap: Callable[[nn.Module], nn.Module] = _as_is
         #: Runs the weights' learning rate through the method's phases (:meth:`lr_phase`).
         self.schedule = PhaseScheduler(recipe_scheduler(optim))
+
+    def use_wrapper(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Run training steps through ``wrap(model)`` (the loop's data-parallel wrapper).  A
+        method whose parameters stop taking gradients builds it again with ``wrap``: the
+        wrapper fixes the parameters it averages gradients of when it is built."""
+        self.wrap = wrap
+        self.step_module = wrap(self.model)
 
     def use_lr_scheduler(self, factory: SchedulerFactory) -> None:
         """Schedule the weights' learning rate within each phase with ``factory(optimizer,
@@ -314,3 +323,8 @@ def _meets(totals: dict[str, Any], compression: float | None, flops: float | Non
         (compression is not None and totals["compression_rate"] >= compression)
         or (flops is not None and totals["flops_effective"] <= flops * totals["flops_dense"])
     )
+
+
+def _as_is(model: nn.Module) -> nn.Module:
+    """The step module of one process: the model itself."""
+    return model

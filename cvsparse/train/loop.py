@@ -123,7 +123,7 @@ class Trainer:
         self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
         self.method.precision = self.precision
         self.precision.prepare(self.model)   # after the method: AutoPrune's gates too
-        self.method.step_module = self.ranks.wrap(self.model)   # DDP with several ranks
+        self.method.use_wrapper(self.ranks.wrap)   # DDP with several ranks
         self.average = WeightAverage(self.model, self.bn_loader, self.device)
         self.rows: list[dict[str, Any]] = []
         self.curve = ValidationCurve(config.accuracy.curve_points)

@@ -16,11 +16,11 @@ from cvsparse.train.outputs import summary_table
 from .test_trainer import full_and_resumed, run_and_budget_warnings
 
 
-def autoprune_config(**autoprune):
+def autoprune_config(model="lenet300", lr=0.05, **autoprune):
     return from_dict({
-        "model": "lenet300", "method": "autoprune", "threads": 1,
+        "model": model, "method": "autoprune", "threads": 1,
         "data": {"dataset": "mnist", "batch_size": 64, "val_size": 2000, "val_batch_size": 1000},
-        "optim": {"epochs": 2, "lr": 0.05, "max_steps_per_epoch": 25},
+        "optim": {"epochs": 2, "lr": lr, "max_steps_per_epoch": 25},
         "autoprune": {"finetune_epochs": 1, **autoprune},
     })
 
@@ -143,6 +143,38 @@ def test_target_compression_freezes_gates(tmp_path):
     trainer.run()
     for before, (_, layer) in zip(frozen, gated_layers(trainer.model), strict=True):
         assert torch.equal(before > 0, layer.aux.detach() > 0)
+
+
+@pytest.mark.parametrize("model, lr", [("lenet300", 0.05), ("lenet5", 0.01)])
+def test_frozen_gates_take_no_gradient_and_leave_the_run_as_it_was(tmp_path, monkeypatch,
+                                                                   model, lr):
+    """From the freeze on, the gates take no gradient: the fine-tuning steps' backward passes
+    leave ``aux.grad`` unset, as they do after a resume into fine-tuning.  Oracle: the same
+    run whose gates keep taking gradients through the gated op while frozen; both end bit for
+    bit alike (weights and gates) with the same metrics."""
+    config = dict(model=model, lr=lr, aux_l1=0.02, target_compression=1.0001)
+    held = Trainer(autoprune_config(**config), tmp_path / "held", progress=False)
+    report = held.run(max_epochs=2)
+    assert held.method.frozen_at == 1
+    gated = [layer for _, layer in gated_layers(held.model)]
+    assert all(not g.aux.requires_grad and g.aux.grad is None for g in gated)
+    resumed = Trainer(autoprune_config(**config), tmp_path / "held", resume=True,
+                      progress=False)
+    report = resumed.run()
+    assert all(not g.aux.requires_grad and g.aux.grad is None
+               for _, g in gated_layers(resumed.model))
+
+    monkeypatch.setattr(AutoPruneMethod, "_hold_gates", lambda self: None)
+    learning = Trainer(autoprune_config(**config), tmp_path / "learning", progress=False)
+    oracle = learning.run()
+    assert all(g.aux.requires_grad and g.aux.grad is not None
+               for _, g in gated_layers(learning.model))
+    assert oracle["gates_frozen_at_epoch"] == report["gates_frozen_at_epoch"] == 1
+    for key in ("test_acc", "val_acc", "params_nonzero", "gate_history"):
+        assert report[key] == oracle[key], key
+    for (name, a), (_, b) in zip(resumed.model.state_dict().items(),
+                                 learning.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_target_met_is_reported_and_a_missed_one_warns(tmp_path):
