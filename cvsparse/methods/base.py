@@ -91,6 +91,7 @@ class CompressionMethod(ABC):
         #: the loop with :meth:`use_wrapper` in a data-parallel run) its DistributedDataParallel
         #: wrapper.
         self.step_module: nn.Module = model
+        #: Builds :attr:`step_module` from the model (:meth:`use_wrapper`).
         self.wrap: Callable[[nn.Module], nn.Module] = _as_is
         #: Runs the weights' learning rate through the method's phases (:meth:`lr_phase`).
         self.schedule = PhaseScheduler(recipe_scheduler(optim))
