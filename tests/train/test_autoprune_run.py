@@ -154,7 +154,7 @@ def test_frozen_gates_take_no_gradient_and_leave_the_run_as_it_was(tmp_path, mon
     bit alike (weights and gates) with the same metrics."""
     config = dict(model=model, lr=lr, aux_l1=0.02, target_compression=1.0001)
     held = Trainer(autoprune_config(**config), tmp_path / "held", progress=False)
-    report = held.run(max_epochs=2)
+    held.run(max_epochs=2)
     assert held.method.frozen_at == 1
     gated = [layer for _, layer in gated_layers(held.model)]
     assert all(not g.aux.requires_grad and g.aux.grad is None for g in gated)
