@@ -463,10 +463,6 @@ def _state_format(p: Tensor) -> torch.memory_format:
     return torch.preserve_format
 
 
-def _all_params(groups: list[dict[str, Any]]) -> list[Tensor]:
-    return [p for group in groups for p in group["params"]]
-
-
 def _partition(indexed: list[tuple[int, Tensor]]) -> dict[tuple, list[tuple[int, Tensor]]]:
     """Split ``(position, param)`` pairs by (device, dtype): one operator call each."""
     parts: dict[tuple, list[tuple[int, Tensor]]] = {}
