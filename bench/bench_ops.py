@@ -13,7 +13,12 @@ those paired samples:
   ``torch.sum`` over the same number of bytes and is no slower than ``torch.compile`` of the
   reference formula (same 5% margin);
 * ``threshold_`` (w, v, mask read and written: 18 B/element) reaches >= 85% of the in-place
-  streaming roofline.
+  streaming roofline;
+* ``gated_weight`` (w, m read, the gated weight written: 12 B/element, one call per tensor)
+  reaches >= 85% of the bandwidth of ``w * mask`` with the 0/1 mask already computed (the same
+  bytes and allocations), and its backward with gate gradients (g, w, m read, both gradients
+  written: 20 B/element) >= 85% of that bandwidth; both are no slower than the reference
+  formulas.
 
 GB/s (bytes actually moved / median time) and the ratios go to ``benchmark.extra_info``.
 """
@@ -183,3 +188,42 @@ def test_threshold(benchmark, state, paired):
              {"roofline": _streaming(nbytes)}, nbytes)
     benchmark.extra_info["%roofline"] = round(100 * t["roofline"] / t["op"], 1)
     assert t["roofline"] / t["op"] >= 0.85
+
+
+def _masked_products(w: list, masks: list):
+    """``w * mask`` per tensor, the 0/1 mask given: the gated weight's least traffic."""
+    return lambda: [a * m for a, m in zip(w, masks, strict=True)]
+
+
+def test_gated_weight(benchmark, state, paired):
+    nbytes = 3 * F32 * state["numel"]  # w, aux read; the gated weight written
+    w, aux = state["w"], state["v"]
+    masks = [(m > 0).float() for m in aux]
+    op = lambda: [torch.ops.cvsparse.gated_weight(a, m, 0, 0.0, True)  # noqa: E731
+                  for a, m in zip(w, aux, strict=True)]
+    ref = lambda: [reference.gated_weight(a, m, 0, 0.0, True)  # noqa: E731
+                   for a, m in zip(w, aux, strict=True)]
+    t = _run(benchmark, paired, op, {"roofline": _masked_products(w, masks), "reference": ref},
+             nbytes)
+    benchmark.extra_info |= {"%roofline": round(100 * t["roofline"] / t["op"], 1),
+                             "speedup_vs_reference": round(t["reference"] / t["op"], 2)}
+    assert t["roofline"] / t["op"] >= 0.85
+    assert t["op"] <= NOISE * t["reference"]
+
+
+def test_gated_weight_backward(benchmark, state, paired):
+    nbytes = 5 * F32 * state["numel"]  # grad, w, aux read; both gradients written
+    g, w, aux = state["g"], state["w"], state["v"]
+    masks = [(m > 0).float() for m in aux]
+    op = lambda: [torch.ops.cvsparse.gated_weight_backward(d, a, m, 0, 0.0, True)  # noqa: E731
+                  for d, a, m in zip(g, w, aux, strict=True)]
+    ref = lambda: [reference.gated_weight_backward(d, a, m, 0, 0.0, True)  # noqa: E731
+                   for d, a, m in zip(g, w, aux, strict=True)]
+    t = _run(benchmark, paired, op, {"products": _masked_products(w, masks), "reference": ref},
+             nbytes)
+    # bandwidth against the masked products' (12 B/element)
+    roofline = (nbytes / t["op"]) / (3 * F32 * state["numel"] / t["products"])
+    benchmark.extra_info |= {"%roofline": round(100 * roofline, 1),
+                             "speedup_vs_reference": round(t["reference"] / t["op"], 2)}
+    assert roofline >= 0.85
+    assert t["op"] <= NOISE * t["reference"]

@@ -7,27 +7,20 @@
 // (weight.size(0),) (one gate per output unit, broadcast over the other dims; its gradient is
 // reduced per row, rows in parallel).
 //
-// Arithmetic is done in opmath (float32 for half/bfloat16, else the tensor dtype) on at::vec
-// vectors; results are stored in the input dtypes.  The gate is applied by multiplying with
-// 0/1, so inf/NaN weights behave exactly like the reference `weight * gate`.  Arguments are
-// validated in Python; the TORCH_CHECKs below only guard the invariants the loops rely on.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/empty_like.h>
+// The kernels are built for AVX2 on the Lanes machinery of common.h (registered only where the
+// CPU has it; the reference runs elsewhere).  Arithmetic is done in opmath (float32 for
+// float16 / bfloat16, else the tensor dtype); results are stored in the input dtypes.  The gate
+// is applied by multiplying with 0/1, so inf/NaN weights and the signs of zeros come out exactly
+// as in the reference `weight * gate`.  Arguments are validated in Python; the TORCH_CHECKs
+// below only guard the invariants the loops rely on.
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
-#include <type_traits>
 
-namespace cvsparse {
+#include "common.h"
+
+namespace cvsparse::cpu {
 namespace {
-
-using at::vec::Vectorized;
 
 constexpr int64_t kLinear = 0;
 constexpr int64_t kLeakyRelu = 1;
@@ -36,88 +29,6 @@ constexpr int64_t kSoftplus = 2;
 constexpr int64_t kGrain = 32768;
 // Row sums are flushed from vector lanes into a double accumulator every this many elements.
 constexpr int64_t kFlushEvery = 1024;
-
-// Loads / stores up to one opmath vector of `scalar_t` elements (lanes past `n` read as 0).
-template <typename scalar_t>
-struct OpmathIo {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<opmath_t>;
-  static constexpr int64_t kWidth = Vec::size();
-
-  static Vec load(const scalar_t* p, int64_t n) {
-    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      return n == kWidth ? Vec::loadu(p) : Vec::loadu(p, n);
-    } else {
-      if (n == kWidth) {
-        Vec out;
-        at::vec::load_to_float(p, out);
-        return out;
-      }
-      opmath_t buf[kWidth] = {};
-      for (int64_t i = 0; i < n; ++i) {
-        buf[i] = static_cast<opmath_t>(p[i]);
-      }
-      return Vec::loadu(buf);
-    }
-  }
-
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
-    if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      v.store(p, n);
-    } else {
-      opmath_t buf[kWidth];
-      v.store(buf);
-      for (int64_t i = 0; i < n; ++i) {
-        p[i] = static_cast<scalar_t>(buf[i]);
-      }
-    }
-  }
-
-  static double sum_lanes(const Vec& v) {
-    opmath_t buf[kWidth];
-    v.store(buf);
-    double total = 0;
-    for (int64_t i = 0; i < kWidth; ++i) {
-      total += static_cast<double>(buf[i]);
-    }
-    return total;
-  }
-};
-
-// The per-element formulas, on opmath vectors.
-template <typename opmath_t>
-struct GateMath {
-  using Vec = Vectorized<opmath_t>;
-  int64_t ste;
-  bool sign_rule;
-  Vec slope;
-  Vec zero = Vec(opmath_t(0));
-  Vec one = Vec(opmath_t(1));
-
-  GateMath(int64_t ste_code, double slope_value, bool sign_rule_flag)
-      : ste(ste_code), sign_rule(sign_rule_flag), slope(static_cast<opmath_t>(slope_value)) {}
-
-  // h(m) = 1[m > 0] as 0/1 values.
-  Vec gate(const Vec& m) const {
-    return m.gt(zero);
-  }
-
-  // s'(m), the straight-through surrogate of h'(m).
-  Vec ste_grad(const Vec& m) const {
-    if (ste == kLeakyRelu) {
-      return Vec::blendv(slope, one, m > zero);
-    }
-    if (ste == kSoftplus) {
-      return one / (one + m.neg().exp());
-    }
-    return one;
-  }
-
-  // sgn(w) for the proposed rule (0 for NaN, like torch.sign on CPU), w for the BNN rule.
-  Vec coef(const Vec& w) const {
-    return sign_rule ? w.gt(zero) - w.lt(zero) : w;
-  }
-};
 
 // How `aux` maps onto `weight`: one gate per element, or one per row of a (rows, cols) view.
 struct Layout {
@@ -150,85 +61,168 @@ int64_t row_grain(int64_t cols) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
 }
 
+}  // namespace
+}  // namespace cvsparse::cpu
+
+CVSPARSE_SIMD_BEGIN
+namespace cvsparse::cpu {
+namespace {
+
+// The per-element formulas on opmath vectors.
+template <typename opmath_t>
+struct GateMath {
+  using OVec = Vectorized<opmath_t>;
+  opmath_t slope;
+
+  // h(m) = 1[m > 0] as 0/1 values (0 for NaN).
+  static OVec gate(const OVec& m) { return m.gt(OVec(opmath_t(0))); }
+
+  // s'(m), the straight-through surrogate of h'(m).
+  template <int64_t kSte>
+  OVec ste_grad(const OVec& m) const {
+    const OVec one(opmath_t(1));
+    if constexpr (kSte == kLeakyRelu) {
+      return OVec::blendv(OVec(slope), one, m > OVec(opmath_t(0)));
+    } else if constexpr (kSte == kSoftplus) {
+      return one / (one + m.neg().exp());
+    } else {
+      return one;
+    }
+  }
+
+  // sgn(w) for the proposed rule (0 for NaN, like torch.sign on CPU), w for the BNN rule.
+  template <bool kSignRule>
+  static OVec coef(const OVec& w) {
+    if constexpr (kSignRule) {
+      const OVec zero(opmath_t(0));
+      return w.gt(zero) - w.lt(zero);
+    } else {
+      return w;
+    }
+  }
+};
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& weight, const at::Tensor& aux, const Layout& layout,
                     const at::Tensor& out) {
-  using Io = OpmathIo<scalar_t>;
-  using opmath_t = typename Io::opmath_t;
-  using Vec = typename Io::Vec;
-  constexpr int64_t W = Io::kWidth;
-  const GateMath<opmath_t> math(kLinear, 0.0, true);
-  const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  const scalar_t* m = aux.const_data_ptr<scalar_t>();
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  using L = Lanes<scalar_t>;
+  using Math = GateMath<typename L::opmath_t>;
+  using OVec = typename L::OVec;
+  constexpr int kParts = L::kParts;
+  constexpr int64_t kStep = L::kStep;
+  const scalar_t* __restrict w = weight.const_data_ptr<scalar_t>();
+  const scalar_t* __restrict m = aux.const_data_ptr<scalar_t>();
+  scalar_t* __restrict o = out.mutable_data_ptr<scalar_t>();
 
   if (layout.per_weight) {
     at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; i += W) {
-        const int64_t n = std::min(W, end - i);
-        Io::store(o + i, Io::load(w + i, n) * math.gate(Io::load(m + i, n)), n);
-      }
+      const auto ahead = [&](int64_t j) {
+        prefetch(w + j);
+        prefetch(m + j);
+      };
+      for_each_step<scalar_t, kStep>(begin, end, ahead, [&](int64_t i, int64_t n) {
+        OVec wv[kParts], mv[kParts];
+        L::load(w + i, wv, n);
+        L::load(m + i, mv, n);
+        for (int p = 0; p < kParts; ++p) {
+          wv[p] = wv[p] * Math::gate(mv[p]);
+        }
+        L::store(o + i, wv, n);
+      });
     });
     return;
   }
   const int64_t cols = layout.cols;
   at::parallel_for(0, layout.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const Vec h = math.gate(Vec(static_cast<opmath_t>(m[r])));  // broadcast row gate
-      const int64_t base = r * cols;
-      for (int64_t j = 0; j < cols; j += W) {
-        const int64_t n = std::min(W, cols - j);
-        Io::store(o + base + j, Io::load(w + base + j, n) * h, n);
-      }
+      // the row's gate, broadcast
+      const OVec h = Math::gate(OVec(static_cast<typename L::opmath_t>(m[r])));
+      const scalar_t* __restrict wr = w + r * cols;
+      scalar_t* __restrict orow = o + r * cols;
+      for_each_step<scalar_t, kStep>(0, cols, [&](int64_t j) { prefetch(wr + j); },
+                                     [&](int64_t i, int64_t n) {
+                                       OVec wv[kParts];
+                                       L::load(wr + i, wv, n);
+                                       for (int p = 0; p < kParts; ++p) {
+                                         wv[p] = wv[p] * h;
+                                       }
+                                       L::store(orow + i, wv, n);
+                                     });
     }
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int64_t kSte, bool kSignRule>
 void backward_kernel(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& aux,
-                     const Layout& layout, const GateMath<at::opmath_type<scalar_t>>& math,
-                     const at::Tensor& grad_weight, const at::Tensor& grad_aux) {
-  using Io = OpmathIo<scalar_t>;
-  using opmath_t = typename Io::opmath_t;
-  using Vec = typename Io::Vec;
-  constexpr int64_t W = Io::kWidth;
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  const scalar_t* w = weight.const_data_ptr<scalar_t>();
-  const scalar_t* m = aux.const_data_ptr<scalar_t>();
-  scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-  scalar_t* gm = grad_aux.mutable_data_ptr<scalar_t>();
+                     const Layout& layout, double slope, const at::Tensor& grad_weight,
+                     const at::Tensor& grad_aux) {
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using Math = GateMath<opmath_t>;
+  using OVec = typename L::OVec;
+  constexpr int kParts = L::kParts;
+  constexpr int64_t kStep = L::kStep;
+  const Math math{static_cast<opmath_t>(slope)};
+  const scalar_t* __restrict g = grad.const_data_ptr<scalar_t>();
+  const scalar_t* __restrict w = weight.const_data_ptr<scalar_t>();
+  const scalar_t* __restrict m = aux.const_data_ptr<scalar_t>();
+  scalar_t* __restrict gw = grad_weight.mutable_data_ptr<scalar_t>();
+  scalar_t* __restrict gm = grad_aux.mutable_data_ptr<scalar_t>();
 
   if (layout.per_weight) {
     at::parallel_for(0, weight.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; i += W) {
-        const int64_t n = std::min(W, end - i);
-        const Vec gv = Io::load(g + i, n);
-        const Vec mv = Io::load(m + i, n);
-        Io::store(gw + i, gv * math.gate(mv), n);
-        Io::store(gm + i, gv * math.coef(Io::load(w + i, n)) * math.ste_grad(mv), n);
-      }
+      const auto ahead = [&](int64_t j) {
+        prefetch(g + j);
+        prefetch(w + j);
+        prefetch(m + j);
+      };
+      for_each_step<scalar_t, kStep>(begin, end, ahead, [&](int64_t i, int64_t n) {
+        OVec gv[kParts], wv[kParts], mv[kParts], gwv[kParts], gmv[kParts];
+        L::load(g + i, gv, n);
+        L::load(w + i, wv, n);
+        L::load(m + i, mv, n);
+        for (int p = 0; p < kParts; ++p) {
+          gwv[p] = gv[p] * Math::gate(mv[p]);
+          gmv[p] = gv[p] * Math::template coef<kSignRule>(wv[p]) *
+                   math.template ste_grad<kSte>(mv[p]);
+        }
+        L::store(gw + i, gwv, n);
+        L::store(gm + i, gmv, n);
+      });
     });
     return;
   }
   const int64_t cols = layout.cols;
   at::parallel_for(0, layout.rows, row_grain(cols), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const Vec mv = Vec(static_cast<opmath_t>(m[r]));  // broadcast row gate parameter
-      const Vec h = math.gate(mv);
-      const int64_t base = r * cols;
+      const OVec mv(static_cast<opmath_t>(m[r]));  // the row's gate parameter, broadcast
+      const OVec h = Math::gate(mv);
+      const scalar_t* __restrict gr = g + r * cols;
+      const scalar_t* __restrict wr = w + r * cols;
+      scalar_t* __restrict gwr = gw + r * cols;
       double row_sum = 0;
       for (int64_t block = 0; block < cols; block += kFlushEvery) {
         const int64_t block_end = std::min(cols, block + kFlushEvery);
-        Vec partial = Vec(opmath_t(0));
-        for (int64_t j = block; j < block_end; j += W) {
-          const int64_t n = std::min(W, block_end - j);
-          const Vec gv = Io::load(g + base + j, n);
-          Io::store(gw + base + j, gv * h, n);
-          partial = partial + gv * math.coef(Io::load(w + base + j, n));  // padded lanes: +0
-        }
-        row_sum += Io::sum_lanes(partial);
+        OVec partial(opmath_t(0));
+        const auto ahead = [&](int64_t j) {
+          prefetch(gr + j);
+          prefetch(wr + j);
+        };
+        for_each_step<scalar_t, kStep>(block, block_end, ahead, [&](int64_t i, int64_t n) {
+          OVec gv[kParts], wv[kParts];
+          L::load(gr + i, gv, n);  // lanes past n are 0 and add 0 to the sum
+          L::load(wr + i, wv, n);
+          for (int p = 0; p < kParts; ++p) {
+            partial = partial + gv[p] * Math::template coef<kSignRule>(wv[p]);
+            gv[p] = gv[p] * h;
+          }
+          L::store(gwr + i, gv, n);
+        });
+        row_sum += lane_sum(partial);
       }
-      Io::store(gm + r, Vec(static_cast<opmath_t>(row_sum)) * math.ste_grad(mv), 1);
+      OVec out[kParts] = {};
+      out[0] = OVec(static_cast<opmath_t>(row_sum)) * math.template ste_grad<kSte>(mv);
+      L::store(gm + r, out, 1);
     }
   });
 }
@@ -257,16 +251,35 @@ std::tuple<at::Tensor, at::Tensor> gated_weight_backward_cpu(
   at::Tensor grad_aux = at::empty_like(aux);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "cvsparse::gated_weight_backward", [&] {
-        const GateMath<at::opmath_type<scalar_t>> math(ste, slope, sign_rule);
-        backward_kernel<scalar_t>(grad, weight, aux, layout, math, grad_weight, grad_aux);
+        auto run = [&](auto ste_tag, auto sign_tag) {
+          backward_kernel<scalar_t, decltype(ste_tag)::value, decltype(sign_tag)::value>(
+              grad, weight, aux, layout, slope, grad_weight, grad_aux);
+        };
+        auto with_ste = [&](auto sign_tag) {
+          if (ste == kLeakyRelu) {
+            run(std::integral_constant<int64_t, kLeakyRelu>{}, sign_tag);
+          } else if (ste == kSoftplus) {
+            run(std::integral_constant<int64_t, kSoftplus>{}, sign_tag);
+          } else {
+            run(std::integral_constant<int64_t, kLinear>{}, sign_tag);
+          }
+        };
+        if (sign_rule) {
+          with_ste(std::true_type{});
+        } else {
+          with_ste(std::false_type{});
+        }
       });
   return {grad_weight, grad_aux};
 }
 
 }  // namespace
-}  // namespace cvsparse
+}  // namespace cvsparse::cpu
+CVSPARSE_SIMD_END
 
 TORCH_LIBRARY_IMPL(cvsparse, CPU, m) {
-  m.impl("gated_weight", &cvsparse::gated_weight_cpu);
-  m.impl("gated_weight_backward", &cvsparse::gated_weight_backward_cpu);
+  if (cvsparse::cpu::simd_supported()) {
+    m.impl("gated_weight", &cvsparse::cpu::gated_weight_cpu);
+    m.impl("gated_weight_backward", &cvsparse::cpu::gated_weight_backward_cpu);
+  }
 }

@@ -111,7 +111,7 @@ def gated_weight(
 
     ``ste``, ``slope`` and ``sign_rule`` only shape the backward (:func:`gated_weight_backward`).
     """
-    return weight * _gate(weight, aux).to(weight.dtype)
+    return weight * _gate(weight, aux, weight.dtype)
 
 
 def gated_weight_backward(
@@ -123,8 +123,7 @@ def gated_weight_backward(
     ``sign_rule`` selects the proposed rule (``sgn(w)``) over the BNN rule (``w``).
     """
     g = _opmath(grad)
-    gate = _gate(weight, aux)
-    grad_weight = (g * gate).to(weight.dtype)
+    grad_weight = (g * _gate(weight, aux, g.dtype)).to(weight.dtype)
     coef = torch.sign(_opmath(weight)) if sign_rule else _opmath(weight)
     grad_gate = g * coef
     if aux.shape != weight.shape:  # one gate per output unit: reduce all but dim 0
@@ -141,12 +140,14 @@ def gated_weight_backward(
     return grad_weight, (grad_gate * ds).to(aux.dtype)
 
 
-def _gate(weight: Tensor, aux: Tensor) -> Tensor:
-    """Boolean gate ``aux > 0`` broadcast to ``weight``'s shape."""
-    gate = aux > 0
+def _gate(weight: Tensor, aux: Tensor, dtype: torch.dtype) -> Tensor:
+    """The gate ``1[aux > 0]`` as 0/1 values of ``dtype``, shaped to broadcast against
+    ``weight``.  Written straight into a tensor of ``dtype``: a comparison into bool and a
+    conversion take about eight times as long on CPU."""
+    gate = torch.gt(aux.detach(), 0, out=torch.empty(aux.shape, dtype=dtype, device=aux.device))
     if aux.shape != weight.shape:
         gate = gate.reshape((weight.shape[0],) + (1,) * (weight.dim() - 1))
-    return gate.expand_as(weight)
+    return gate
 
 
 def _stack_counts(counts: list[Tensor]) -> Tensor:

@@ -25,9 +25,6 @@ from cvsparse.ops import _backend, reference, sparse_format
 from cvsparse.ops.schemas import SCHEMAS
 
 CHECKED_KEYS = ("CPU", "CUDA", "Meta", "CompositeExplicitAutograd")
-# CPU kernels of plain C++ (csrc/cpu/gated_weight.cpp), registered on every CPU; the other CPU
-# kernels need AVX2 and are not registered without it.
-SCALAR_CPU_KERNELS = frozenset({"gated_weight", "gated_weight_backward"})
 
 
 def _sparse(generator: torch.Generator, rows: int, cols: int) -> torch.Tensor:
@@ -127,12 +124,12 @@ def _run_configuration(**env: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _assert_reference_only(report: dict, cpu_kernels: frozenset[str] = frozenset()) -> None:
+def _assert_reference_only(report: dict) -> None:
     """Every schema is defined, the reference is every operator's default kernel, fakes serve
-    Meta, and only ``cpu_kernels`` have a compiled (CPU) kernel."""
+    Meta, and no operator has a compiled kernel."""
     assert report["schemas"] == {name: f"cvsparse::{schema}" for name, schema in SCHEMAS.items()}
     for name, kernels in report["kernels"].items():
-        assert kernels == {"CPU": name in cpu_kernels, "CUDA": False, "Meta": True,
+        assert kernels == {"CPU": False, "CUDA": False, "Meta": True,
                            "CompositeExplicitAutograd": True}, name
 
 
@@ -146,7 +143,7 @@ def test_without_extension_every_operator_runs_the_reference():
 def test_cpu_without_compiled_kernel_falls_back_to_the_reference():
     report = _run_configuration(ATEN_CPU_CAPABILITY="default")
     assert report["loaded"] is True
-    _assert_reference_only(report, SCALAR_CPU_KERNELS)
+    _assert_reference_only(report)
     assert "no CPU kernels" in report["cpp_error"]
 
 
@@ -157,8 +154,7 @@ def _dispatch_table(name: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_compiled_kernel_wins_for_its_key_and_reference_covers_the_rest(name):
-    compiled_cpu = (name in SCALAR_CPU_KERNELS
-                    or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    compiled_cpu = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     assert ops.compiled_library_loaded()
     assert (torch._C._dispatch_has_kernel_for_dispatch_key(f"cvsparse::{name}", "CPU")
             == compiled_cpu)
