@@ -251,12 +251,12 @@ class AutoPruneMethod(CompressionMethod):
         """Close, for good, the gates of the open weights below the drive's cut: ``aux`` set to
         0 (a closed gate) and masked in the gate optimizer."""
         layers = gated_layers(self.model)
-        effective = [m.weight * (m.aux > 0) for _, m in layers]
+        effective = [m.effective_weight() for _, m in layers]
         cut = self.drive.cut(effective)
         if cut is None:
             return
         for (_, layer), weight in zip(layers, effective, strict=True):
-            close = (weight.abs() < cut) & (layer.aux > 0)
+            close = (weight.abs() < cut) & layer.gate()
             state = self.aux_opt.state[layer.aux]
             mask = state.setdefault("mask", torch.ones_like(layer.aux, dtype=torch.bool))
             mask &= ~close
