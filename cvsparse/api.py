@@ -15,10 +15,6 @@ then ``epochs`` and the keyword ``overrides``.  docs/api.md describes the whole 
 from __future__ import annotations
 
 import copy
-import sys
-import time
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,27 +24,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from cvsparse import metrics
 from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, validate
-from cvsparse.faults import SkippedStep, StepGuard
+from cvsparse.faults import StepGuard
 from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
 from cvsparse.methods.schedules import SchedulerFactory
 from cvsparse.nn import strip
 from cvsparse.params import Selector, select_weights
-from cvsparse.precision import FP32, Precision
-from cvsparse.train import checkpoint, outputs, rundir
+from cvsparse.precision import Precision
+from cvsparse.train import checkpoint, rundir
 from cvsparse.train.averaging import WeightAverage
-from cvsparse.train.curve import CURVE_NAME, ValidationCurve
+from cvsparse.train.curve import ValidationCurve
 from cvsparse.train.distributed import Ranks
-from cvsparse.train.loop import (
-    _check_evaluation,
-    _seed_everything,
-    epoch_row,
-    guarded_step,
-    run_report,
-)
+from cvsparse.train.epochs import EpochLoop, loader_length, run_report, seed_everything
 
 #: Keys every checkpoint :func:`compress` writes holds.
 _STATE_KEYS = ("epoch", "model", "method", "rng", "average", "rows", "wall_time_s", "config",
@@ -226,9 +215,9 @@ def _section_of(config: RunConfig, key: str) -> str:
                     f"{config.method!r}; valid: {', '.join(valid)}")
 
 
-class _Run:
-    """One :func:`compress` run: the method, its loaders and the per-epoch bookkeeping (the
-    Python API's counterpart of :class:`cvsparse.train.Trainer`)."""
+class _Run(EpochLoop):
+    """One :func:`compress` run: the method over the caller's model and loaders, trained by
+    the epoch loop the command line's :class:`~cvsparse.train.Trainer` runs too."""
 
     def __init__(self, config: RunConfig, model: nn.Module, train_loader: Batches,
                  val_loader: Batches, test_loader: Batches | None,
@@ -245,7 +234,7 @@ class _Run:
         self.progress = progress and self.ranks.is_main
         if config.threads:
             torch.set_num_threads(config.threads)
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
         first = next(model.parameters(), None)
         self.device = self.ranks.join(first.device if first is not None
                                       else torch.device("cpu"))
@@ -282,9 +271,10 @@ class _Run:
         self.precision.prepare(model)   # after the method: AutoPrune's gates too
         self.method.use_wrapper(self.ranks.wrap)   # DDP with several ranks
         self.average = WeightAverage(model, whole_train, self.device)
+        self.measured = self.regularized   # each row's compression: the regularized weights
         self.rows: list[dict[str, Any]] = []
         self.curve = ValidationCurve(config.accuracy.curve_points)
-        if self.curve.points and _length(self.train_loader) is None:
+        if self.curve.points and loader_length(self.train_loader) is None:
             raise ValueError("accuracy.curve_points places its validation points by step: "
                              "the train_loader must have a length (len(train_loader))")
         self.epoch = 0
@@ -297,28 +287,14 @@ class _Run:
     def train(self, out_dir: Path | None = None,
               store: checkpoint.CheckpointStore | None = None) -> None:
         """Every epoch left; with ``out_dir``, metrics.csv and the checkpoint after each."""
-        total = self.config.total_epochs
-        while self.epoch < total:
-            start = time.perf_counter()
-            row = self._epoch(self.epoch)
-            self.wall_time += time.perf_counter() - start
-            row["wall_time_s"] = round(self.wall_time, 3)
-            self.rows.append(row)
-            self.epoch += 1
-            if self.epoch == total and self.average.count:
-                self.average.copy_to_model()   # the finished model is the weight average
-            if out_dir is not None and store is not None:
-                outputs.write_metrics_csv(self.rows, out_dir / "metrics.csv")
-                outputs.write_metrics_csv(self.curve.rows, out_dir / CURVE_NAME)
-                store.save(self._state())
+        self._train_epochs(self.config.total_epochs, out_dir, store)
 
     def finish(self, out_dir: Path | None) -> CompressionResult:
         """The report (written with the plots into ``out_dir``), then the model stripped of
         AutoPrune's gates."""
         report = self.report()
         if out_dir is not None:
-            outputs.write_json(report, out_dir / "report.json")
-            outputs.write_plots(self.rows, report, out_dir / "plots", self.curve.rows)
+            self._write_results(report, out_dir)
         model = strip(self.model)
         if model is not self.model:   # the model was itself one gated layer
             raise ValueError("compress: the model is a single layer; wrap it in a module")
@@ -334,146 +310,23 @@ class _Run:
                               self.wall_time, self.ranks.world_size, self.regularized,
                               extra={"model_class": model_class})
 
-    def _epoch(self, epoch: int) -> dict[str, Any]:
-        self.guard.start_epoch()
-        lr = self.method.set_epoch(epoch)
-        window = self.config.optim.swa_epochs
-        averaging = window > 0 and epoch >= self.config.total_epochs - window
-        self.model.train()
-        cap = self.config.optim.max_steps_per_epoch
-        if self.curve.points:
-            steps = _length(self.train_loader)
-            self.curve.start_epoch(epoch, steps if cap is None else min(cap, steps))
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step, (x, y) in enumerate(self.train_loader):
-            if cap is not None and step >= cap:
-                break
-            x, y = x.to(self.device), y.to(self.device)
-            if self.input_shape is None:
-                self.input_shape = tuple(x.shape[1:])
-            try:
-                loss, logits = self._guarded_step(x, y)
-            except SkippedStep:
-                self.curve.after_step(step + 1, self._validate)
-                continue
-            if averaging:
-                self.average.update()
-            loss_sum += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            self.curve.after_step(step + 1, self._validate)
-        loss_sum, correct, seen = self.ranks.sum(loss_sum, correct, seen)
-        if seen == 0 and self.guard.counts["step"] == 0:
-            raise ValueError("train_loader yielded no batches")
-        extra = self.method.end_epoch(epoch)
-        self.ranks.check_agreement(epoch, {
-            "model": self.model.state_dict(),
-            "method state (lambda, masks, gates, optimizer)": self.method.state_dict()})
-        with self._evaluated():
-            val = self.ranks.combined(evaluate(self.model, self.val_loader, self.loss_fn,
-                                               self.device, self.precision))
-            test = (None if self.test_loader is None
-                    else self.ranks.combined(evaluate(self.model, self.test_loader,
-                                                      self.loss_fn, self.device,
-                                                      self.precision)))
-            totals = metrics.summarize(metrics.layer_table(
-                self.method.measured_model(), self._shape(), self.regularized))
-        _check_evaluation(epoch, val["loss"], test["loss"] if test else val["loss"])
-        row = epoch_row(epoch, lr, (loss_sum, correct, seen), val, test, totals, self.guard,
-                        extra)
-        if self.progress:
-            print(f"epoch {epoch + 1}/{self.config.total_epochs}: train acc "
-                  f"{row['train_acc']:.4f}  val acc {row['val_acc']:.4f}  compression "
-                  f"{row['compression_rate']:.1f}x", file=sys.stderr, flush=True)
-        return row
-
-    def _guarded_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The method's step (:func:`cvsparse.train.loop.guarded_step`)."""
-        return guarded_step(self.model, self.method, self.guard, x, y)
-
-    def _validate(self) -> dict[str, Any]:
-        """The validation split's loss and accuracy now (a point of :attr:`curve`)."""
-        with self._evaluated():
-            return self.ranks.combined(evaluate(self.model, self.val_loader, self.loss_fn,
-                                                self.device, self.precision))
-
-    def _shape(self) -> tuple[int, ...]:
-        if self.input_shape is None:
-            self.input_shape = self.method.input_shape()
-        return self.input_shape
-
-    def _evaluated(self) -> AbstractContextManager[None]:
-        finished = self.epoch >= self.config.total_epochs
-        return self.average.applied() if self.average.count and not finished else nullcontext()
-
     # ---- checkpoints --------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "method": self.method.state_dict(),
-            "rng": checkpoint.rng_state(),
-            "average": self.average.state_dict(),
-            "rows": self.rows,
-            "curve": self.curve.state_dict(),
-            "wall_time_s": self.wall_time,
-            "config": self.config.to_dict(),
-            "guard": self.guard.state_dict(),
-            "precision": self.precision.state_dict(),
+            **super()._state(),
             "input_shape": list(self._shape()),
             "regularized": self.regularized,
             "loader_generators": [None if g is None else g.get_state()
                                   for g in _generators(self.loaders)],
-            "followed": None if self.followed is None else self.followed.to_dict(),
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.method.load_state_dict(state["method"])
-        self.average.load_state_dict(state["average"])
-        self.guard.load_state_dict(state["guard"])
-        if "precision" in state:   # checkpoints written before mixed precision: fp32 runs
-            self.precision.load_state_dict(state["precision"])
+        self._restore_loop(state)
         for generator, saved in zip(_generators(self.loaders), state["loader_generators"],
                                     strict=True):
             if generator is not None and saved is not None:
                 generator.set_state(saved)
-        checkpoint.set_rng_state(state["rng"])
-        self.rows = state["rows"]
-        self.curve.load_state_dict(state.get("curve", []))   # older checkpoints: no points
-        self.epoch = state["epoch"]
-        self.wall_time = state["wall_time_s"]
-
-
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
-             loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-             device: torch.device | None = None,
-             precision: Precision = FP32) -> dict[str, float]:
-    """Mean ``loss`` (``loss_fn`` per batch, weighted by its size) and top-1 accuracy ``acc``
-    of ``model`` over ``loader``, in eval mode (the modes are restored), without gradients;
-    forward passes under ``precision``'s autocast and layout, the loss on float32 logits."""
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    modes = {m: m.training for m in model.modules()}
-    loss_sum, correct, n = 0.0, 0, 0
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                with precision.autocast():
-                    logits = model(precision.input(x))
-                loss_sum += float(loss_fn(logits.float(), y)) * len(y)
-                correct += int((logits.argmax(dim=1) == y).sum())
-                n += len(y)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
-    if n == 0:
-        raise ValueError("loader yielded no samples")
-    return {"loss": loss_sum / n, "acc": correct / n, "n": n}
 
 
 def _halves(loader: Batches, seed: int) -> tuple[DataLoader, DataLoader]:
@@ -498,14 +351,6 @@ def _halves(loader: Batches, seed: int) -> tuple[DataLoader, DataLoader]:
                           drop_last=loader.drop_last, generator=loader.generator)
 
     return like(order[:half]), like(order[half:])
-
-
-def _length(loader: Batches) -> int | None:
-    """``len(loader)``, or None when the loader has no length (an iterable dataset)."""
-    try:
-        return len(loader)   # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def _generators(loaders: list[Any]) -> list[torch.Generator | None]:

@@ -21,7 +21,7 @@ layers only (normalization, activations, pooling and additions are not counted):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -289,12 +289,15 @@ def evaluate(
     loader: Iterable[tuple[Tensor, Tensor]],
     device: torch.device | str | None = None,
     precision: Precision | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> dict:
-    """Mean cross-entropy ``loss`` and top-1 accuracy ``acc`` (in [0, 1]) of ``model`` over the
-    ``(x, y)`` batches of ``loader``, plus the sample count ``n``; eval mode (every module's own
-    mode is restored afterwards), no grad.  Batches go to ``device`` (default: the model's).
+    """Mean ``loss`` and top-1 accuracy ``acc`` (in [0, 1]) of ``model`` over the ``(x, y)``
+    batches of ``loader``, plus the sample count ``n``; eval mode (every module's own mode is
+    restored afterwards), no grad.  Batches go to ``device`` (default: the model's).
     ``precision`` (default fp32, contiguous): the forward passes run under its autocast, on its
-    layout of the batches; the loss is computed in float32."""
+    layout of the batches; the loss is computed on float32 logits.  ``loss_fn``: None sums the
+    cross-entropy over the samples; else ``loss_fn(logits, y)``, a batch mean, is weighted by
+    the batch's size."""
     precision = FP32 if precision is None else precision
     if device is None:
         ref = next(model.parameters(), None)
@@ -307,7 +310,10 @@ def evaluate(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with precision.autocast():
                 logits = model(precision.input(x))
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            if loss_fn is None:
+                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            else:
+                loss_sum += loss_fn(logits.float(), y).double() * len(y)
             correct += (logits.argmax(dim=1) == y).sum()
             n += len(y)
     if n == 0:

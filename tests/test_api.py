@@ -5,6 +5,7 @@ recomputed on it, an uninterrupted run for the resumed one."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -256,3 +257,36 @@ def test_a_run_without_test_set_is_summarized_by_the_command(tmp_path, capsys):
     assert "test acc -" in text and "custom:TwoLayer" in text
     assert main(["compare", str(tmp_path)]) in (0, None)
     assert "| - |" in capsys.readouterr().out
+
+
+#: The line an epoch's training steps end with when stderr is no terminal (the command line's).
+PASS_LINE = re.compile(r"^epoch (\d+)/(\d+): (\d+) steps, loss \d+\.\d{4}, acc \d\.\d{3}, ")
+
+
+@pytest.mark.parametrize("with_test", [False, True])
+def test_progress_prints_the_command_lines_epoch_lines_on_stderr(capsys, with_test):
+    """``progress=True`` with stderr a pipe (pytest's capture): per epoch, one line when the
+    training steps end and one with the epoch's accuracies, in order, nothing on stdout, no
+    carriage return.  Oracles: the returned history (epochs, accuracies) and the loader's
+    length (steps); ``progress=False`` prints nothing."""
+    train, val = loaders()
+    result = cvsparse.compress(TwoLayer(), train, val, method="magnitude", epochs=2,
+                               test_loader=val if with_test else None, progress=True,
+                               **AGGRESSIVE["magnitude"])
+    out, err = capsys.readouterr()
+    assert out == "" and "\r" not in err
+    total = len(result.history)
+    assert total == 3   # two pruning epochs and the fine-tuning epoch
+    passes = [m.groups() for m in map(PASS_LINE.match, err.splitlines()) if m]
+    assert passes == [(str(k), str(total), str(len(train))) for k in range(1, total + 1)]
+    results = [line for line in err.splitlines() if re.match(r"^epoch \d+: train acc", line)]
+    assert len(results) == total
+    for line, row in zip(results, result.history, strict=True):
+        assert f"val acc {row['val_acc']:.4f}" in line
+        assert ("test acc" in line) == with_test
+        if with_test:
+            assert f"test acc {row['test_acc']:.4f}" in line
+        assert f"compression {row['compression_rate']:.1f}x" in line
+    cvsparse.compress(TwoLayer(), train, val, method="magnitude", epochs=1,
+                      **AGGRESSIVE["magnitude"])
+    assert capsys.readouterr() == ("", "")

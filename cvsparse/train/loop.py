@@ -1,5 +1,6 @@
-"""The training loop shared by every compression method: the outer shell of the alternating
-training / hyper-step schedule ("Algorithm 1", docs/method.md §5.1).
+"""The command line's run: a zoo model on a built-in dataset, its loaders, run folder,
+provenance and checkpoints, trained by the epoch loop every method shares
+(:class:`~cvsparse.train.epochs.EpochLoop`; "Algorithm 1", docs/method.md §5.1).
 
 Per epoch: train on the training split (a tqdm bar on a terminal, one line per epoch on a pipe
 or file), let the method finish the epoch (e.g. a hyper pass), evaluate on validation and test,
@@ -10,21 +11,14 @@ append a ``metrics.csv`` row and write ``checkpoint.pt`` atomically.  At the end
 
 from __future__ import annotations
 
-import math
-import random
-import sys
-import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from cvsparse import metrics, provenance, sources
+from cvsparse import provenance, sources
 from cvsparse.config import RunConfig, from_dict, resolve_defaults, validate
 from cvsparse.data import (
     CROP_PADDING,
@@ -33,24 +27,24 @@ from cvsparse.data import (
     load_dataset,
     split_indices,
 )
-from cvsparse.faults import Diverged, SkippedStep, StepGuard
-from cvsparse.hyper.accuracy_constraint import with_verdict
+from cvsparse.faults import StepGuard
 from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES
-from cvsparse.methods.base import CompressionMethod, RunData
+from cvsparse.methods.base import RunData
 from cvsparse.precision import Precision
 
 from . import checkpoint, distributed, outputs, rundir
 from .averaging import WeightAverage
-from .curve import CURVE_NAME, ValidationCurve
+from .curve import ValidationCurve
+from .epochs import EpochLoop, run_report, seed_everything
 
 #: Keys every checkpoint state holds (a state without one of them is incomplete).
 _STATE_KEYS = ("epoch", "model", "method", "generator", "hyper_generator", "rng", "split",
                "average", "rows", "wall_time_s", "config")
 
 
-class Trainer:
+class Trainer(EpochLoop):
     """Runs ``config`` and writes its outputs into ``out_dir``."""
 
     def __init__(self, config: RunConfig, out_dir: str | Path, *, resume: bool = False,
@@ -91,7 +85,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.device = self.ranks.join(_device(config.device))
         self.precision = Precision(config.precision, config.channels_last, self.device)
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
 
         provenance.check_data_root(config.data.dataset, config.data.root)
         self.dataset = load_dataset(config.data.dataset, config.data.root, config.data.download,
@@ -125,6 +119,8 @@ class Trainer:
         self.precision.prepare(self.model)   # after the method: AutoPrune's gates too
         self.method.use_wrapper(self.ranks.wrap)   # DDP with several ranks
         self.average = WeightAverage(self.model, self.bn_loader, self.device)
+        self.loss_fn = None       # validation and test: the cross-entropy
+        self.measured = None      # each row's compression: every Conv/Linear weight
         self.rows: list[dict[str, Any]] = []
         self.curve = ValidationCurve(config.accuracy.curve_points)
         self.epoch = 0
@@ -160,23 +156,12 @@ class Trainer:
         total = self.config.total_epochs
         if max_epochs is not None:
             total = min(total, max_epochs)
-        while self.epoch < total:
-            start = time.perf_counter()
-            row = self._run_epoch(self.epoch)
-            self.wall_time += time.perf_counter() - start
-            row["wall_time_s"] = round(self.wall_time, 3)
-            self.rows.append(row)
-            self.epoch += 1
-            if self.epoch == self.config.total_epochs and self.average.count:
-                self.average.copy_to_model()   # the finished model is the weight average
-            if self.ranks.is_main:
-                outputs.write_metrics_csv(self.rows, self.out_dir / "metrics.csv")
-                outputs.write_metrics_csv(self.curve.rows, self.out_dir / CURVE_NAME)
-                self.checkpoints.save(self._state())
+        writes = self.ranks.is_main
+        self._train_epochs(total, self.out_dir if writes else None,
+                           self.checkpoints if writes else None)
         report = self.report()
-        if self.ranks.is_main:
-            outputs.write_json(report, self.out_dir / "report.json")
-            outputs.write_plots(self.rows, report, self.out_dir / "plots", self.curve.rows)
+        if writes:
+            self._write_results(report, self.out_dir)
         if self.progress:
             print(outputs.summary_table(report))
         return report
@@ -234,87 +219,9 @@ class Trainer:
             reduce=self.ranks.reducer(),
         )
 
-    def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        self.guard.start_epoch()
-        lr = self.method.set_epoch(epoch)
+    def _start_epoch(self) -> None:
+        """The epoch's augmentation (:meth:`_set_augmentation`)."""
         self._set_augmentation()
-        averaging = self._averages(epoch)
-        self.model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        cap = self.config.optim.max_steps_per_epoch
-        n_steps = len(self.train_loader) if cap is None else min(cap, len(self.train_loader))
-        desc = f"epoch {epoch + 1}/{self.config.total_epochs}"
-        live = self.progress and _is_terminal(sys.stderr)   # else one line when the pass ends
-        bar = tqdm(total=n_steps, desc=desc, disable=not live, leave=False, dynamic_ncols=True)
-        self.curve.start_epoch(epoch, n_steps)
-        started, steps = time.perf_counter(), 0
-        for step, (x, y) in enumerate(self.train_loader):
-            if step >= n_steps:
-                break
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            try:
-                loss, logits = self._guarded_step(x, y)
-            except SkippedStep:
-                bar.update()
-                self.curve.after_step(step + 1, self._validate)
-                continue
-            if averaging:
-                self.average.update()
-            loss_sum += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            steps += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-            self.curve.after_step(step + 1, self._validate)
-        bar.close()
-        loss_sum, correct, seen = self.ranks.sum(loss_sum, correct, seen)
-        if self.progress and not live:
-            print(f"{desc}: {steps} steps, loss {loss_sum / max(seen, 1):.4f}, acc "
-                  f"{correct / max(seen, 1):.3f}, {time.perf_counter() - started:.1f} s",
-                  file=sys.stderr, flush=True)
-        extra = self.method.end_epoch(epoch)
-        self.ranks.check_agreement(epoch, {
-            "model": self.model.state_dict(),
-            "method state (lambda, masks, gates, optimizer)": self.method.state_dict()})
-        with self._evaluated():
-            val = self.ranks.evaluate(self.model, self.val_loader, self.device, self.precision)
-            test = self.ranks.evaluate(self.model, self.test_loader, self.device,
-                                       self.precision)
-            totals = metrics.summarize(
-                metrics.layer_table(self.method.measured_model(), self.input_shape))
-        _check_evaluation(epoch, val["loss"], test["loss"])
-        row = epoch_row(epoch, lr, (loss_sum, correct, seen), val, test, totals, self.guard,
-                        extra)
-        if self.progress:
-            tqdm.write(f"epoch {epoch + 1}: train acc {row['train_acc']:.4f}  val acc "
-                       f"{row['val_acc']:.4f}  test acc {row['test_acc']:.4f}  compression "
-                       f"{row['compression_rate']:.1f}x  " +
-                       "  ".join(f"{k} {v:.3g}" for k, v in extra.items()))
-        return row
-
-    def _guarded_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor,
-                                                                        torch.Tensor]:
-        """The method's training step (:func:`guarded_step`)."""
-        return guarded_step(self.model, self.method, self.guard, x, y)
-
-    def _validate(self) -> dict[str, Any]:
-        """The validation split's loss and accuracy now (a point of :attr:`curve`)."""
-        with self._evaluated():
-            return self.ranks.evaluate(self.model, self.val_loader, self.device, self.precision)
-
-    def _averages(self, epoch: int) -> bool:
-        """Whether ``epoch`` lies in the weight-averaging window: the last ``optim.swa_epochs``
-        epochs of the run, all of them fine-tuning epochs (``validate`` sees to that)."""
-        window = self.config.optim.swa_epochs
-        return window > 0 and epoch >= self.config.total_epochs - window
-
-    def _evaluated(self) -> AbstractContextManager[None]:
-        """The weights evaluation and the report see: the mean once averaging has begun (the
-        training iterate comes back after the block), else the model as it is.  A finished run's
-        model already holds the mean (``run`` copied it in), so it is not swapped in again."""
-        finished = self.epoch >= self.config.total_epochs
-        return self.average.applied() if self.average.count and not finished else nullcontext()
 
     def _set_augmentation(self) -> None:
         """Switch the training batches' augmentation for the epoch about to run: always on with
@@ -327,39 +234,17 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch,
-            "model": self.model.state_dict(),
-            "method": self.method.state_dict(),
+            **super()._state(),
             "generator": self.generator.get_state(),
             "hyper_generator": self.method.data.hyper_generator.get_state(),
-            "rng": checkpoint.rng_state(),
             "split": (self.train_idx, self.val_idx),
-            "average": self.average.state_dict(),
-            "rows": self.rows,
-            "curve": self.curve.state_dict(),
-            "wall_time_s": self.wall_time,
-            "config": self.config.to_dict(),
-            "guard": self.guard.state_dict(),
-            "precision": self.precision.state_dict(),
             "data_sha256": [f["sha256"] for f in self.provenance["data"]["files"]],
-            "followed": None if self.followed is None else self.followed.to_dict(),
         }
 
     def _restore(self, state: dict[str, Any], hyper_generator: torch.Generator) -> None:
-        self.model.load_state_dict(state["model"])
-        self.method.load_state_dict(state["method"])
-        self.average.load_state_dict(state["average"])
-        if "guard" in state:   # checkpoints written before the step guard existed lack it
-            self.guard.load_state_dict(state["guard"])
-        if "precision" in state:   # ... and before mixed precision (their runs are fp32)
-            self.precision.load_state_dict(state["precision"])
+        self._restore_loop(state)
         self.generator.set_state(state["generator"])
         hyper_generator.set_state(state["hyper_generator"])
-        checkpoint.set_rng_state(state["rng"])
-        self.rows = state["rows"]
-        self.curve.load_state_dict(state.get("curve", []))   # older checkpoints: no points
-        self.epoch = state["epoch"]
-        self.wall_time = state["wall_time_s"]
 
 
 class CVTrainer(Trainer):
@@ -371,90 +256,6 @@ class CVTrainer(Trainer):
         super().__init__(config, out_dir, **kwargs)
 
 
-def guarded_step(model: torch.nn.Module, method: Any, guard: StepGuard, x: torch.Tensor,
-                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``method.train_step(x, y)`` on ``model`` under ``guard``.  A step the guard skips
-    (docs: cvsparse.faults) leaves the model's buffers (BatchNorm statistics) as they were, is
-    counted, and raises SkippedStep again; too many in a row raise Diverged."""
-    saved = [b.detach().clone() for b in model.buffers()]
-    try:
-        result = method.train_step(x, y)
-    except SkippedStep as exc:
-        with torch.no_grad():
-            for buffer, value in zip(model.buffers(), saved, strict=True):
-                buffer.copy_(value)
-        model.train()   # a skipped online hyper step may have left eval mode on
-        guard.skipped("step", str(exc))
-        raise
-    guard.passed("step")
-    return result
-
-
-def epoch_row(epoch: int, lr: float, train: tuple[float, int, int], val: dict[str, Any],
-              test: dict[str, Any] | None, totals: dict[str, Any], guard: StepGuard,
-              extra: dict[str, Any]) -> dict[str, Any]:
-    """One ``metrics.csv`` row: ``train`` = (summed loss, correct predictions, samples) of the
-    epoch's training steps, ``val`` / ``test`` evaluations (test None: no test columns), the
-    model's totals (:func:`cvsparse.metrics.summarize`), the guard's skip counts, the
-    method's ``extra`` columns."""
-    loss_sum, correct, seen = train
-    return {
-        "epoch": epoch, "lr": lr,
-        "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-        "val_loss": val["loss"], "val_acc": val["acc"],
-        **({} if test is None else {"test_loss": test["loss"], "test_acc": test["acc"]}),
-        "params_nonzero": totals["params_nonzero"],
-        "compression_rate": totals["compression_rate"], "pruned_pct": totals["pruned_pct"],
-        "skipped_steps": guard.counts["step"],
-        "skipped_hyper_steps": guard.counts["hyper"],
-        **extra,
-    }
-
-
-def run_report(method: CompressionMethod, rows: list[dict[str, Any]],
-               input_shape: tuple[int, ...], config: RunConfig, wall_time: float,
-               world_size: int, regularized: list[str] | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The docs/method.md §7 report of ``method``'s model as it is now: the last row's
-    accuracies, the totals and per-layer table of ``regularized`` (None: every Conv/Linear
-    weight) for inputs of ``input_shape``, the method's own entries, the settings, and
-    ``extra`` (the command line's provenance, the API's model class ...); with the accuracy
-    constraint's verdict when there is one."""
-    measured = method.measured_model()
-    layers = metrics.layer_table(measured, input_shape, regularized)
-    last = rows[-1] if rows else {}
-    return with_verdict({
-        "test_acc": last.get("test_acc"),
-        "val_acc": last.get("val_acc"),
-        **metrics.summarize(layers, measured),
-        **method.report(),
-        "layers": layers,
-        **({} if regularized is None else {"regularized": regularized}),
-        "epochs": rows and rows[-1]["epoch"] + 1,
-        "config": config.to_dict(),
-        "wall_time_s": wall_time,
-        **(extra or {}),
-        "world_size": world_size,
-    })
-
-
-def _is_terminal(stream: Any) -> bool:
-    """Whether ``stream`` is a terminal (tqdm redraws its bar there with carriage returns; a
-    pipe or file gets one line per epoch instead)."""
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):   # no isatty, or a closed stream
-        return False
-
-
-def _check_evaluation(epoch: int, val_loss: float, test_loss: float) -> None:
-    """Diverged if epoch ``epoch``'s evaluation is not finite: such an epoch is never
-    checkpointed (the previous one stays the last good epoch)."""
-    if not (math.isfinite(val_loss) and math.isfinite(test_loss)):
-        raise Diverged(f"epoch {epoch + 1} evaluated to a non-finite loss (validation "
-                       f"{val_loss}, test {test_loss})")
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -462,9 +263,3 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
