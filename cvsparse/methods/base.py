@@ -1,8 +1,9 @@
 """The interface between the training loop and a compression method.
 
-The loop (``cvsparse.train.loop``) owns data order, epochs, evaluation, checkpoints and reports;
-a method owns everything that makes the model sparse: its optimizers, regularization strengths
-and any extra passes.  A new method is one new module implementing :class:`CompressionMethod`.
+The loop (``cvsparse.train.epochs``, under the command line's ``Trainer`` and ``compress``, which
+build the loaders) owns epochs, evaluation, checkpoints and reports; a method owns everything
+that makes the model sparse: its optimizers, regularization strengths and any extra passes.  A
+new method is one new module implementing :class:`CompressionMethod`.
 """
 
 from __future__ import annotations
