@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
 from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, validate
-from cvsparse.faults import StepGuard
 from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
@@ -34,8 +33,6 @@ from cvsparse.nn import strip
 from cvsparse.params import Selector, select_weights
 from cvsparse.precision import Precision
 from cvsparse.train import checkpoint, rundir
-from cvsparse.train.averaging import WeightAverage
-from cvsparse.train.curve import ValidationCurve
 from cvsparse.train.distributed import Ranks
 from cvsparse.train.epochs import EpochLoop, loader_length, run_report, seed_everything
 
@@ -263,22 +260,14 @@ class _Run(EpochLoop):
                        loss_fn=self.ranks.loss(self.loss_fn) or loss_fn,
                        regularized=self.regularized, reduce=self.ranks.reducer())
         self.followed = followed
-        self.method = method_class.from_config(config, model, data, followed)
+        method = method_class.from_config(config, model, data, followed)
         if lr_scheduler is not None:
-            self.method.use_lr_scheduler(lr_scheduler)
-        self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
-        self.method.precision = self.precision
-        self.precision.prepare(model)   # after the method: AutoPrune's gates too
-        self.method.use_wrapper(self.ranks.wrap)   # DDP with several ranks
-        self.average = WeightAverage(model, whole_train, self.device)
+            method.use_lr_scheduler(lr_scheduler)
+        self._attach(method, whole_train)
         self.measured = self.regularized   # each row's compression: the regularized weights
-        self.rows: list[dict[str, Any]] = []
-        self.curve = ValidationCurve(config.accuracy.curve_points)
         if self.curve.points and loader_length(self.train_loader) is None:
             raise ValueError("accuracy.curve_points places its validation points by step: "
                              "the train_loader must have a length (len(train_loader))")
-        self.epoch = 0
-        self.wall_time = 0.0
         if state is not None:
             self._restore(state)
 

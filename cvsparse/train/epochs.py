@@ -42,15 +42,15 @@ from .distributed import Ranks
 class EpochLoop:
     """Runs the epochs of a built run.  The front end sets these attributes first:
 
-    ``config``, ``model``, ``method`` (its ``guard`` and ``precision`` set), ``guard``,
-    ``precision``, ``device``, ``ranks``, ``average``, ``curve``, ``followed`` (the
-    reference run of a constrained run, or None); ``progress`` (print the
+    ``config``, ``model``, ``precision``, ``device``, ``ranks``, then :meth:`_attach` (which
+    sets ``method``, ``guard``, ``average``, ``curve``, ``rows``, ``epoch``, ``wall_time``);
+    ``followed`` (the reference run of a constrained run, or None); ``progress`` (print the
     progress on stderr); ``train_loader`` / ``val_loader`` / ``test_loader`` (the batches
     of this rank; ``test_loader`` None: no test columns); ``loss_fn`` (the validation loss,
     ``loss_fn(outputs, targets)`` as a batch mean; None: cross-entropy summed over the
     samples); ``measured`` (the names of the weights each row's compression counts; None:
-    every Conv/Linear weight); ``input_shape`` (one sample's shape; None: the first batch's);
-    ``rows``, ``epoch`` and ``wall_time`` (0 for a new run, :meth:`_restore_loop` restores them).
+    every Conv/Linear weight); ``input_shape`` (one sample's shape; None: the first batch's).
+    A resumed run's ``rows``, ``epoch`` and ``wall_time`` come back with :meth:`_restore_loop`.
     """
 
     config: RunConfig
@@ -73,6 +73,24 @@ class EpochLoop:
     rows: list[dict[str, Any]]
     epoch: int
     wall_time: float
+
+    def _attach(self, method: CompressionMethod,
+                average_loader: Iterable[tuple[Tensor, Tensor]]) -> None:
+        """Make ``method`` the run's: its step guard, its precision (applied to the model after
+        the method was built, so AutoPrune's gates too), the ranks' wrapper, a weight average
+        whose BatchNorm statistics are recomputed over ``average_loader``, and an empty history
+        (no rows, no validation points, epoch 0).  Needs ``config``, ``model``, ``precision``,
+        ``device`` and ``ranks``."""
+        self.method = method
+        self.guard = method.guard = StepGuard(self.config.optim.max_skipped_steps)
+        method.precision = self.precision
+        self.precision.prepare(self.model)
+        method.use_wrapper(self.ranks.wrap)   # DDP with several ranks
+        self.average = WeightAverage(self.model, average_loader, self.device)
+        self.rows = []
+        self.curve = ValidationCurve(self.config.accuracy.curve_points)
+        self.epoch = 0
+        self.wall_time = 0.0
 
     def _train_epochs(self, total: int, out_dir: Path | None,
                       store: checkpoint.CheckpointStore | None) -> None:

@@ -27,7 +27,6 @@ from cvsparse.data import (
     load_dataset,
     split_indices,
 )
-from cvsparse.faults import StepGuard
 from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES
@@ -35,8 +34,6 @@ from cvsparse.methods.base import RunData
 from cvsparse.precision import Precision
 
 from . import checkpoint, distributed, outputs, rundir
-from .averaging import WeightAverage
-from .curve import ValidationCurve
 from .epochs import EpochLoop, run_report, seed_everything
 
 #: Keys every checkpoint state holds (a state without one of them is incomplete).
@@ -113,21 +110,13 @@ class Trainer(EpochLoop):
         hyper_generator = torch.Generator().manual_seed(config.seed + 1)
         method_class = METHOD_CLASSES[config.method]
         run_data = self._build_loaders(method_class, hyper_generator)
-        self.method = method_class.from_config(config, self.model, run_data, self.followed)
-        self.guard = self.method.guard = StepGuard(config.optim.max_skipped_steps)
-        self.method.precision = self.precision
-        self.precision.prepare(self.model)   # after the method: AutoPrune's gates too
-        self.method.use_wrapper(self.ranks.wrap)   # DDP with several ranks
-        self.average = WeightAverage(self.model, self.bn_loader, self.device)
+        self._attach(method_class.from_config(config, self.model, run_data, self.followed),
+                     self.bn_loader)
         self.loss_fn = None       # validation and test: the cross-entropy
         self.measured = None      # each row's compression: every Conv/Linear weight
-        self.rows: list[dict[str, Any]] = []
-        self.curve = ValidationCurve(config.accuracy.curve_points)
-        self.epoch = 0
-        self.wall_time = 0.0
         if state is not None:
             self._restore(state, hyper_generator)
-        self._set_augmentation()
+        self._start_epoch()
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -196,7 +185,7 @@ class Trainer(EpochLoop):
                                crop_padding=padding, flip=flip)
             return made if whole else self.ranks.shard(made)
 
-        self._augment = augment   # what the data config asks for; _set_augmentation applies it
+        self._augment = augment   # what the data config asks for; _start_epoch applies it
         weight_idx, reserved_idx = method_class.split_training(self.train_idx)
         self.train_loader = loader(ds.x_train, ds.y_train, weight_idx, dc.batch_size,
                                    shuffle=True, augment=augment, generator=self.generator)
@@ -220,10 +209,6 @@ class Trainer(EpochLoop):
         )
 
     def _start_epoch(self) -> None:
-        """The epoch's augmentation (:meth:`_set_augmentation`)."""
-        self._set_augmentation()
-
-    def _set_augmentation(self) -> None:
         """Switch the training batches' augmentation for the epoch about to run: always on with
         ``data.augment_phase = "all"``, only while the method fine-tunes with ``"finetune"``."""
         phase = self.config.data.augment_phase
