@@ -1,6 +1,5 @@
 """Shared pieces of the benchmark suite (run with ``pytest bench``).
 
-* Collects ``bench_*.py`` files (the project's pytest config only collects ``test_*.py``).
 * ``scrub`` (fixture): rewrites a buffer larger than the last-level cache.  It runs before every
   timed call, so every operation starts from memory, as the weights do in a training step
   (activations have evicted them), and no operation inherits a cache warmed by another.
@@ -20,14 +19,6 @@ import pytest
 import torch
 
 SCRUB_BYTES = 512 * 2**20
-
-
-def pytest_collect_file(file_path, parent):
-    # a file named on the command line is collected by pytest itself
-    if (file_path.suffix == ".py" and file_path.name.startswith("bench_")
-            and not parent.session.isinitpath(file_path)):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
 
 
 @pytest.fixture(scope="session")
