@@ -30,13 +30,15 @@ import math
 import os
 import pickle
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from cvsparse import imagefolder
+from cvsparse.images import Dataset, channel_stats
 
 DATASETS = ("mnist", "cifar10", "cifar100")
 NUM_CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -60,35 +62,6 @@ _MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-
-
-@dataclass(frozen=True, eq=False)
-class Dataset:
-    """A whole dataset in memory.
-
-    ``x_train``/``x_test``: uint8 ``(N, C, H, W)``; ``y_train``/``y_test``: int64 ``(N,)`` in
-    ``[0, num_classes)``; ``mean``/``std``: per-channel statistics of the training images on the
-    [0, 1] scale (population std over all training pixels); ``source``: the file or directory
-    the data was read from; ``digest``: for an image folder, the SHA-256 of its files (names,
-    sizes, contents; provenance compares it on resume), None otherwise.
-    """
-
-    name: str
-    x_train: Tensor = field(repr=False)
-    y_train: Tensor = field(repr=False)
-    x_test: Tensor = field(repr=False)
-    y_test: Tensor = field(repr=False)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    num_classes: int
-    source: Path
-    digest: str | None = None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one image."""
-        _, c, h, w = self.x_train.shape
-        return (c, h, w)
 
 
 _CACHE: dict[tuple[str, str], Dataset] = {}
@@ -279,21 +252,6 @@ def _labels(y: np.ndarray, n: int, num_classes: int, where: Path) -> Tensor:
     return torch.from_numpy(y.astype(np.int64))
 
 
-def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and population std of uint8 ``(N, C, H, W)`` images on the [0, 1]
-    scale, computed exactly (float64) from a 256-bin histogram of each channel."""
-    values = torch.arange(256, dtype=torch.float64) / 255.0
-    means, stds = [], []
-    for ch in range(images.shape[1]):
-        hist = torch.bincount(images[:, ch].reshape(-1), minlength=256).to(torch.float64)
-        total = hist.sum()
-        mean = (hist * values).sum() / total
-        var = (hist * (values - mean) ** 2).sum() / total
-        means.append(float(mean))
-        stds.append(float(var.sqrt()))
-    return tuple(means), tuple(stds)
-
-
 def _decode(name: str, path: Path, fmt: str) -> Dataset:
     if fmt == "npz":
         arrays = _read_npz(path)
@@ -337,6 +295,19 @@ def _download(name: str, root: Path) -> None:
         getattr(datasets, cls)(root=str(root), train=train, download=True)
 
 
+def source_files(dataset: Dataset) -> list[Path]:
+    """The files the built-in set ``dataset`` was decoded from: its ``.npz``, or the files of
+    the MNIST idx / CIFAR pickle folder it came from."""
+    source = Path(dataset.source)
+    if source.is_file():
+        return [source]
+    if dataset.name in _CIFAR_DIRS:
+        _, train, test = _CIFAR_DIRS[dataset.name]
+        return [source / name for name in train + test]
+    found = [_existing(source / stem) for stem in _MNIST_FILES]
+    return [path for path in found if path is not None]
+
+
 def load_dataset(
     name: str, root: str | os.PathLike[str] | None = None, download: bool = False, *,
     image_size: int | None = None,
@@ -354,8 +325,6 @@ def load_dataset(
     fails, ValueError if a found file is malformed.
     """
     if name.startswith("imagefolder:"):
-        from cvsparse import imagefolder
-
         return imagefolder.load(name, imagefolder.folder_path(name),
                                 image_size or imagefolder.DEFAULT_IMAGE_SIZE)
     _check_name(name)

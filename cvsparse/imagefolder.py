@@ -1,5 +1,5 @@
 """``imagefolder:<path>`` datasets: a folder laid out for torchvision's ``ImageFolder``, read
-once into the in-memory :class:`cvsparse.data.Dataset` record (docs/data.md).
+once into the in-memory :class:`cvsparse.images.Dataset` record (docs/data.md).
 
     <path>/train/<class>/**/<image>      training images (the validation split is held out
     <path>/val/<class>/**/<image>        of these); val/ is the test set
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cvsparse.data import Dataset, channel_stats
+from cvsparse.images import Dataset, channel_stats
 
 #: Prefix of a dataset name that is an image folder.
 PREFIX = "imagefolder:"

@@ -18,6 +18,7 @@ import torch
 
 import cvsparse
 from cvsparse import data as data_module
+from cvsparse.imagefolder import check_folder, list_images
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -41,19 +42,6 @@ def check_same_data(recorded: list[str] | None, record: dict[str, Any]) -> None:
                      "(SHA-256 differs); resume with the original data (--data-root)")
 
 
-def data_files(dataset: data_module.Dataset) -> list[Path]:
-    """The files ``dataset`` was decoded from: its ``.npz``, or the files of the MNIST idx /
-    CIFAR pickle folder it came from."""
-    source = Path(dataset.source)
-    if source.is_file():
-        return [source]
-    if dataset.name in data_module._CIFAR_DIRS:
-        _, train, test = data_module._CIFAR_DIRS[dataset.name]
-        return [source / name for name in train + test]
-    found = [data_module._existing(source / stem) for stem in data_module._MNIST_FILES]
-    return [path for path in found if path is not None]
-
-
 def sha256_file(path: Path) -> str:
     """SHA-256 (hex) of the file at ``path`` (cached per path, size and modification time)."""
     stat = path.stat()
@@ -72,14 +60,12 @@ def file_records(dataset: data_module.Dataset) -> list[dict[str, Any]]:
     one record: the folder, the digest of its files taken while they were decoded
     (:func:`cvsparse.imagefolder.load`) and their total size."""
     if dataset.digest is not None:
-        from cvsparse.imagefolder import check_folder, list_images
-
         root = Path(dataset.source)
         size = sum(path.stat().st_size for items in list_images(root, check_folder(root)).values()
                    for path, _ in items)
         return [{"path": str(root.resolve()), "sha256": dataset.digest, "bytes": size}]
     return [{"path": str(p.resolve()), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in data_files(dataset)]
+            for p in data_module.source_files(dataset)]
 
 
 def collect(dataset: data_module.Dataset, device: torch.device) -> dict[str, Any]:
