@@ -490,6 +490,7 @@ def test_a_drive_with_no_feasible_check_keeps_the_network_it_started_from(tmp_pa
     assert rate < drive.accuracy.check_ratio
 
 
+@pytest.mark.filterwarnings("ignore:bf16 on this CPU:UserWarning")   # a CPU without AVX-512
 @pytest.mark.parametrize("method", ["cvgrad", "autoprune"])
 def test_the_checks_of_a_bf16_run_compute_in_bf16(tmp_path, method):
     """A bf16 constrained run's checks train and validate copies of the network under bf16
