@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults, validate
+from cvsparse.config import RunConfig, from_dict, load_yaml, resolve_defaults
 from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.methods import METHOD_CLASSES, CompressionMethod, RunData
 from cvsparse.methods.base import Batches, LossFn
@@ -35,6 +35,7 @@ from cvsparse.precision import Precision
 from cvsparse.train import checkpoint, rundir
 from cvsparse.train.distributed import Ranks
 from cvsparse.train.epochs import EpochLoop, loader_length, run_report, seed_everything
+from cvsparse.validation import validate
 
 #: Keys every checkpoint :func:`compress` writes holds.
 _STATE_KEYS = ("epoch", "model", "method", "rng", "average", "rows", "wall_time_s", "config",

@@ -22,7 +22,7 @@ from train.cli_helpers import one_line_error, run_cli, tiny_yaml
 
 import cvsparse
 from cvsparse import cli, faults, metrics, precision
-from cvsparse.config import RunConfig, from_dict, validate
+from cvsparse.config import RunConfig, from_dict
 from cvsparse.faults import SkippedStep, StepGuard
 from cvsparse.methods.base import supervised_step
 from cvsparse.nn import convert
@@ -30,6 +30,7 @@ from cvsparse.ops import gated_weight, reference
 from cvsparse.optim import ProxSGD
 from cvsparse.precision import Precision
 from cvsparse.train import Trainer
+from cvsparse.validation import validate
 
 CL = torch.channels_last
 #: Asserted once each, in test_fp16_overflow_skips_the_step_and_lowers_the_scale and

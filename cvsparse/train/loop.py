@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from cvsparse import provenance, sources
-from cvsparse.config import RunConfig, from_dict, resolve_defaults, validate
+from cvsparse.config import RunConfig, from_dict, resolve_defaults
 from cvsparse.data import (
     CROP_PADDING,
     BatchLoader,
@@ -32,6 +32,7 @@ from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES
 from cvsparse.methods.base import RunData
 from cvsparse.precision import Precision
+from cvsparse.validation import validate
 
 from . import checkpoint, distributed, outputs, rundir
 from .epochs import EpochLoop, run_report, seed_everything

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cvsparse.config import load_yaml, resolve_defaults, validate
+from cvsparse.config import load_yaml, resolve_defaults
+from cvsparse.validation import validate
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
