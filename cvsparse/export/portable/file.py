@@ -1,457 +1,49 @@
-"""A portable, pickle-free model file: ``save(model, path)`` / ``load(path)``.
-
-The file is a valid `safetensors <https://huggingface.co/docs/safetensors>`_ file.  Its tensors
-are the model's parameters and buffers (zero-heavy ones in a CSR encoding); its
-``__metadata__`` holds
-
-- ``format`` — ``"cvsparse-portable"``;
-- ``version`` — the format version (:data:`FORMAT_VERSION`);
-- ``spec`` — a JSON architecture spec: every module with its type (a name from a fixed
-  whitelist) and its constructor arguments, the ``torch.fx`` graph that connects them (only
-  whitelisted functions and tensor methods), and how each tensor is encoded;
-- ``sha256`` — SHA-256 of the whole file as written with this field set to 64 zeros.
-
-:func:`load` checks the checksum before it parses anything else, rebuilds every module from the
-whitelist alone (it never imports a module or resolves a name found in the file, so a crafted
-file cannot run code) and returns an ``fx.GraphModule`` with the saved outputs.  Every problem
-with a file is a one-line :class:`PortableFileError` (a ValueError).  The format is described
-in docs/export.md.
-
-    from cvsparse.export import save, load
-    save(model.eval(), "model.cvsp", example_input=torch.randn(1, 3, 32, 32))
-    model = load("model.cvsp")
-"""
+"""The file itself: a model traced into the spec, written with its checksum, and a model
+rebuilt from a verified file (see :mod:`cvsparse.export.portable` for the format)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import keyword
 import math
-import operator
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from cvsparse import __version__
 
+from .encoding import DTYPE_NAMES, DTYPES, decode_tensor, decode_value, encode_tensor, encode_value
+from .errors import (
+    CorruptFileError,
+    PortableFileError,
+    RefusedContentError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
+from .whitelist import (
+    TENSOR_ATTRIBUTES,
+    TENSOR_METHODS,
+    function_table,
+    module_types,
+    whitelist_name,
+)
+
 FORMAT = "cvsparse-portable"
 FORMAT_VERSION = 1
 _PLACEHOLDER_SHA = "0" * 64
-#: Largest element count of one CSR-encoded tensor (row pointers are int32).
-_MAX_CSR_NUMEL = 2**31 - 1
 #: A file's CSR tensors may expand to at most this many times the file's size (plus
 #: :data:`_EXPANSION_SLACK` bytes): a crafted header cannot make ``load`` allocate without bound.
 MAX_EXPANSION = 10_000
 _EXPANSION_SLACK = 2**26
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-class PortableFileError(ValueError):
-    """A portable file cannot be loaded: the message (one line) names the problem."""
-
-
-class CorruptFileError(PortableFileError):
-    """The file is truncated, damaged, or not a cvsparse portable file."""
-
-
-class UnsupportedVersionError(PortableFileError):
-    """The file was written in a format version this cvsparse does not read."""
-
-
-class RefusedContentError(PortableFileError):
-    """The file names a module type, function or method outside the whitelist."""
-
-
-class UnsupportedModelError(ValueError):
-    """:func:`save` cannot describe this model with the whitelist (or cannot trace it)."""
-
-
-# ---- the whitelist: module types ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModuleType:
-    """One whitelisted module type.
-
-    ``name`` is how the file names it; ``resolve`` returns the class (None if it is not
-    available in this installation); ``args`` reads the constructor arguments off an instance;
-    ``format`` describes a sparse layout, written into the spec for readers of the file.
-    ``build(cls, args, tensors)`` constructs a layer that takes its tensors in the constructor
-    (cvsparse's packed sparse layers); without it the layer is constructed on the meta device
-    from ``args`` and its tensors are then taken from the file, each of the built shape.
-    """
-
-    name: str
-    resolve: Callable[[], type | None]
-    args: Callable[[nn.Module], dict[str, Any]]
-    format: str | None = None
-    build: Callable[[type, dict[str, Any], dict[str, torch.Tensor]], nn.Module] | None = None
-
-
-def _attrs(*names: str, has: Iterable[str] = ()) -> Callable[[nn.Module], dict[str, Any]]:
-    """Constructor arguments stored as attributes of the same name; each name in ``has`` is a
-    bool argument telling whether that attribute (e.g. ``bias``) is not None."""
-    flags = tuple(has)
-
-    def read(module: nn.Module) -> dict[str, Any]:
-        out = {name: getattr(module, name) for name in names}
-        for name in flags:
-            out[name] = getattr(module, name) is not None
-        return out
-
-    return read
-
-
-def _torch_nn(cls: type) -> Callable[[], type]:
-    return lambda: cls
-
-
-def _optional(module: str, name: str) -> Callable[[], type | None]:
-    """A class of cvsparse that may not exist yet in this installation, looked up by a name
-    fixed here (never one read from a file)."""
-
-    def resolve() -> type | None:
-        try:
-            return getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            return None
-
-    return resolve
-
-
-_CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-         "groups", "padding_mode")
-_BN = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-_INPLACE = _attrs("inplace")
-_NONE = _attrs()
-
-
-_PACKED = ("values", "col_deltas", "row_ptr", "bias")
-
-
-def _build_packed(cls: type, args: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A cvsparse sparse layer: the packed weight (``values``, ``col_deltas``, ``row_ptr``) and
-    the optional ``bias`` go to its constructor, which checks the packed format."""
-    unknown = set(tensors) - set(_PACKED)
-    missing = set(_PACKED[:3]) - set(tensors)
-    if unknown or missing:
-        raise CorruptFileError(f"a {cls.__name__} needs values, col_deltas, row_ptr and an "
-                               f"optional bias; the file has {sorted(tensors)}")
-    return cls(**args, **{k: tensors.get(k) for k in _PACKED})
-
-
-def _standard_types() -> list[ModuleType]:
-    t = _torch_nn
-    return [
-        ModuleType("Conv1d", t(nn.Conv1d), _attrs(*_CONV, has=("bias",))),
-        ModuleType("Conv2d", t(nn.Conv2d), _attrs(*_CONV, has=("bias",))),
-        ModuleType("ConvTranspose2d", t(nn.ConvTranspose2d),
-                   _attrs(*_CONV, "output_padding", has=("bias",))),
-        ModuleType("Linear", t(nn.Linear), _attrs("in_features", "out_features", has=("bias",))),
-        ModuleType("BatchNorm1d", t(nn.BatchNorm1d), _attrs(*_BN)),
-        ModuleType("BatchNorm2d", t(nn.BatchNorm2d), _attrs(*_BN)),
-        ModuleType("LayerNorm", t(nn.LayerNorm),
-                   _attrs("normalized_shape", "eps", "elementwise_affine", has=("bias",))),
-        ModuleType("GroupNorm", t(nn.GroupNorm),
-                   _attrs("num_groups", "num_channels", "eps", "affine")),
-        ModuleType("ReLU", t(nn.ReLU), _INPLACE),
-        ModuleType("ReLU6", t(nn.ReLU6), _INPLACE),
-        ModuleType("LeakyReLU", t(nn.LeakyReLU), _attrs("negative_slope", "inplace")),
-        ModuleType("ELU", t(nn.ELU), _attrs("alpha", "inplace")),
-        ModuleType("GELU", t(nn.GELU), _attrs("approximate")),
-        ModuleType("SiLU", t(nn.SiLU), _INPLACE),
-        ModuleType("Hardswish", t(nn.Hardswish), _INPLACE),
-        ModuleType("Hardsigmoid", t(nn.Hardsigmoid), _INPLACE),
-        ModuleType("Sigmoid", t(nn.Sigmoid), _NONE),
-        ModuleType("Tanh", t(nn.Tanh), _NONE),
-        ModuleType("Softmax", t(nn.Softmax), _attrs("dim")),
-        ModuleType("LogSoftmax", t(nn.LogSoftmax), _attrs("dim")),
-        ModuleType("Identity", t(nn.Identity), _NONE),
-        ModuleType("Flatten", t(nn.Flatten), _attrs("start_dim", "end_dim")),
-        ModuleType("Dropout", t(nn.Dropout), _attrs("p", "inplace")),
-        ModuleType("MaxPool2d", t(nn.MaxPool2d),
-                   _attrs("kernel_size", "stride", "padding", "dilation", "return_indices",
-                          "ceil_mode")),
-        ModuleType("AvgPool2d", t(nn.AvgPool2d),
-                   _attrs("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
-                          "divisor_override")),
-        ModuleType("AdaptiveAvgPool2d", t(nn.AdaptiveAvgPool2d), _attrs("output_size")),
-        ModuleType("AdaptiveMaxPool2d", t(nn.AdaptiveMaxPool2d),
-                   _attrs("output_size", "return_indices")),
-    ]
-
-
-def _cvsparse_types() -> list[ModuleType]:
-    """cvsparse's sparse inference layers (packed nonzeros whose count the constructor
-    arguments do not fix)."""
-    layout = ("rows of nonzeros: values, col_deltas (int32 column steps), row_ptr (int32), "
-              "see cvsparse.ops.sparse_format")
-    return [
-        ModuleType("cvsparse.SparseLinear", _optional("cvsparse.nn", "SparseLinear"),
-                   _attrs("in_features", "out_features", "relu"), layout,
-                   _build_packed),
-        ModuleType("cvsparse.SparseConv2d", _optional("cvsparse.nn", "SparseConv2d"),
-                   _attrs("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                          "relu", "pool"), layout, _build_packed),
-    ]
-
-
-@lru_cache(maxsize=1)
-def module_types() -> dict[str, tuple[ModuleType, type]]:
-    """The whitelisted module types available here: file name → (entry, class)."""
-    out: dict[str, tuple[ModuleType, type]] = {}
-    for entry in _standard_types() + _cvsparse_types():
-        cls = entry.resolve()
-        if cls is not None:
-            out[entry.name] = (entry, cls)
-    return out
-
-
-def _type_name(module: nn.Module) -> str | None:
-    """The whitelist name of ``module``'s exact type (subclasses are not the same layer)."""
-    for name, (_, cls) in module_types().items():
-        if type(module) is cls:
-            return name
-    return None
-
-
-# ---- the whitelist: functions and tensor methods -------------------------------------------------
-
-def _function_table() -> dict[str, Callable[..., Any]]:
-    table: dict[str, Callable[..., Any]] = {}
-    for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "neg", "pos", "getitem",
-                 "matmul", "eq", "ne", "lt", "le", "gt", "ge"):
-        table[f"operator.{name}"] = getattr(operator, name)
-    table["builtins.getattr"] = getattr
-    for name in ("add", "sub", "mul", "div", "cat", "stack", "flatten", "reshape", "relu",
-                 "sigmoid", "tanh", "mean", "sum", "amax", "matmul", "transpose", "permute",
-                 "squeeze", "unsqueeze", "chunk", "split", "softmax", "log_softmax", "clamp",
-                 "exp", "sqrt", "abs", "neg", "narrow", "conv2d", "addmm", "t", "where",
-                 "zeros_like", "ones_like"):
-        table[f"torch.{name}"] = getattr(torch, name)
-    for name in ("relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "hardswish",
-                 "hardsigmoid", "sigmoid", "tanh", "softmax", "log_softmax", "dropout",
-                 "avg_pool2d", "max_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
-                 "pad", "linear", "conv2d", "batch_norm", "layer_norm", "group_norm",
-                 "interpolate", "normalize"):
-        table[f"torch.nn.functional.{name}"] = getattr(F, name)
-    return table
-
-
-@lru_cache(maxsize=1)
-def function_table() -> dict[str, Callable[..., Any]]:
-    """Whitelisted ``call_function`` targets: file name → callable."""
-    return _function_table()
-
-
-#: Whitelisted ``call_method`` names (methods of the tensor flowing in as first argument).
-TENSOR_METHODS = frozenset({
-    "add", "sub", "mul", "div", "neg", "view", "reshape", "flatten", "size", "dim",
-    "contiguous", "mean", "sum", "amax", "relu", "sigmoid", "tanh", "permute", "transpose",
-    "unsqueeze", "squeeze", "chunk", "split", "expand", "expand_as", "view_as", "reshape_as",
-    "softmax", "log_softmax", "clamp", "narrow", "float", "t", "matmul", "exp", "pow", "sqrt",
-    "abs", "max", "min",
-})
-#: Attributes ``builtins.getattr`` may read off a tensor.
-TENSOR_ATTRIBUTES = frozenset({"shape", "dtype", "ndim"})
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
-    "int16": torch.int16, "uint16": torch.uint16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PATH_PART = re.compile(r"^[A-Za-z0-9_]+$")
-
-
-# ---- values in JSON -----------------------------------------------------------------------------
-
-def _encode_value(value: Any, where: str) -> Any:
-    """A graph argument or constructor argument as JSON (tagged objects for what JSON lacks)."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"float": repr(value)}
-    if isinstance(value, fx.Node):
-        return {"node": value.name}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode_value(v, where) for v in value]}
-    if isinstance(value, list):
-        return {"list": [_encode_value(v, where) for v in value]}
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            raise UnsupportedModelError(f"{where}: a dict with non-string keys cannot be saved")
-        return {"dict": [[k, _encode_value(v, where)] for k, v in value.items()]}
-    if isinstance(value, slice):
-        return {"slice": [_encode_value(v, where) for v in (value.start, value.stop, value.step)]}
-    if value is Ellipsis:
-        return {"ellipsis": None}
-    if isinstance(value, torch.dtype) and value in _DTYPE_NAMES:
-        return {"dtype": _DTYPE_NAMES[value]}
-    if isinstance(value, torch.Size):
-        return {"tuple": [int(v) for v in value]}
-    raise UnsupportedModelError(
-        f"{where}: a value of type {type(value).__name__} cannot be saved in a portable file")
-
-
-def _decode_value(value: Any, nodes: Mapping[str, fx.Node], where: str) -> Any:
-    if value is None or isinstance(value, (bool, str, int, float)):
-        return value
-    if isinstance(value, list):
-        raise CorruptFileError(f"{where}: an untagged list in the spec")
-    if not isinstance(value, dict) or len(value) != 1:
-        raise CorruptFileError(f"{where}: an unreadable value in the spec")
-    (tag, body), = value.items()
-    if tag == "node":
-        if not isinstance(body, str) or body not in nodes:
-            raise CorruptFileError(f"{where}: refers to node {body!r} before it is defined")
-        return nodes[body]
-    if tag in ("tuple", "list", "slice"):
-        if not isinstance(body, list):
-            raise CorruptFileError(f"{where}: {tag} is not a list")
-        items = [_decode_value(v, nodes, where) for v in body]
-        if tag == "tuple":
-            return tuple(items)
-        if tag == "list":
-            return items
-        if len(items) != 3:
-            raise CorruptFileError(f"{where}: a slice needs 3 items")
-        return slice(*items)
-    if tag == "dict":
-        if not isinstance(body, list) or not all(
-                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in body):
-            raise CorruptFileError(f"{where}: a dict is not a list of [key, value] pairs")
-        return {k: _decode_value(v, nodes, where) for k, v in body}
-    if tag == "float" and body in ("inf", "-inf", "nan"):
-        return float(body)
-    if tag == "ellipsis":
-        return Ellipsis
-    if tag == "dtype" and body in _DTYPES:
-        return _DTYPES[body]
-    raise CorruptFileError(f"{where}: unknown value tag {tag!r}")
-
-
-# ---- tensors ------------------------------------------------------------------------------------
-
-def _csr_layout(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Rows and columns of the 2-D view a CSR encoding uses: dim 0 by the rest."""
-    numel = math.prod(shape)
-    rows = shape[0] if len(shape) >= 2 else 1
-    return rows, (numel // rows if rows else 0)
-
-
-def _encode_tensor(name: str, tensor: torch.Tensor) -> tuple[dict[str, Any],
-                                                             dict[str, torch.Tensor]]:
-    """The spec entry and payload tensors of one tensor: dense, or CSR (values, int32 row
-    pointers, uint16 or int32 column indices) when that is smaller."""
-    t = tensor.detach().to("cpu").contiguous()
-    if t.dtype not in _DTYPE_NAMES:
-        raise UnsupportedModelError(f"tensor {name!r} has dtype {t.dtype}, not storable")
-    entry: dict[str, Any] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape)}
-    if t.is_floating_point() and t.dim() >= 1 and 0 < t.numel() <= _MAX_CSR_NUMEL:
-        rows, cols = _csr_layout(tuple(t.shape))
-        grid = t.reshape(rows, cols)
-        keep = grid != 0
-        nnz = int(keep.sum())
-        col_dtype = torch.uint16 if cols <= 2**16 else torch.int32
-        col_size = 2 if col_dtype == torch.uint16 else 4
-        sparse_bytes = nnz * (t.element_size() + col_size) + 4 * (rows + 1)
-        if sparse_bytes < t.numel() * t.element_size():
-            row_ptr = torch.zeros(rows + 1, dtype=torch.int64)
-            row_ptr[1:] = keep.sum(1).cumsum(0)
-            col_index = keep.nonzero()[:, 1]
-            entry.update(encoding="csr", values=f"{name}/values", row_ptr=f"{name}/row_ptr",
-                         cols=f"{name}/cols")
-            return entry, {f"{name}/values": grid[keep].contiguous(),
-                           f"{name}/row_ptr": row_ptr.to(torch.int32),
-                           f"{name}/cols": col_index.to(torch.int32).to(col_dtype)}
-    entry.update(encoding="dense", data=name)
-    narrow = _narrow_dtype(t)
-    if narrow is not None:
-        entry["stored_dtype"] = _DTYPE_NAMES[narrow]
-        return entry, {name: t.to(narrow)}
-    return entry, {name: t.clone()}
-
-
-def _narrow_dtype(t: torch.Tensor) -> torch.dtype | None:
-    """The smallest integer dtype holding every value of an int32 / int64 tensor (e.g. the
-    column steps of a packed sparse layer), or None if there is none smaller."""
-    if t.dtype not in (torch.int32, torch.int64) or t.numel() == 0:
-        return None
-    low, high = int(t.min()), int(t.max())
-    for dtype in (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32):
-        info = torch.iinfo(dtype)
-        if info.bits < torch.iinfo(t.dtype).bits and info.min <= low and high <= info.max:
-            return dtype
-    return None
-
-
-def _decode_tensor(name: str, entry: Any, payload: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The tensor ``entry`` describes, checked against its declared dtype and shape."""
-    if not isinstance(entry, dict):
-        raise CorruptFileError(f"tensor {name!r}: its entry is not an object")
-    dtype_name = entry.get("dtype")
-    dtype = _DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-    shape = entry.get("shape")
-    if dtype is None or not isinstance(shape, list) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise CorruptFileError(f"tensor {name!r}: bad dtype or shape in the spec")
-
-    def part(key: str) -> torch.Tensor:
-        ref = entry.get(key)
-        if not isinstance(ref, str) or ref not in payload:
-            raise CorruptFileError(f"tensor {name!r}: its {key} is missing from the payload")
-        return payload[ref]
-
-    encoding = entry.get("encoding")
-    if encoding == "dense":
-        data = part("data")
-        stored_name = entry.get("stored_dtype", entry["dtype"])
-        stored = _DTYPES.get(stored_name) if isinstance(stored_name, str) else None
-        integers = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32)
-        if data.dtype != stored or list(data.shape) != shape or (
-                stored != dtype and not (stored in integers and dtype in integers + (torch.int64,)
-                                         and torch.iinfo(stored).bits < torch.iinfo(dtype).bits)):
-            raise CorruptFileError(f"tensor {name!r}: payload dtype/shape differ from the spec")
-        return data if stored == dtype else data.to(dtype)
-    if encoding != "csr":
-        raise CorruptFileError(f"tensor {name!r}: unknown encoding {encoding!r}")
-    values, row_ptr, cols = part("values"), part("row_ptr"), part("cols")
-    numel = math.prod(shape)
-    if not shape or numel > _MAX_CSR_NUMEL:
-        raise CorruptFileError(f"tensor {name!r}: a CSR tensor needs 1 to 2**31-1 elements")
-    rows, ncols = _csr_layout(tuple(shape))
-    nnz = values.numel()
-    bad = (values.dtype != dtype or values.dim() != 1 or row_ptr.dtype != torch.int32
-           or tuple(row_ptr.shape) != (rows + 1,) or cols.dtype not in (torch.uint16, torch.int32)
-           or tuple(cols.shape) != (nnz,))
-    if not bad:
-        ptr = row_ptr.to(torch.int64)
-        col = cols.to(torch.int64)
-        counts = ptr.diff()
-        bad = (int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((counts < 0).any())
-               or (nnz > 0 and (int(col.min()) < 0 or int(col.max()) >= ncols)))
-    if bad:
-        raise CorruptFileError(f"tensor {name!r}: inconsistent CSR arrays")
-    out = torch.zeros(numel, dtype=dtype)
-    row_of = torch.repeat_interleave(torch.arange(rows), counts)
-    out[row_of * ncols + col] = values
-    return out.reshape(shape)
 
 
 # ---- tracing and the spec -----------------------------------------------------------------------
@@ -461,7 +53,7 @@ class _Tracer(fx.Tracer):
     ``torch.fx`` itself keeps as a leaf (refused later with its name)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _type_name(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        return whitelist_name(m) is not None or super().is_leaf_module(m, module_qualified_name)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -498,13 +90,13 @@ def _build_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, torch.Ten
             target = str(node.target)
             if target not in modules:
                 sub = gm.get_submodule(target)
-                type_name = _type_name(sub)
+                type_name = whitelist_name(sub)
                 if type_name is None:
                     raise UnsupportedModelError(
                         f"module {target!r} of type {type(sub).__module__}."
                         f"{type(sub).__qualname__} is not in the portable whitelist")
                 entry, _ = module_types()[type_name]
-                args = {k: _encode_value(v, f"module {target!r}")
+                args = {k: encode_value(v, f"module {target!r}")
                         for k, v in entry.args(sub).items()}
                 modules[target] = {"type": type_name, "args": args, "training": sub.training}
                 if entry.format:
@@ -541,13 +133,13 @@ def _build_spec(gm: fx.GraphModule) -> tuple[dict[str, Any], dict[str, torch.Ten
             item["target"] = str(node.target)
         else:
             raise UnsupportedModelError(f"{where} has the unknown op {node.op!r}")
-        item["args"] = _encode_value(tuple(node.args), where)
-        item["kwargs"] = _encode_value(dict(node.kwargs), where)
+        item["args"] = encode_value(tuple(node.args), where)
+        item["kwargs"] = encode_value(dict(node.kwargs), where)
         graph.append(item)
     tensors: dict[str, Any] = {}
     payload: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        tensors[name], parts = _encode_tensor(name, tensor)
+        tensors[name], parts = encode_tensor(name, tensor)
         payload.update(parts)
     spec = {"modules": modules, "attributes": attributes, "graph": graph, "tensors": tensors,
             "training": gm.training}
@@ -593,7 +185,7 @@ def _serialize(model: nn.Module, example_input: Any | None,
     if example_input is not None:
         inputs = example_input if isinstance(example_input, tuple) else (example_input,)
         spec["example_inputs"] = [
-            {"shape": list(x.shape), "dtype": _DTYPE_NAMES.get(x.dtype, str(x.dtype))}
+            {"shape": list(x.shape), "dtype": DTYPE_NAMES.get(x.dtype, str(x.dtype))}
             for x in inputs if isinstance(x, torch.Tensor)]
     spec["producer"] = f"cvsparse {__version__}, torch {torch.__version__}"
     fields = {"format": FORMAT, "version": str(FORMAT_VERSION),
@@ -796,11 +388,11 @@ def _build_module(target: str, entry: Any, tensors: Mapping[str, Any],
         raise RefusedContentError(f"module {target!r} has type {type_name!r}, which is not in "
                                   "the portable whitelist (refused)")
     spec_entry, cls = module_types()[type_name]
-    args = {k: _decode_value(v, {}, f"module {target!r}") for k, v in entry["args"].items()}
+    args = {k: decode_value(v, {}, f"module {target!r}") for k, v in entry["args"].items()}
     prefix = f"{target}."
     stored = {k[len(prefix):] for k in tensors if k.startswith(prefix)}
     if spec_entry.build is not None:
-        decoded = {name: _decode_tensor(prefix + name, tensors[prefix + name], payload)
+        decoded = {name: decode_tensor(prefix + name, tensors[prefix + name], payload)
                    for name in stored}
         try:
             module = spec_entry.build(cls, args, decoded)
@@ -825,7 +417,7 @@ def _build_module(target: str, entry: Any, tensors: Mapping[str, Any],
         raise CorruptFileError(f"module {target!r} ({type_name}): the file's tensors "
                                f"{sorted(stored)} differ from the module's {sorted(have)}")
     for name, meta in have.items():
-        value = _decode_tensor(prefix + name, tensors[prefix + name], payload)
+        value = decode_tensor(prefix + name, tensors[prefix + name], payload)
         if value.shape != meta.shape:
             raise CorruptFileError(f"tensor {prefix + name!r} has shape {tuple(value.shape)}; "
                                    f"the module built from its arguments needs "
@@ -859,8 +451,8 @@ def _check_expansion(tensors: Mapping[str, Any], file_bytes: int) -> None:
         if isinstance(entry, dict) and entry.get("encoding") == "csr":
             shape, dtype = entry.get("shape"), entry.get("dtype")
             if isinstance(shape, list) and all(isinstance(n, int) for n in shape) \
-                    and isinstance(dtype, str) and dtype in _DTYPES:
-                total += math.prod(shape) * _DTYPES[dtype].itemsize
+                    and isinstance(dtype, str) and dtype in DTYPES:
+                total += math.prod(shape) * DTYPES[dtype].itemsize
     limit = MAX_EXPANSION * file_bytes + _EXPANSION_SLACK
     if total > limit:
         raise RefusedContentError(f"its sparse tensors would expand to {total:,} bytes, more "
@@ -879,7 +471,7 @@ def _rebuild(spec: dict[str, Any], payload: Mapping[str, torch.Tensor]) -> fx.Gr
         _check_path(target, "attribute")
         if kind not in ("parameter", "buffer", "constant") or target not in tensors:
             raise CorruptFileError(f"attribute {target!r}: bad kind or missing tensor")
-        _install(root, target, _decode_tensor(target, tensors[target], payload), kind)
+        _install(root, target, decode_tensor(target, tensors[target], payload), kind)
     extra = set(tensors) - owned - set(spec["attributes"])
     if extra:
         raise CorruptFileError(f"tensors {sorted(extra)[:3]} belong to no module or attribute")
@@ -896,8 +488,8 @@ def _rebuild(spec: dict[str, Any], payload: Mapping[str, torch.Tensor]) -> fx.Gr
                 or name in nodes:
             raise CorruptFileError(f"graph entry {i}: bad or repeated node name {name!r}")
         where = f"node {name!r}"
-        args = _decode_value(item.get("args"), nodes, where)
-        kwargs = _decode_value(item.get("kwargs"), nodes, where)
+        args = decode_value(item.get("args"), nodes, where)
+        kwargs = decode_value(item.get("kwargs"), nodes, where)
         if not isinstance(args, tuple) or not isinstance(kwargs, dict):
             raise CorruptFileError(f"{where}: args must be a tuple and kwargs a dict")
         if op == "placeholder":
@@ -949,10 +541,3 @@ def _rebuild(spec: dict[str, Any], payload: Mapping[str, torch.Tensor]) -> fx.Gr
     for target, entry in spec["modules"].items():   # train() above reset every module's flag
         gm.get_submodule(target).train(entry["training"])
     return gm
-
-
-__all__ = [
-    "FORMAT", "FORMAT_VERSION", "PortableFileError", "CorruptFileError",
-    "UnsupportedVersionError", "RefusedContentError", "UnsupportedModelError", "ModuleType",
-    "module_types", "function_table", "TENSOR_METHODS", "save", "load", "read_spec",
-]
