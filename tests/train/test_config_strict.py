@@ -23,7 +23,6 @@ from cvsparse.config import (
     from_dict,
     load_yaml,
     resolve_defaults,
-    validate,
 )
 from cvsparse.data import AUGMENT_PHASES
 from cvsparse.hyper.estimators import ESTIMATORS
@@ -32,6 +31,7 @@ from cvsparse.methods import METHOD_CLASSES
 from cvsparse.nn.gated import GRANULARITIES, UPDATES
 from cvsparse.ops import STE_CODES
 from cvsparse.precision import PRECISIONS
+from cvsparse.validation import validate
 
 from .cli_helpers import one_line_error, run_cli
 
