@@ -93,7 +93,7 @@ class OptimConfig:
         """Call ``fail`` on the first bad ``optim.*`` setting (``swa_epochs`` depends on the
         method's fine-tuning epochs: checked by :func:`validate`)."""
         _check_finite(self, "optim.", fail)
-        _check_at_least_one({"optim.max_steps_per_epoch": self.max_steps_per_epoch,
+        check_at_least_one({"optim.max_steps_per_epoch": self.max_steps_per_epoch,
                              "optim.max_skipped_steps": self.max_skipped_steps}, fail)
         if not 0 < self.gamma <= 1:
             fail(f"optim.gamma must be in (0, 1], got {self.gamma}")
@@ -158,7 +158,7 @@ class CVGradConfig:
         from cvsparse.hyper.objectives import OBJECTIVES
 
         _check_finite(self, "cvgrad.", fail)
-        _check_at_least_one({"cvgrad.hyper_batches": self.hyper_batches}, fail)
+        check_at_least_one({"cvgrad.hyper_batches": self.hyper_batches}, fail)
         if self.threshold_start_epoch < 0:
             fail(f"cvgrad.threshold_start_epoch must be >= 0, got {self.threshold_start_epoch}")
         if self.outer < 1:
@@ -555,7 +555,7 @@ def _check_finite(obj: Any, prefix: str, fail: Callable[[str], None]) -> None:
                 fail(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
-def _check_at_least_one(values: dict[str, int | None], fail: Fail) -> None:
+def check_at_least_one(values: dict[str, int | None], fail: Fail) -> None:
     """Each optional count of ``values`` (key → value, None = unset) is at least 1."""
     for name, value in values.items():
         if value is not None and value < 1:

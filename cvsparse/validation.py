@@ -7,7 +7,7 @@ data is loaded or any training starts.
 
 from __future__ import annotations
 
-from cvsparse.config import Fail, RunConfig
+from cvsparse.config import Fail, RunConfig, check_at_least_one
 from cvsparse.hyper.reference_run import FollowedRun, followed_run_of
 from cvsparse.imagefolder import is_image_folder
 from cvsparse.methods import METHOD_CLASSES
@@ -37,8 +37,7 @@ def validate(config: RunConfig, *, n_train: int | None = None, named_sources: bo
         fail(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not isinstance(config.channels_last, bool):
         fail(f"channels_last must be true or false, got {config.channels_last!r}")
-    if config.threads is not None and config.threads < 1:
-        fail(f"threads must be an integer >= 1, got {config.threads}")
+    check_at_least_one({"threads": config.threads}, fail)
     if not 0 <= config.seed < 2**32:
         fail(f"seed must be an integer in [0, 2**32), got {config.seed}")
     for section in (config.data, config.cvgrad, config.magnitude, config.optim,
