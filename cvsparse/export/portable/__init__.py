@@ -31,7 +31,8 @@ from .errors import (
     UnsupportedModelError,
     UnsupportedVersionError,
 )
-from .file import FORMAT, FORMAT_VERSION, MAX_EXPANSION, load, read_spec, save
+from .file import FORMAT, FORMAT_VERSION, load, read_spec, save
+from .rebuild import MAX_EXPANSION
 from .whitelist import TENSOR_METHODS, ModuleType, function_table, module_types
 
 __all__ = [

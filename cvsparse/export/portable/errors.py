@@ -22,3 +22,10 @@ class RefusedContentError(PortableFileError):
 
 class UnsupportedModelError(ValueError):
     """:func:`save` cannot describe this model with the whitelist (or cannot trace it)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name if empty), at most 200 characters:
+    what an error about a file quotes of the exception beneath it."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
