@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvsparse.data import BatchLoader
+from cvsparse.batches import BatchLoader
 from cvsparse.metrics import count_flops, evaluate, layer_table, summarize
 from cvsparse.models import build_model, input_shape
 from cvsparse.params import regularized_parameters

@@ -265,7 +265,8 @@ def evaluate_file(path: Path, dataset: str, batch_size: int = 64, data_root: str
     """Test accuracy, parameters, file size and latency (batch 1 and ``batch_size``) of the
     exported file ``path`` on ``dataset``, beside the dense original architecture when the file
     names its zoo model; returns the table."""
-    from cvsparse.data import BatchLoader, load_dataset
+    from cvsparse.batches import BatchLoader
+    from cvsparse.data import load_dataset
     from cvsparse.models import MODELS, build_model
 
     if dataset not in DATASETS:

@@ -19,14 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from cvsparse import provenance, sources
+from cvsparse.batches import CROP_PADDING, BatchLoader
 from cvsparse.config import RunConfig, from_dict, resolve_defaults
-from cvsparse.data import (
-    CROP_PADDING,
-    BatchLoader,
-    default_val_size,
-    load_dataset,
-    split_indices,
-)
+from cvsparse.data import default_val_size, load_dataset, split_indices
 from cvsparse.hyper.reference_run import FollowedRun, followed_run_in, followed_run_of
 from cvsparse.imagefolder import crop_padding, is_image_folder
 from cvsparse.methods import METHOD_CLASSES

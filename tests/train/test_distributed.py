@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from cvsparse.batches import BatchLoader
 from cvsparse.config import from_dict
-from cvsparse.data import BatchLoader
 from cvsparse.train import Trainer, checkpoint
 from cvsparse.train.distributed import Ranks, RankShard, bounds
 
