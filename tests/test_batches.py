@@ -81,11 +81,30 @@ def all_crops(image: torch.Tensor, pad: int) -> torch.Tensor:
     return torch.stack(crops)
 
 
-def test_augmentation_is_a_random_crop_and_flip_of_the_right_image():
-    n, h, w = 300, 8, 8
+def marked_images(n: int, h: int, w: int) -> torch.Tensor:
+    """(n, 2, h, w) uint8 images: channel 0 numbers the pixels 1..h·w (no two windows or mirror
+    images alike), channel 1 holds the image's index mod 250, plus one (which image it is)."""
     position = (torch.arange(h * w) + 1).view(1, h, w).expand(n, h, w)
     marker = (torch.arange(n) % 250 + 1).view(n, 1, 1).expand(n, h, w)
-    images = torch.stack([position, marker], dim=1).to(torch.uint8).contiguous()
+    return torch.stack([position, marker], dim=1).to(torch.uint8).contiguous()
+
+
+def crop_indices(loader: BatchLoader, images: torch.Tensor, pad: int) -> list[int]:
+    """For every image the loader yields, the index in :func:`all_crops` of the one window of
+    the image its label names that it equals (the loader normalizes with mean 0, std 1)."""
+    found = []
+    for x, y in loader:
+        out = (x * 255).round().to(torch.uint8)
+        for image, label in zip(out, y, strict=True):
+            matches = (all_crops(images[label], pad) == image).flatten(1).all(1)
+            assert matches.sum() == 1, "output is not a crop/flip of the image its label names"
+            found.append(int(matches.nonzero()))
+    return found
+
+
+def test_augmentation_is_a_random_crop_and_flip_of_the_right_image():
+    n = 300
+    images = marked_images(n, 8, 8)
     labels = torch.arange(n)
     kwargs = {"mean": (0.0, 0.0), "std": (1.0, 1.0), "generator": torch.Generator().manual_seed(0)}
 
@@ -94,13 +113,7 @@ def test_augmentation_is_a_random_crop_and_flip_of_the_right_image():
         assert torch.equal((x * 255).round().to(torch.uint8), images[y])
 
     loader = BatchLoader(images, labels, torch.arange(n), 64, shuffle=True, augment=True, **kwargs)
-    seen = []
-    for x, y in loader:
-        out = (x * 255).round().to(torch.uint8)
-        for image, label in zip(out, y, strict=True):
-            matches = (all_crops(images[label], CROP_PADDING) == image).flatten(1).all(1)
-            assert matches.sum() == 1, "output is not a crop/flip of the image its label names"
-            seen.append(int(matches.nonzero()))
+    seen = crop_indices(loader, images, CROP_PADDING)
     # flips ~ Binomial(n, 1/2): within 5 standard deviations (√n/2) of n/2
     flips = sum(k >= 81 for k in seen)
     assert abs(flips - n / 2) < 5 * math.sqrt(n) / 2
@@ -112,20 +125,12 @@ def test_augmentation_is_a_random_crop_and_flip_of_the_right_image():
 def test_unflipped_augmentation_is_a_shift_of_the_right_image():
     """``flip=False`` with ``crop_padding=2`` (MNIST's ``data.mnist_shift``): every image is a
     translation by at most 2 pixels each way, never mirrored; all 25 offsets occur."""
-    n, h, w, pad = 200, 7, 7, 2
-    position = (torch.arange(h * w) + 1).view(1, h, w).expand(n, h, w)  # asymmetric
-    marker = (torch.arange(n) % 250 + 1).view(n, 1, 1).expand(n, h, w)
-    images = torch.stack([position, marker], dim=1).to(torch.uint8).contiguous()
+    n, pad = 200, 2
+    images = marked_images(n, 7, 7)
     loader = BatchLoader(images, torch.arange(n), torch.arange(n), 50, shuffle=True,
                          augment=True, mean=(0.0, 0.0), std=(1.0, 1.0), crop_padding=pad,
                          flip=False, generator=torch.Generator().manual_seed(1))
-    offsets = []
-    for x, y in loader:
-        out = (x * 255).round().to(torch.uint8)
-        for image, label in zip(out, y, strict=True):
-            matches = (all_crops(images[label], pad) == image).flatten(1).all(1)
-            assert matches.sum() == 1, "output is not a shift of the image its label names"
-            offsets.append(int(matches.nonzero()))
+    offsets = crop_indices(loader, images, pad)
     assert max(offsets) < (2 * pad + 1) ** 2, "an image was flipped"
     assert len(set(offsets)) == (2 * pad + 1) ** 2
 
