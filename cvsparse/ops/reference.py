@@ -188,5 +188,8 @@ def sparse_conv2d(input: Tensor, values: Tensor, col_deltas: Tensor, row_ptr: Te
     channels = input.shape[1]
     weight = unpack(values, col_deltas, row_ptr, channels * kh * kw, dtype=x.dtype)
     weight = weight.reshape(-1, channels, kh, kw)
-    out = torch.nn.functional.conv2d(x, weight, stride=tuple(stride), padding=tuple(padding))
+    rows = weight.shape[0]
+    # conv2d refuses a weight without output channels: convolve one zero channel, keep none
+    out = torch.nn.functional.conv2d(x, weight if rows else x.new_zeros(1, channels, kh, kw),
+                                     stride=tuple(stride), padding=tuple(padding))[:, :rows]
     return _sparse_epilogue(out, bias, relu, (1, -1, 1, 1), input.dtype)

@@ -3,22 +3,13 @@
 
 Without a GPU they run in Triton's interpreter on CPU tensors (``tests/conftest.py`` sets
 ``TRITON_INTERPRET=1``), so sizes stay small and odd.  The oracle is the dense weight the test
-itself builds before packing, multiplied (``@``) or convolved (``F.conv2d``) in float64 — it
-shares no code with the kernels or with the packed format's decoder; ``cvsparse.ops.reference``
-is checked too.  Covered: the four dtypes, 0 / 50 / 99 / 100 % sparsity, bias and ReLU, rows
-longer than one block of nonzeros (the running column carried across blocks), rows of very
-different lengths, strides, paddings and non-square kernels, the public operators on the
-``triton`` backend, ``opcheck``, the fakes under ``torch.compile``, argument errors, and that the
-kernels compile for a GPU.
-
-Tolerance (derived).  The kernels sum the ``n`` products of a row in opmath (float32, float64
-for float64) in some order, add the bias, and round once to the dtype.  A sum of ``n + 1`` terms
-computed in any order is within ``(n + 1)·u·Σ|terms|`` of the exact value (``u`` the opmath
-unit roundoff, products adding one more ``u`` each: ``2·(n + 1)·u`` is used), and the final
-rounding adds at most one unit roundoff of the dtype relative to the result.  The float64 oracle
-has the same kind of error with ``u = 2^-53``, rounded to the dtype as well, so the bound
-allows both roundings: ``|got − oracle| ≤ 2·(n + 1)·u_op·S + 2·u_dtype·|oracle| + tiny``, with
-``S = |W| @ |x| + |b|`` computed per output element.
+itself builds before packing, multiplied (``@``) or convolved (``F.conv2d``) in float64, within
+the derived error bound of ``tests/sparse_oracle.py``; ``cvsparse.ops.reference`` is checked
+too.  Covered: the four dtypes, 0 / 50 / 99 / 100 % sparsity, bias and ReLU, rows longer than
+one block of nonzeros (the running column carried across blocks), rows of very different
+lengths, strides, paddings and non-square kernels, the public operators on the ``triton``
+backend, ``opcheck``, the fakes under ``torch.compile``, argument errors, and that the kernels
+compile for a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +22,16 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
+from sparse_oracle import (
+    CONV_GEOMETRY,
+    DTYPES,
+    SPARSITY_LEVELS,
+    Expected,
+    assert_within_bound,
+    dense_conv2d,
+    dense_matmul,
+    sparse_weight,
+)
 
 from cvsparse import ops
 from cvsparse.ops import reference
@@ -41,16 +41,9 @@ from cvsparse.ops.sparse_format import pack
 TRITON = triton_ops()  # imports cvsparse.kernels: registers torch.ops.cvsparse_triton
 _matmul_module = importlib.import_module("cvsparse.kernels.sparse_matmul")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-SPARSITY = [0.0, 0.5, 0.99, 1.0]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 EPILOGUES = [(False, False), (True, False), (True, True), (False, True)]
 EPILOGUE_IDS = ["plain", "bias", "bias_relu", "relu"]
-# Unit roundoff of the arithmetic (opmath) and of the stored dtype.
-UNIT_OPMATH = {torch.float64: 2.0**-53}
-UNIT_DTYPE = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11,
-              torch.bfloat16: 2.0**-8}
-# Spacing of the dtype's subnormals: the only absolute error a rounding can make near zero.
-TINY = {dtype: torch.finfo(dtype).smallest_normal * UNIT_DTYPE[dtype] * 2 for dtype in DTYPES}
 
 
 @pytest.fixture(autouse=True)
@@ -77,27 +70,21 @@ def triton_backend():
 
 
 def _sparse_weight(rows: int, cols: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
-    """A dense (rows, cols) weight in ``dtype`` with about ``sparsity`` of its entries zero (all
-    of them at 1.0, none at 0.0)."""
-    w = torch.randn(rows, cols, dtype=torch.float64)
-    w[torch.rand(rows, cols) < sparsity] = 0.0
-    return w.to(dtype).to(DEVICE)
+    """A (rows, cols) weight in ``dtype`` on the test's device, ``sparsity`` of it zero."""
+    return sparse_weight((rows, cols), sparsity, dtype).to(DEVICE)
 
 
 def _randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*shape, dtype=torch.float64).to(dtype).to(DEVICE)
 
 
-def _assert_within_bound(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor,
-                         terms: int, dtype: torch.dtype) -> None:
-    """The derived bound of the module docstring, elementwise; NaN must match NaN."""
-    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
-    unit = UNIT_OPMATH.get(dtype, 2.0**-24)
-    bound = 2 * (terms + 1) * unit * scale + 2 * UNIT_DTYPE[dtype] * want.abs() + TINY[dtype]
-    error = (got.double() - want).abs()
-    assert torch.equal(got.isnan(), want.isnan())
-    ok = (error <= bound) | want.isnan()
-    assert bool(ok.all()), f"max error {error[~ok].max()} beyond bound {bound[~ok].min()}"
+def _assert_matches(got: torch.Tensor, expected: Expected, dtype: torch.dtype, *,
+                    kernel: bool = True) -> None:
+    """``got`` (the Triton kernel's result, or with ``kernel`` False the reference's) within the
+    oracle's bound; Triton's interpreter converts a bfloat16 result toward zero."""
+    assert got.is_contiguous()
+    assert_within_bound(got, expected, dtype,
+                        toward_zero=kernel and INTERPRETED and dtype == torch.bfloat16)
 
 
 def _check_matmul(m: int, k: int, n: int, sparsity: float, dtype: torch.dtype, with_bias: bool,
@@ -108,16 +95,10 @@ def _check_matmul(m: int, k: int, n: int, sparsity: float, dtype: torch.dtype, w
     values, col_deltas, row_ptr = pack(weight)
     got = TRITON.sparse_matmul(x, values, col_deltas, row_ptr, bias, relu)
 
-    w64, x64 = weight.double(), x.double()
-    b64 = bias.double()[:, None] if with_bias else torch.zeros(m, 1, dtype=torch.float64,
-                                                               device=DEVICE)
-    want = w64 @ x64 + b64
-    want = torch.relu(want) if relu else want
-    scale = w64.abs() @ x64.abs() + b64.abs()  # S: the magnitude of the summed terms
-    terms = int((weight != 0).sum(1).max()) if m and k else 0
-    _assert_within_bound(got, want, scale, terms, dtype)
+    expected = dense_matmul(weight, x, bias, relu)
+    _assert_matches(got, expected, dtype)
     ref = reference.sparse_matmul(x, values, col_deltas, row_ptr, bias, relu)
-    _assert_within_bound(ref, want, scale, terms, dtype)
+    _assert_matches(ref, expected, dtype, kernel=False)
 
 
 def _check_conv(batch: int, channels: int, size: tuple[int, int], out_channels: int,
@@ -131,28 +112,18 @@ def _check_conv(batch: int, channels: int, size: tuple[int, int], out_channels: 
     got = TRITON.sparse_conv2d(x, values, col_deltas, row_ptr, bias, kernel, stride, padding,
                                relu)
 
-    if out_channels == 0:  # F.conv2d refuses a weight without output channels
-        out_size = [(s + 2 * p - k) // st + 1
-                    for s, p, k, st in zip(size, padding, kernel, stride, strict=True)]
-        assert got.shape == (batch, 0, *out_size) and got.dtype == dtype
-        return
-    w64 = weight.double().reshape(out_channels, channels, kh, kw)
-    b64 = bias.double() if with_bias else None
-    conv = F.conv2d(x.double(), w64, b64, stride=stride, padding=padding)
-    scale = F.conv2d(x.double().abs(), w64.abs(), None if b64 is None else b64.abs(),
-                     stride=stride, padding=padding)
-    want = torch.relu(conv) if relu else conv
-    terms = int((weight != 0).sum(1).max()) if weight.numel() else 0
-    _assert_within_bound(got, want, scale, terms, dtype)
+    expected = dense_conv2d(weight.reshape(out_channels, channels, kh, kw), x, bias, stride,
+                            padding, relu)
+    _assert_matches(got, expected, dtype)
     ref = reference.sparse_conv2d(x, values, col_deltas, row_ptr, bias, kernel, stride, padding,
                                   relu)
-    _assert_within_bound(ref, want, scale, terms, dtype)
+    _assert_matches(ref, expected, dtype, kernel=False)
 
 
 # ---- sparse_matmul ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("sparsity", SPARSITY)
+@pytest.mark.parametrize("sparsity", SPARSITY_LEVELS)
 @pytest.mark.parametrize("with_bias,relu", EPILOGUES, ids=EPILOGUE_IDS)
 def test_sparse_matmul_matches_dense(dtype, sparsity, with_bias, relu):
     _check_matmul(7, 37, 53, sparsity, dtype, with_bias, relu)
@@ -195,16 +166,8 @@ def test_sparse_matmul_relu_keeps_nan():
 
 # ---- sparse_conv2d ------------------------------------------------------------------------------
 
-CONV_GEOMETRY = {
-    "3x3_pad1": ([3, 3], [1, 1], [1, 1]),
-    "1x1": ([1, 1], [1, 1], [0, 0]),
-    "3x2_stride2x1_pad0x1": ([3, 2], [2, 1], [0, 1]),
-    "5x5_stride2x3_pad2": ([5, 5], [2, 3], [2, 2]),
-}
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("sparsity", SPARSITY)
+@pytest.mark.parametrize("sparsity", SPARSITY_LEVELS)
 @pytest.mark.parametrize("with_bias,relu", [(False, False), (True, True)],
                          ids=["plain", "bias_relu"])
 def test_sparse_conv2d_matches_dense(dtype, sparsity, with_bias, relu):

@@ -2,23 +2,28 @@
 CUDA tensors, called through ``torch.ops.cvsparse`` with normalized arguments.
 
 The oracle is the dense weight each test builds before packing, multiplied or convolved in
-float64 on the CPU.  The sizes reach every tiling the kernels choose (a warp splitting each row
-for N ≤ 4; 4, 32 and 128 threads per output row for N ≤ 16, ≤ 128 and larger), rows longer
-than one staged chunk of 64 nonzeros (the running column carried across chunks), several row
-blocks (rows visited in order of decreasing length), output rows whose length is not a
-multiple of 4, and inputs whose storage starts one element in (the scalar path instead of
-vector loads).
-
-Tolerance (derived as in ``tests/kernels/test_sparse_triton.py``): the kernel sums the ``n``
-products of a row and the bias in opmath in some order and rounds once to the dtype, so
-``|got − oracle| ≤ 2·(n + 1)·u_op·S + 2·u_dtype·|oracle| + tiny``, ``S = |W| @ |x| + |b|``.
+float64 on the CPU, within the derived error bound of ``tests/sparse_oracle.py``.  The sizes
+reach every tiling the kernels choose (a warp splitting each row for N ≤ 4; 4, 32 and 128
+threads per output row for N ≤ 16, ≤ 128 and larger), rows longer than one staged chunk of 64
+nonzeros (the running column carried across chunks), several row blocks (rows visited in order
+of decreasing length), output rows whose length is not a multiple of 4, and inputs whose
+storage starts one element in (the scalar path instead of vector loads).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from sparse_oracle import (
+    CONV_GEOMETRY,
+    DTYPES,
+    SPARSITY_LEVELS,
+    Expected,
+    assert_within_bound,
+    dense_conv2d,
+    dense_matmul,
+    sparse_weight,
+)
 
 from cvsparse import ops
 from cvsparse.ops._library import has_kernel
@@ -27,23 +32,11 @@ from cvsparse.ops.sparse_format import pack
 pytestmark = pytest.mark.cuda  # deselected without a GPU (tests/conftest.py)
 
 OPS = torch.ops.cvsparse
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-SPARSITY = [0.0, 0.5, 0.99, 1.0]
-UNIT_DTYPE = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11,
-              torch.bfloat16: 2.0**-8}
-TINY = {dtype: torch.finfo(dtype).smallest_normal * UNIT_DTYPE[dtype] * 2 for dtype in DTYPES}
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def _weight(rows: int, cols: int, sparsity: float, dtype: torch.dtype) -> torch.Tensor:
-    """Dense CPU (rows, cols) weight in ``dtype``, about ``sparsity`` of it zero."""
-    w = torch.randn(rows, cols, dtype=torch.float64)
-    w[torch.rand(rows, cols) < sparsity] = 0.0
-    return w.to(dtype)
 
 
 def _on_gpu(t: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -58,53 +51,34 @@ def _packed_on_gpu(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return tuple(_on_gpu(t) for t in pack(weight))
 
 
-def _assert_within_bound(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor,
-                         terms: int, dtype: torch.dtype) -> None:
-    assert got.is_cuda and got.dtype == dtype and got.shape == want.shape
-    assert got.is_contiguous()
-    got = got.cpu()
-    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
-    bound = 2 * (terms + 1) * unit * scale + 2 * UNIT_DTYPE[dtype] * want.abs() + TINY[dtype]
-    error = (got.double() - want).abs()
-    assert torch.equal(got.isnan(), want.isnan())
-    ok = (error <= bound) | want.isnan()
-    assert bool(ok.all()), f"max error {error[~ok].max()} beyond bound {bound[~ok].min()}"
+def _assert_matches(got: torch.Tensor, expected: Expected, dtype: torch.dtype) -> None:
+    assert got.is_cuda and got.is_contiguous()
+    assert_within_bound(got, expected, dtype)
 
 
 def _check_matmul(m: int, k: int, n: int, sparsity: float, dtype: torch.dtype, with_bias: bool,
                   relu: bool, offset: int = 0) -> None:
-    weight = _weight(m, k, sparsity, dtype)
+    weight = sparse_weight((m, k), sparsity, dtype)
     x = torch.randn(k, n, dtype=torch.float64).to(dtype)
     bias = torch.randn(m, dtype=torch.float64).to(dtype) if with_bias else None
     got = OPS.sparse_matmul(_on_gpu(x, offset), *_packed_on_gpu(weight),
                             None if bias is None else _on_gpu(bias), relu)
-    w64, x64 = weight.double(), x.double()
-    b64 = bias.double()[:, None] if with_bias else torch.zeros(m, 1, dtype=torch.float64)
-    want = w64 @ x64 + b64
-    want = torch.relu(want) if relu else want
-    scale = w64.abs() @ x64.abs() + b64.abs()
-    terms = int((weight != 0).sum(1).max()) if m and k else 0
-    _assert_within_bound(got, want, scale, terms, dtype)
+    _assert_matches(got, dense_matmul(weight, x, bias, relu), dtype)
 
 
 def _check_conv(batch: int, channels: int, size: tuple[int, int], out_channels: int,
                 kernel: list[int], stride: list[int], padding: list[int], sparsity: float,
                 dtype: torch.dtype, with_bias: bool, relu: bool, offset: int = 0) -> None:
     kh, kw = kernel
-    weight = _weight(out_channels, channels * kh * kw, sparsity, dtype)
+    weight = sparse_weight((out_channels, channels * kh * kw), sparsity, dtype)
     x = torch.randn(batch, channels, *size, dtype=torch.float64).to(dtype)
     bias = torch.randn(out_channels, dtype=torch.float64).to(dtype) if with_bias else None
     got = OPS.sparse_conv2d(_on_gpu(x, offset), *_packed_on_gpu(weight),
                             None if bias is None else _on_gpu(bias), kernel, stride, padding,
                             relu)
-    w64 = weight.double().reshape(out_channels, channels, kh, kw)
-    b64 = bias.double() if with_bias else None
-    want = F.conv2d(x.double(), w64, b64, stride=stride, padding=padding)
-    want = torch.relu(want) if relu else want
-    scale = F.conv2d(x.double().abs(), w64.abs(), None if b64 is None else b64.abs(),
-                     stride=stride, padding=padding)
-    terms = int((weight != 0).sum(1).max()) if weight.numel() else 0
-    _assert_within_bound(got, want, scale, terms, dtype)
+    expected = dense_conv2d(weight.reshape(out_channels, channels, kh, kw), x, bias, stride,
+                            padding, relu)
+    _assert_matches(got, expected, dtype)
 
 
 def test_sparse_operators_have_cuda_kernels():
@@ -114,7 +88,7 @@ def test_sparse_operators_have_cuda_kernels():
 # ---- sparse_matmul ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("sparsity", SPARSITY)
+@pytest.mark.parametrize("sparsity", SPARSITY_LEVELS)
 @pytest.mark.parametrize("with_bias,relu", [(False, False), (True, False), (True, True)],
                          ids=["plain", "bias", "bias_relu"])
 # Split rows (N ≤ 4), then 4, 32 and 128 threads per row.
@@ -156,16 +130,8 @@ def test_sparse_matmul_relu_keeps_nan():
 
 # ---- sparse_conv2d ------------------------------------------------------------------------------
 
-CONV_GEOMETRY = {
-    "3x3_pad1": ([3, 3], [1, 1], [1, 1]),
-    "1x1": ([1, 1], [1, 1], [0, 0]),
-    "3x2_stride2x1_pad0x1": ([3, 2], [2, 1], [0, 1]),
-    "5x5_stride2x3_pad2": ([5, 5], [2, 3], [2, 2]),
-}
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("sparsity", SPARSITY)
+@pytest.mark.parametrize("sparsity", SPARSITY_LEVELS)
 @pytest.mark.parametrize("with_bias,relu", [(False, False), (True, True)],
                          ids=["plain", "bias_relu"])
 @pytest.mark.parametrize("size", [(3, 4), (9, 11), (24, 30)])  # 12, 99, 720 output pixels
@@ -196,7 +162,7 @@ def test_sparse_conv2d_shapes(batch, channels, size, out_channels, kernel, strid
 # ---- the public operators, registration, errors -------------------------------------------------
 
 def test_auto_backend_runs_the_cuda_kernels():
-    weight = _weight(6, 27, 0.7, torch.float32)
+    weight = sparse_weight((6, 27), 0.7, torch.float32)
     packed = _packed_on_gpu(weight)
     bias = _on_gpu(torch.randn(6))
     x = _on_gpu(torch.randn(27, 19))
@@ -209,7 +175,7 @@ def test_auto_backend_runs_the_cuda_kernels():
 
 
 def test_opcheck_on_cuda():
-    weight = _weight(5, 18, 0.6, torch.float64)
+    weight = sparse_weight((5, 18), 0.6, torch.float64)
     packed = _packed_on_gpu(weight)
     bias = _on_gpu(torch.randn(5, dtype=torch.float64))
     torch.library.opcheck(OPS.sparse_matmul.default,
@@ -220,7 +186,7 @@ def test_opcheck_on_cuda():
 
 
 def test_kernels_check_what_memory_safety_depends_on():
-    weight = _weight(4, 6, 0.5, torch.float32)
+    weight = sparse_weight((4, 6), 0.5, torch.float32)
     values, col_deltas, row_ptr = _packed_on_gpu(weight)
     x = _on_gpu(torch.randn(6, 5))
     with pytest.raises(RuntimeError, match="values has dtype"):
@@ -232,6 +198,6 @@ def test_kernels_check_what_memory_safety_depends_on():
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         OPS.sparse_matmul(x.cpu(), values, col_deltas, row_ptr, None, False)
     image = _on_gpu(torch.randn(1, 2, 2, 2))
-    packed = _packed_on_gpu(_weight(3, 2 * 3 * 3, 0.5, torch.float32))
+    packed = _packed_on_gpu(sparse_weight((3, 2 * 3 * 3), 0.5, torch.float32))
     with pytest.raises(RuntimeError, match="larger than the padded input"):
         OPS.sparse_conv2d(image, *packed, None, [3, 3], [1, 1], [0, 0], False)

@@ -1,18 +1,9 @@
 """The sparse inference operators (``sparse_matmul``, ``sparse_conv2d``) and the packed format.
 
-Every backend is compared with an independent oracle: the *dense* weight the packed one was
-made from, applied by ``torch.nn.functional.linear`` / ``conv2d`` in float64 to the same
-(already rounded) inputs.  Sizes are odd (partial SIMD blocks, scalar tails, N = 1), masks are
-0%, 50%, 99% and 100% sparse with empty rows, with and without bias and ReLU.
-
-Tolerance, derived per output element.  A kernel sums the n = (nonzeros of the row) products
-w·x and the bias in the math type (float32, or float64 for float64 inputs; unit roundoff
-u_acc = 2^-24 or 2^-53) in some order, with or without fused multiply-adds: the standard bound
-for a recursive sum gives |error| ≤ γ_(n+1)·S with γ_k = k·u_acc / (1 − k·u_acc) and
-S = Σ|w·x| + |b| (computed in float64).  The result is then rounded once to the output dtype
-(u_out = 2^-24, 2^-53, 2^-11, 2^-8), adding u_out·|y|, and ReLU never increases an error.  So
-``|got − want| ≤ u_out·|want| + 1.01·γ_(n+1)·S`` (1.01 covers the float64 oracle's own error and
-γ's denominator), plus the smallest float16 subnormal for float16 underflow.
+Every backend is compared with the float64 oracle of ``tests/sparse_oracle.py`` (the dense
+weight the packed one was made from, applied to the same inputs) within its derived bound.
+Sizes are odd (partial SIMD blocks, scalar tails, N = 1), masks are 0%, 50%, 99% and 100%
+sparse with an empty first row, with and without bias and ReLU.
 """
 
 from __future__ import annotations
@@ -20,23 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sparse_oracle import (
+    DTYPES,
+    SPARSITY_LEVELS,
+    assert_within_bound,
+    dense_conv2d,
+    dense_matmul,
+    sparse_weight,
+)
 
 from cvsparse import ops
 from cvsparse.ops import reference, sparse_format
 from cvsparse.ops.schemas import SCHEMAS
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DTYPE = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-SPARSITY = pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
+SPARSITY = pytest.mark.parametrize("sparsity", SPARSITY_LEVELS)
 EPILOGUE = pytest.mark.parametrize("with_bias,relu", [(True, True), (False, False),
                                                       (True, False)],
                                    ids=["bias_relu", "plain", "bias"])
-U_ACC = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-24,
-         torch.bfloat16: 2.0**-24}
-U_OUT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11,
-         torch.bfloat16: 2.0**-8}
-TINY = {torch.float16: 2.0**-24}
-
 # (M, K, N): odd sizes; N = 1 (batch-1 Linear), N below, across and past the vector blocks.
 MATMUL_SHAPES = [(1, 1, 1), (7, 13, 1), (33, 65, 17), (20, 100, 67), (5, 300, 130), (9, 31, 3)]
 # (B, C, H, W, M, kernel, stride, padding)
@@ -49,6 +41,7 @@ CONV_CASES = [
     (2, 8, 2, 2, 9, (3, 3), (1, 1), (1, 1)),
     (1, 5, 6, 5, 3, (1, 1), (1, 1), (0, 0)),
     (1, 3, 4, 6, 2, (2, 4), (1, 2), (2, 3)),
+    (2, 3, 5, 5, 0, (3, 3), (1, 1), (1, 1)),   # no output channel
 ]
 
 
@@ -71,25 +64,7 @@ def _device(backend: str) -> torch.device:
 
 def _sparse_weight(shape, sparsity: float, dtype) -> torch.Tensor:
     """Random weight with exactly round(sparsity·numel) zeros and the first row empty."""
-    w = torch.randn(shape, dtype=torch.float64)
-    flat = w.view(-1)
-    zeros = round(sparsity * flat.numel())
-    flat[torch.randperm(flat.numel())[:zeros]] = 0
-    w[0] = 0
-    return w.to(dtype)
-
-
-def _bound(want: torch.Tensor, scale: torch.Tensor, n: int, dtype) -> torch.Tensor:
-    gamma = (n + 1) * U_ACC[dtype] / (1 - (n + 1) * U_ACC[dtype])
-    return U_OUT[dtype] * want.abs() + 1.01 * gamma * scale + TINY.get(dtype, 0.0)
-
-
-def _assert_within(got, want, scale, n, dtype):
-    assert got.dtype == dtype and got.shape == want.shape
-    err = (got.double().cpu() - want).abs()
-    bound = _bound(want, scale, n, dtype)
-    worst = (err - bound).max().item() if err.numel() else 0.0
-    assert worst <= 0, f"error exceeds the bound by {worst:.3g} (max error {err.max():.3g})"
+    return sparse_weight(shape, sparsity, dtype, empty_first_row=True)
 
 
 @DTYPE
@@ -105,11 +80,7 @@ def test_sparse_matmul_matches_dense(backend, dtype, sparsity, with_bias, relu, 
     values, deltas, row_ptr = sparse_format.pack(weight)
     got = ops.sparse_matmul(x.to(device), values.to(device), deltas.to(device),
                             row_ptr.to(device), None if bias is None else bias.to(device), relu)
-    w64, x64 = weight.double(), x.double()
-    want = w64 @ x64 + (0 if bias is None else bias.double()[:, None])
-    want = torch.relu(want) if relu else want
-    scale = w64.abs() @ x64.abs() + (0 if bias is None else bias.double().abs()[:, None])
-    _assert_within(got, want, scale, int((weight != 0).sum(1).max()), dtype)
+    assert_within_bound(got, dense_matmul(weight, x, bias, relu), dtype)
 
 
 @DTYPE
@@ -134,11 +105,7 @@ def test_sparse_matmul_takes_a_transposed_batch(backend, dtype, with_bias, relu,
     assert transposed.is_contiguous()
     if backend == "cpp":
         assert torch.equal(transposed, contiguous)
-    w64, x64 = weight.double(), batch.double().cpu().t()
-    want = w64 @ x64 + (0 if bias is None else bias.double().cpu()[:, None])
-    want = torch.relu(want) if relu else want
-    scale = w64.abs() @ x64.abs() + (0 if bias is None else bias.double().abs().cpu()[:, None])
-    _assert_within(transposed, want, scale, int((weight != 0).sum(1).max()), dtype)
+    assert_within_bound(transposed, dense_matmul(weight, batch.t(), bias, relu), dtype)
 
 
 @DTYPE
@@ -151,17 +118,11 @@ def test_sparse_conv2d_matches_dense(backend, dtype, sparsity, with_bias, relu, 
     weight = _sparse_weight((m, c, *kernel), sparsity, dtype)
     x = torch.randn(b, c, h, w, dtype=torch.float64).to(dtype)
     bias = torch.randn(m, dtype=torch.float64).to(dtype) if with_bias else None
-    values, deltas, row_ptr = sparse_format.pack(weight.reshape(m, -1))
+    values, deltas, row_ptr = sparse_format.pack(weight.flatten(1))
     got = ops.sparse_conv2d(x.to(device), values.to(device), deltas.to(device),
                             row_ptr.to(device), None if bias is None else bias.to(device),
                             kernel, stride, padding, relu)
-    b64 = None if bias is None else bias.double()
-    want = F.conv2d(x.double(), weight.double(), b64, stride, padding)
-    want = torch.relu(want) if relu else want
-    scale = F.conv2d(x.double().abs(), weight.double().abs(),
-                     None if b64 is None else b64.abs(), stride, padding)
-    n = int((weight != 0).reshape(m, -1).sum(1).max())
-    _assert_within(got, want, scale, n, dtype)
+    assert_within_bound(got, dense_conv2d(weight, x, bias, stride, padding, relu), dtype)
 
 
 def test_cpp_is_selected_on_this_cpu():
